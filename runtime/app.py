@@ -1,0 +1,176 @@
+"""The runtime: connects, provisions, and serves every deployed function until stopped."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from types import TracebackType
+from typing import Protocol
+
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+
+from .errors import LoadError
+from .loader import Handler, ensure_on_path, load_handler, module_changed
+from .manifest import FunctionManifest, ManifestSet
+from .server import EmbeddedServer
+from .settings import Settings
+from .streams import ensure_consumer, provision_base
+from .worker import FunctionWorker
+
+log = logging.getLogger("runtime.app")
+
+
+class Component(Protocol):
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+
+
+async def connect(url: str, name: str = "runtime") -> NATS:
+    async def on_error(exc: Exception) -> None:
+        log.warning("nats: %s", exc)
+
+    async def on_disconnect() -> None:
+        if not nc.is_closed and not nc.is_draining:
+            log.warning("disconnected from %s; reconnecting", url)
+
+    async def on_reconnect() -> None:
+        log.info("reconnected to %s", url)
+
+    nc = NATS()
+    await nc.connect(url, name=name, max_reconnect_attempts=-1, reconnect_time_wait=1,
+                     error_cb=on_error, disconnected_cb=on_disconnect, reconnected_cb=on_reconnect,
+                     pending_size=8 * 1024 * 1024)
+    return nc
+
+
+class Runtime:
+    """Serves functions from one NATS connection. ``async with Runtime(settings, url)``."""
+
+    def __init__(self, settings: Settings, url: str) -> None:
+        self.settings = settings
+        self.url = url
+        self.nc: NATS | None = None
+        self.js: JetStreamContext | None = None
+        self.workers: dict[str, FunctionWorker] = {}
+        self.failing: dict[str, str] = {}   # function name -> why its handler is not served here
+        self.manifests: dict[str, FunctionManifest] = {}
+        self.components: list[Component] = []
+        self._lock = asyncio.Lock()
+        ensure_on_path(settings.project_root)
+
+    @property
+    def connection(self) -> tuple[NATS, JetStreamContext]:
+        if self.nc is None or self.js is None:
+            raise RuntimeError("the runtime is not started")
+        return self.nc, self.js
+
+    async def start(self) -> None:
+        self.nc = await connect(self.url)
+        self.js = self.nc.jetstream()
+        s = self.settings
+        await provision_base(self.js, results_ttl=s.results_ttl, dlq_retention=s.dlq_retention,
+                             replicas=s.replicas)
+        if s.manifests:
+            manifests = ManifestSet.load(s.manifests)
+            for manifest in manifests.functions.values():
+                await self.apply(manifest)
+        for component in self._components():
+            await component.start()
+            self.components.append(component)
+
+    def _components(self) -> list[Component]:
+        """The optional parts of a runtime, each with start/stop, in start order."""
+        return []
+
+    async def apply(self, manifest: FunctionManifest, *, provision: bool = True) -> None:
+        """Serve ``manifest``'s function, or apply its new settings if already served."""
+        nc, js = self.connection
+        async with self._lock:
+            current = self.workers.get(manifest.name)
+            try:
+                handler = self._handler_for(manifest, current)
+            except LoadError as exc:
+                self.failing[manifest.name] = str(exc)
+                self.manifests[manifest.name] = manifest
+                log.error("cannot serve %s: %s", manifest.name, exc)
+                if current is not None:
+                    del self.workers[manifest.name]
+                    await current.stop(self.settings.grace)
+                return
+            self.failing.pop(manifest.name, None)
+            if provision:
+                await ensure_consumer(js, manifest)
+            self.manifests[manifest.name] = manifest
+            if current is None:
+                worker = FunctionWorker(nc, js, manifest, handler)
+                await worker.start()
+                self.workers[manifest.name] = worker
+            else:
+                current.update(manifest, handler)
+                log.info("updated %s", manifest.name)
+
+    def _handler_for(self, manifest: FunctionManifest, current: FunctionWorker | None) -> Handler:
+        if current is not None and current.manifest.handler == manifest.handler:
+            old = current.executor.handler
+            if not module_changed(old):
+                return old
+            log.info("module of %s changed on disk; reloading it", manifest.handler)
+            return load_handler(manifest.handler, reload=True)
+        return load_handler(manifest.handler)
+
+    async def remove(self, name: str) -> None:
+        """Stop serving ``name`` once its in-flight invocations finish."""
+        async with self._lock:
+            worker = self.workers.pop(name, None)
+            self.manifests.pop(name, None)
+            self.failing.pop(name, None)
+        if worker is not None:
+            await worker.stop(self.settings.grace)
+            log.info("stopped serving %s", name)
+
+    async def stop(self) -> None:
+        """Stop fetching, let in-flight work finish within the grace period, then drain."""
+        for component in reversed(self.components):
+            with contextlib.suppress(Exception):
+                await component.stop()
+        self.components.clear()
+        workers, self.workers = list(self.workers.values()), {}
+        await asyncio.gather(*(w.stop(self.settings.grace) for w in workers))
+        if self.nc is not None and not self.nc.is_closed:
+            with contextlib.suppress(Exception):
+                await self.nc.flush(timeout=5)
+            with contextlib.suppress(Exception):
+                await self.nc.drain()
+        self.nc = self.js = None
+
+    async def __aenter__(self) -> Runtime:
+        await self.start()
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.stop()
+
+
+async def serve(settings: Settings, stop: asyncio.Event, *, handle_signals: bool = True) -> None:
+    """Run a runtime (and the embedded server when no URL is set) until ``stop`` is set."""
+    from .signals import capture_signals
+
+    server: EmbeddedServer | None = None
+    url = settings.server
+    if url is None:
+        server = EmbeddedServer(settings.data_dir, port=settings.port, host=settings.host,
+                                config=settings.default_conf())
+        await server.start()
+        url = server.url
+    try:
+        with capture_signals(stop, handle_signals):
+            async with Runtime(settings, url):
+                log.info("runtime ready on %s", url)
+                await stop.wait()
+                log.info("shutting down")
+    finally:
+        if server is not None:
+            await server.stop()

@@ -1,0 +1,58 @@
+"""``runtime`` command line: thin subcommands over the library, one-line errors, named exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from ..errors import FnRuntimeError, InvocationError
+from . import common, serve
+
+RET_OK = 0
+RET_ERROR = 1          # a runtime error: bad manifest, cannot connect, …
+RET_USAGE = 2          # argparse's own code for bad arguments
+RET_FAILED = 3         # the invocation ran and failed
+RET_INTERRUPTED = 130
+
+COMMANDS = [serve]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="runtime", description="Run Python functions from NATS JetStream.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in COMMANDS:
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code: int = args.func(args)
+        return code
+    except KeyboardInterrupt:
+        return RET_INTERRUPTED
+    except InvocationError as exc:
+        if args.debug:
+            raise
+        common.error(f"{exc.type}: {exc.message} (code {exc.code})")
+        return RET_FAILED
+    except (FnRuntimeError, OSError, TimeoutError) as exc:
+        if args.debug:
+            raise
+        common.error(common.describe(exc))
+        return RET_ERROR
+    except Exception as exc:
+        if args.debug:
+            raise
+        logging.getLogger("runtime.cli").debug("unexpected error", exc_info=True)
+        common.error(common.describe(exc))
+        return RET_ERROR
+
+
+def entry() -> None:
+    sys.exit(main())

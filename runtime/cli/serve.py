@@ -1,0 +1,51 @@
+"""``runtime serve``: serve functions, on the embedded server unless a URL is given."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+from pathlib import Path
+from typing import Any
+
+from ..app import serve as serve_forever
+from ..loader import ensure_on_path, load_handler
+from ..logs import configure
+from ..loop import run
+from ..manifest import ManifestSet
+from ..settings import Settings
+
+
+def register(sub: Any) -> None:
+    p: argparse.ArgumentParser = sub.add_parser("serve", help="serve functions (embedded NATS by default)")
+    p.add_argument("--manifests", "-m", action="append", default=[], metavar="PATH",
+                   help="manifest file or directory to deploy at start (repeatable)")
+    p.add_argument("--server", "-s", metavar="URL", default=None,
+                   help="connect to this NATS server or cluster instead of starting one ($NATS_URL)")
+    p.add_argument("--port", type=int, default=None, help="port of the embedded server (default 4222)")
+    p.add_argument("--data-dir", default=None, help="embedded server storage (default ./.runtime)")
+    p.add_argument("--nats-conf", default=None, help="embedded server config (default ./nats.conf)")
+    p.add_argument("--grace", default=None, help="how long in-flight work may finish on shutdown (30s)")
+    p.add_argument("--log-level", default=os.environ.get("RUNTIME_LOG_LEVEL", "INFO"))
+    p.set_defaults(func=cmd_serve)
+
+
+def check_handlers(manifests: ManifestSet) -> None:
+    """Import every handler before anything starts, so a broken one fails the command."""
+    for manifest in manifests.functions.values():
+        load_handler(manifest.handler)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    configure("DEBUG" if args.debug else args.log_level.upper())
+    settings = Settings.from_env(server=args.server, port=args.port, data_dir=args.data_dir,
+                                 nats_conf=args.nats_conf, grace=args.grace,
+                                 manifests=tuple(Path(p) for p in args.manifests))
+    ensure_on_path(settings.project_root)
+    check_handlers(ManifestSet.load(settings.manifests))
+
+    async def main() -> None:
+        await serve_forever(settings, asyncio.Event())
+
+    run(main())
+    return 0

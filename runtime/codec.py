@@ -1,0 +1,68 @@
+"""Bodies on the wire: JSON by default, msgpack on request; raw bytes and text pass through."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import msgpack
+from pydantic import BaseModel, TypeAdapter
+from pydantic_core import to_json, to_jsonable_python
+
+JSON = "application/json"
+MSGPACK = "application/msgpack"
+CONTENT_TYPES = {"json": JSON, "msgpack": MSGPACK}
+
+
+def is_msgpack(content_type: str | None) -> bool:
+    return bool(content_type) and "msgpack" in content_type  # type: ignore[operator]
+
+
+class InputDecoder:
+    """Decodes a body into a handler's declared input type.
+
+    ``bytes`` gets the raw body, ``str`` the UTF-8 text; anything else (a pydantic model, ``dict``,
+    a plain annotation) is decoded from JSON or msgpack and validated by pydantic.
+    """
+
+    def __init__(self, annotation: Any) -> None:
+        self.annotation = annotation
+        self.raw = annotation is bytes
+        self.text = annotation is str
+        self._adapter: TypeAdapter[Any] = TypeAdapter(annotation)
+
+    def decode(self, data: bytes, content_type: str | None) -> Any:
+        if self.raw:
+            return data
+        if self.text:
+            return data.decode("utf-8")
+        if is_msgpack(content_type):
+            return self._adapter.validate_python(msgpack.unpackb(data, raw=False))
+        return self._adapter.validate_json(data if data else b"null")
+
+
+def encode(value: Any, encoding: str = "json") -> bytes:
+    """Encode a handler's return value (or a client payload) for the wire."""
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value)
+    if encoding == "msgpack":
+        if isinstance(value, BaseModel):
+            value = value.model_dump(mode="json")
+        return msgpack.packb(to_jsonable_python(value), use_bin_type=True)  # type: ignore[no-any-return]
+    if isinstance(value, str):
+        return json.dumps(value).encode()
+    if isinstance(value, BaseModel):
+        return value.model_dump_json().encode()
+    return to_json(value)
+
+
+def decode(data: bytes, content_type: str | None) -> Any:
+    """Decode a body without a target type (client side, CLI)."""
+    if is_msgpack(content_type):
+        return msgpack.unpackb(data, raw=False)
+    if not data:
+        return None
+    try:
+        return json.loads(data)
+    except ValueError:
+        return data

@@ -1,0 +1,136 @@
+"""The pull loop: keeps pull requests for one durable consumer topped up to the free slots.
+
+Messages arrive on a private inbox through a core subscription (no per-message request
+round trip). The feed never asks for more messages than it has free slots, so a runtime
+never holds more than ``slots`` messages of a function; the consumer's ``max_ack_pending``
+bounds what all runtimes together hold.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Callable
+
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+log = logging.getLogger("runtime.consumer")
+
+Sink = Callable[[Msg], None]
+
+
+class PullFeed:
+    """Pull requests for ``stream``/``consumer``, delivering each message to ``sink``."""
+
+    def __init__(self, nc: NATS, stream: str, consumer: str, slots: int, sink: Sink, *,
+                 expires: float = 30.0, heartbeat: float = 5.0) -> None:
+        self.nc = nc
+        self.consumer = consumer
+        self.slots = slots
+        self.sink = sink
+        self.expires = expires
+        self.heartbeat = heartbeat
+        self.held = 0          # delivered to the sink and not yet released
+        self.outstanding = 0   # asked for and not yet delivered or expired
+        self.delivered = 0
+        self._api = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"
+        self._inbox = ""
+        self._sub: Subscription | None = None
+        self._pulling = False
+        self._pull_scheduled = False
+        self._last_seen = 0.0
+        self._watchdog: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        self._inbox = self.nc.new_inbox()
+        self._sub = await self.nc.subscribe(self._inbox, cb=self._on_msg, pending_msgs_limit=-1,
+                                            pending_bytes_limit=-1)
+        self._pulling = True
+        self._last_seen = time.monotonic()
+        self._watchdog = asyncio.create_task(self._watch(), name=f"feed-watch-{self.consumer}")
+        await self._pull()
+
+    async def stop(self) -> None:
+        """Stop asking for messages; messages already on their way still reach the sink."""
+        self._pulling = False
+        if self._watchdog:
+            self._watchdog.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watchdog
+        if self._sub is not None:
+            sub, self._sub = self._sub, None
+            with contextlib.suppress(Exception):
+                await sub.drain()  # type: ignore[no-untyped-call]
+        for task in list(self._tasks):
+            task.cancel()
+
+    def resize(self, slots: int) -> None:
+        self.slots = slots
+        self.schedule_pull()
+
+    def release(self) -> None:
+        """A held message was settled: its slot is free again."""
+        self.held -= 1
+        self.schedule_pull()
+
+    def schedule_pull(self) -> None:
+        # Coalesce all releases of one event-loop turn into a single pull request.
+        if self._pulling and not self._pull_scheduled:
+            self._pull_scheduled = True
+            task = asyncio.get_running_loop().create_task(self._pull())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _pull(self) -> None:
+        self._pull_scheduled = False
+        if not self._pulling or self.nc.is_closed:
+            return
+        want = self.slots - self.held - self.outstanding
+        if want <= 0 or (self.outstanding and want < max(1, self.slots // 4)):
+            return
+        self.outstanding += want
+        request = {"batch": want, "expires": int(self.expires * 1e9),
+                   "idle_heartbeat": int(self.heartbeat * 1e9)}
+        try:
+            await self.nc.publish(self._api, json.dumps(request).encode(), reply=self._inbox)
+        except Exception as exc:  # disconnected: the watchdog asks again
+            self.outstanding -= want
+            log.warning("pull request for %s failed: %s", self.consumer, exc)
+
+    async def _on_msg(self, msg: Msg) -> None:
+        self._last_seen = time.monotonic()
+        if msg.reply:
+            self.outstanding = max(0, self.outstanding - 1)
+            self.held += 1
+            self.delivered += 1
+            self.sink(msg)
+            return
+        headers = msg.headers or {}
+        status = headers.get("Status", "")
+        if status == "100":  # idle heartbeat
+            return
+        # 404/408/409: a request ended; it reports how many of its messages it did not deliver.
+        left = headers.get("Nats-Pending-Messages")
+        self.outstanding = max(0, self.outstanding - int(left)) if left else 0
+        if status == "409" and "Consumer Deleted" in headers.get("Description", ""):
+            log.warning("consumer %s was deleted", self.consumer)
+            return
+        self.schedule_pull()
+
+    async def _watch(self) -> None:
+        # Pull requests die silently with a reconnect or a server restart; missed
+        # heartbeats tell us to forget them and ask again.
+        while True:
+            await asyncio.sleep(self.heartbeat)
+            silent = time.monotonic() - self._last_seen
+            if self.outstanding and silent > 3 * self.heartbeat:
+                log.info("no heartbeat from %s for %.0fs; pulling again", self.consumer, silent)
+                self.outstanding = 0
+                self._last_seen = time.monotonic()
+            self.schedule_pull()

@@ -1,0 +1,42 @@
+"""One delivered invocation message and what its JetStream ack subject says about it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from nats.aio.msg import Msg
+
+from . import headers as H
+
+
+@dataclass(slots=True)
+class Invocation:
+    msg: Msg
+    function: str
+    stream: str
+    stream_seq: int
+    delivered: int
+    headers: dict[str, str]
+    call_id: str
+    started: float = 0.0
+
+    @classmethod
+    def from_msg(cls, msg: Msg, function: str) -> Invocation:
+        # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>, or the
+        # longer form with domain and account hash in front.
+        tokens = msg.reply.split(".")
+        offset = 2 if len(tokens) == 9 else 4
+        stream = tokens[offset]
+        seq = int(tokens[offset + 3])
+        hdrs = msg.headers or {}
+        call_id = hdrs.get(H.CALL_ID) or hdrs.get(H.MSG_ID) or f"{stream.lower()}-{seq}"
+        return cls(msg=msg, function=function, stream=stream, stream_seq=seq,
+                   delivered=int(tokens[offset + 2]), headers=hdrs, call_id=call_id)
+
+    @property
+    def reply_to(self) -> str | None:
+        return self.headers.get(H.REPLY_TO) or None
+
+    @property
+    def content_type(self) -> str | None:
+        return self.headers.get(H.CONTENT_TYPE)

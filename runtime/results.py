@@ -1,0 +1,90 @@
+"""Final outcomes as responses: published to the caller's inbox and kept in ``fn_results``."""
+
+from __future__ import annotations
+
+import base64
+import re
+from dataclasses import dataclass
+
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
+
+from . import codec
+from . import headers as H
+from .errors import InvocationError, error_from_wire
+from .streams import RESULTS_BUCKET
+
+_KEY_OK = re.compile(r"^[-_=A-Za-z0-9]+$")
+
+
+def result_key(call_id: str) -> str:
+    """The KV key of a call id; ids that are not valid keys are base64url-encoded."""
+    if _KEY_OK.match(call_id) and not call_id.startswith("b64_"):
+        return call_id
+    return "b64_" + base64.urlsafe_b64encode(call_id.encode()).decode().rstrip("=")
+
+
+@dataclass(frozen=True, slots=True)
+class Response:
+    """A final outcome as it travels: body plus headers (the micro error headers on failure)."""
+
+    call_id: str
+    body: bytes
+    headers: dict[str, str]
+
+    @classmethod
+    def success(cls, call_id: str, body: bytes, content_type: str) -> Response:
+        return cls(call_id, body, {H.CALL_ID: call_id, H.CONTENT_TYPE: content_type})
+
+    @classmethod
+    def failure(cls, call_id: str, error: InvocationError) -> Response:
+        # Header values cannot hold line breaks.
+        message = " ".join(error.message.split())[:1024] or error.type
+        hdrs = {H.CALL_ID: call_id, H.CONTENT_TYPE: codec.JSON, H.SERVICE_ERROR: message,
+                H.SERVICE_ERROR_CODE: str(error.code)}
+        return cls(call_id, codec.encode(error.to_wire()), hdrs)
+
+    @property
+    def error(self) -> InvocationError | None:
+        code = self.headers.get(H.SERVICE_ERROR_CODE)
+        if not code:
+            return None
+        message = self.headers.get(H.SERVICE_ERROR, "")
+        type_ = None
+        try:
+            detail = codec.decode(self.body, codec.JSON).get("error", {})
+            message = detail.get("message", message)
+            type_ = detail.get("type")
+        except AttributeError:
+            pass
+        return error_from_wire(int(code), type_, message, self.call_id)
+
+    def value(self) -> object:
+        """The decoded result; raises the typed error for a failure."""
+        err = self.error
+        if err is not None:
+            raise err
+        return codec.decode(self.body, self.headers.get(H.CONTENT_TYPE))
+
+
+async def publish_response(nc: NATS, response: Response, reply_to: str | None, store: bool) -> None:
+    """Send ``response`` to the caller (if any) and keep it by call id (without waiting for an ack)."""
+    if reply_to:
+        await nc.publish(reply_to, response.body, headers=response.headers)
+    if store:
+        await nc.publish(f"$KV.{RESULTS_BUCKET}.{result_key(response.call_id)}", response.body,
+                         headers=response.headers)
+
+
+async def fetch_response(js: JetStreamContext, call_id: str) -> Response | None:
+    """The stored outcome of ``call_id``, or None if there is none (yet)."""
+    try:
+        raw = await js.get_msg(f"KV_{RESULTS_BUCKET}", subject=f"$KV.{RESULTS_BUCKET}.{result_key(call_id)}",
+                               direct=True)
+    except NotFoundError:
+        return None
+    hdrs = dict(raw.headers or {})
+    if hdrs.get("KV-Operation") in ("DEL", "PURGE"):
+        return None
+    return Response(call_id, raw.data or b"", hdrs)

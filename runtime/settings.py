@@ -1,0 +1,51 @@
+"""Runtime settings: one frozen object, from CLI options and the environment."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .durations import Duration
+
+
+class Settings(BaseModel):
+    """How a runtime connects, where it stores data, and how it shuts down."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    server: str | None = None                 # None: start the embedded nats-server
+    host: str = "127.0.0.1"                   # embedded server address
+    port: int = 4222
+    data_dir: Path = Path(".runtime")
+    nats_conf: Path | None = None
+    manifests: tuple[Path, ...] = ()
+    project_root: Path = Field(default_factory=Path.cwd)
+    grace: Duration = 30.0                    # in-flight work gets this long on shutdown
+    results_ttl: Duration = 86400.0
+    dlq_retention: Duration = 30 * 86400.0
+    replicas: int = Field(default=1, ge=1, le=5)
+    gateway: bool = True                      # fn.call.<name> micro endpoints
+    dead_letters: bool = True                 # the advisory-driven dead-letter mover
+    scheduler: bool = True                    # cron schedules
+    follow_registry: bool = True              # deploy/undeploy without restart
+
+    @classmethod
+    def from_env(cls, **overrides: object) -> Settings:
+        """Settings from ``NATS_URL`` / ``RUNTIME_DATA_DIR`` / ``RUNTIME_GRACE``, then ``overrides``."""
+        env: dict[str, object] = {}
+        if os.environ.get("NATS_URL"):
+            env["server"] = os.environ["NATS_URL"]
+        if os.environ.get("RUNTIME_DATA_DIR"):
+            env["data_dir"] = os.environ["RUNTIME_DATA_DIR"]
+        if os.environ.get("RUNTIME_GRACE"):
+            env["grace"] = os.environ["RUNTIME_GRACE"]
+        env.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.model_validate(env)
+
+    def default_conf(self) -> Path | None:
+        if self.nats_conf is not None:
+            return self.nats_conf
+        candidate = self.project_root / "nats.conf"
+        return candidate if candidate.exists() else None

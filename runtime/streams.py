@@ -1,0 +1,170 @@
+"""Idempotent provisioning of the streams, buckets and consumers the runtime relies on."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DiscardPolicy,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.errors import BadRequestError, NotFoundError
+
+from .manifest import FunctionManifest
+
+log = logging.getLogger("runtime.streams")
+
+INVOKE_STREAM = "FN"
+INVOKE_PREFIX = "fn.invoke."
+DUPLICATE_WINDOW = 120.0
+
+
+def invoke_stream_config(replicas: int = 1) -> StreamConfig:
+    """``FN``: every invocation, kept until a function's consumer acknowledges it."""
+    return StreamConfig(
+        name=INVOKE_STREAM,
+        subjects=[f"{INVOKE_PREFIX}>"],
+        retention=RetentionPolicy.WORK_QUEUE,
+        storage=StorageType.FILE,
+        discard=DiscardPolicy.OLD,
+        duplicate_window=DUPLICATE_WINDOW,
+        num_replicas=replicas,
+        allow_direct=True,
+    )
+
+
+def _differs(current: StreamConfig, wanted: StreamConfig) -> bool:
+    want: dict[str, Any] = wanted.as_dict()
+    have: dict[str, Any] = current.as_dict()
+    return any(have.get(k) != v for k, v in want.items() if k != "name")
+
+
+async def ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
+    """Create ``config.name`` or bring an existing stream in line with ``config``."""
+    assert config.name is not None
+    try:
+        info = await js.stream_info(config.name)
+    except NotFoundError:
+        try:
+            await js.add_stream(config)
+            log.info("created stream %s", config.name)
+            return
+        except BadRequestError as exc:
+            if exc.err_code != 10058:  # created meanwhile by another runtime
+                raise
+            info = await js.stream_info(config.name)
+    if _differs(info.config, config):
+        await js.update_stream(config)
+        log.info("updated stream %s", config.name)
+
+
+def consumer_config(manifest: FunctionManifest) -> ConsumerConfig:
+    """The durable pull consumer that feeds one function."""
+    return ConsumerConfig(
+        durable_name=manifest.name,
+        description=manifest.description or None,
+        filter_subject=manifest.subject,
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=manifest.effective_ack_wait,
+        max_deliver=manifest.retry.max_deliver,
+        max_ack_pending=manifest.concurrency,
+        max_waiting=512,
+    )
+
+
+async def ensure_consumer(js: JetStreamContext, manifest: FunctionManifest) -> None:
+    """Create the function's consumer, or update its settings in place."""
+    await js.add_consumer(INVOKE_STREAM, consumer_config(manifest))
+
+
+async def delete_consumer(js: JetStreamContext, name: str) -> bool:
+    try:
+        await js.delete_consumer(INVOKE_STREAM, name)
+    except NotFoundError:
+        return False
+    return True
+
+
+# ------------------------------------------------------------------ other streams and buckets
+
+DLQ_STREAM = "FN_DLQ"
+DLQ_PREFIX = "fn.dead."
+EVENTS_STREAM = "FN_EVENTS"
+ADVISORY_SUBJECTS = [
+    f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{INVOKE_STREAM}.>",
+    f"$JS.EVENT.ADVISORY.CONSUMER.MSG_TERMINATED.{INVOKE_STREAM}.>",
+]
+RESULTS_BUCKET = "fn_results"
+ERRORS_BUCKET = "fn_errors"
+MANIFESTS_BUCKET = "fn_manifests"
+CRON_BUCKET = "fn_cron"
+
+DAY = 86400.0
+
+
+def dlq_stream_config(retention: float = 30 * DAY, replicas: int = 1) -> StreamConfig:
+    """``FN_DLQ``: dead letters, one per failed message, kept for ``retention`` seconds."""
+    return StreamConfig(
+        name=DLQ_STREAM,
+        subjects=[f"{DLQ_PREFIX}>"],
+        retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE,
+        max_age=retention,
+        duplicate_window=min(3600.0, retention),
+        num_replicas=replicas,
+        allow_direct=True,
+    )
+
+
+def events_stream_config(replicas: int = 1) -> StreamConfig:
+    """``FN_EVENTS``: the consumer advisories that drive the dead-letter mover."""
+    return StreamConfig(
+        name=EVENTS_STREAM,
+        subjects=ADVISORY_SUBJECTS,
+        retention=RetentionPolicy.WORK_QUEUE,
+        storage=StorageType.FILE,
+        max_age=30 * DAY,
+        num_replicas=replicas,
+    )
+
+
+def kv_stream_config(bucket: str, history: int = 1, ttl: float | None = None,
+                     replicas: int = 1) -> StreamConfig:
+    """The stream behind a key-value bucket, shaped as nats-py's ``create_key_value`` makes it."""
+    return StreamConfig(
+        name=f"KV_{bucket}",
+        subjects=[f"$KV.{bucket}.>"],
+        retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE,
+        max_msgs_per_subject=history,
+        max_age=ttl,
+        discard=DiscardPolicy.NEW,
+        allow_rollup_hdrs=True,
+        deny_delete=True,
+        allow_direct=True,
+        num_replicas=replicas,
+        duplicate_window=min(120.0, ttl) if ttl else 120.0,
+    )
+
+
+async def ensure_kv(js: JetStreamContext, bucket: str, history: int = 1, ttl: float | None = None,
+                    replicas: int = 1) -> None:
+    await ensure_stream(js, kv_stream_config(bucket, history, ttl, replicas))
+
+
+async def provision_base(js: JetStreamContext, *, results_ttl: float = DAY, dlq_retention: float = 30 * DAY,
+                         replicas: int = 1) -> None:
+    """Everything a runtime needs before serving, created or updated in place."""
+    await ensure_stream(js, invoke_stream_config(replicas))
+    await ensure_stream(js, dlq_stream_config(dlq_retention, replicas))
+    await ensure_stream(js, events_stream_config(replicas))
+    await ensure_kv(js, RESULTS_BUCKET, ttl=results_ttl, replicas=replicas)
+    await ensure_kv(js, ERRORS_BUCKET, ttl=DAY, replicas=replicas)
+    await ensure_kv(js, MANIFESTS_BUCKET, history=16, replicas=replicas)
+    await ensure_kv(js, CRON_BUCKET, replicas=replicas)

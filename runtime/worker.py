@@ -1,0 +1,121 @@
+"""One function served by this runtime: pull feed → worker pool → executor, plus in-progress acks."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from concurrent.futures import ThreadPoolExecutor
+
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+
+from .consumer import PullFeed
+from .executor import Executor
+from .invocation import Invocation
+from .loader import Handler
+from .manifest import FunctionManifest
+from .pool import WorkerPool
+from .streams import INVOKE_STREAM
+
+log = logging.getLogger("runtime.worker")
+
+WPI = b"+WPI"
+
+
+class FunctionWorker:
+    """Serves one function until stopped; settings can change while it runs."""
+
+    def __init__(self, nc: NATS, js: JetStreamContext, manifest: FunctionManifest, handler: Handler) -> None:
+        self.nc = nc
+        self.name = manifest.name
+        self.threads = None if handler.is_async else ThreadPoolExecutor(
+            max_workers=manifest.concurrency, thread_name_prefix=f"fn-{manifest.name}")
+        self.executor = Executor(nc, js, manifest, handler, self.threads)
+        self.pool: WorkerPool[Invocation] = WorkerPool(self._process, manifest.concurrency, name=manifest.name)
+        self.feed = PullFeed(nc, INVOKE_STREAM, manifest.name, manifest.concurrency, self._sink)
+        self.held: dict[str, Invocation] = {}
+        self._ticker: asyncio.Task[None] | None = None
+        self.completed = 0
+
+    @property
+    def manifest(self) -> FunctionManifest:
+        return self.executor.manifest
+
+    @property
+    def in_flight(self) -> int:
+        return len(self.held)
+
+    async def start(self) -> None:
+        await self.feed.start()
+        self._ticker = asyncio.create_task(self._keep_alive(), name=f"wpi-{self.name}")
+        log.info("serving %s (concurrency %d, timeout %gs, max_deliver %d)", self.name,
+                 self.manifest.concurrency, self.manifest.timeout, self.manifest.retry.max_deliver)
+
+    def update(self, manifest: FunctionManifest, handler: Handler) -> None:
+        """Apply new settings to later invocations; running ones finish with the old ones."""
+        self.executor.manifest = manifest
+        self.executor.handler = handler
+        self.pool.resize(manifest.concurrency)
+        self.feed.resize(manifest.concurrency)
+        if self.threads is not None:
+            self.threads._max_workers = max(self.threads._max_workers, manifest.concurrency)
+        elif not handler.is_async:
+            self.threads = ThreadPoolExecutor(max_workers=manifest.concurrency)
+            self.executor.threads = self.threads
+
+    def _sink(self, msg: Msg) -> None:
+        try:
+            inv = Invocation.from_msg(msg, self.name)
+        except (ValueError, IndexError):
+            log.error("ignoring a message without a JetStream ack subject on %s", msg.subject)
+            self.feed.release()
+            return
+        self.held[msg.reply] = inv
+        self.pool.submit(inv)
+
+    async def _process(self, inv: Invocation) -> None:
+        try:
+            await self.executor.run(inv)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # The executor settles every outcome itself; reaching here is a bug or a lost
+            # connection. The message is redelivered after ack_wait.
+            log.exception("invocation %s of %s could not be settled", inv.call_id, self.name)
+        finally:
+            self.completed += 1
+            self.held.pop(inv.msg.reply, None)
+            self.feed.release()
+
+    async def _keep_alive(self) -> None:
+        # Held messages (queued or running) get in-progress acks well within ack_wait, so
+        # JetStream never hands a running invocation to another runtime.
+        while True:
+            await asyncio.sleep(max(0.05, self.manifest.effective_ack_wait / 3))
+            for reply in list(self.held):
+                try:
+                    await self.nc.publish(reply, WPI)
+                except Exception as exc:
+                    log.debug("in-progress ack failed: %s", exc)
+                    break
+
+    async def stop(self, grace: float) -> None:
+        """Stop fetching, let held invocations finish within ``grace``, then cancel the rest."""
+        await self.feed.stop()
+        if not await self.pool.join(grace):
+            log.warning("%s: %d invocation(s) still running after %gs; cancelling them", self.name,
+                        self.pool.busy, grace)
+            await self.pool.cancel()
+            for reply in list(self.held):  # queued, never started: give them back at once
+                with contextlib.suppress(Exception):
+                    await self.nc.publish(reply, b"-NAK")
+            self.held.clear()
+        if self._ticker:
+            self._ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ticker
+        await self.pool.cancel()
+        if self.threads is not None:
+            self.threads.shutdown(wait=False, cancel_futures=True)
