@@ -112,5 +112,5 @@ async def tracked(event: dict[str, Any], ctx: Context) -> dict[str, Any]:
     finally:
         _bump(-1)
     with open(_scratch() / f"runs-{os.getpid()}", "a") as f:
-        f.write(f"{event['id']}\n")
+        f.write(f"{event['id']}:{ctx.attempt}\n")
     return {"id": event["id"]}
