@@ -41,7 +41,9 @@ async def connect(url: str, name: str = "runtime") -> NATS:
     nc = NATS()
     await nc.connect(url, name=name, max_reconnect_attempts=-1, reconnect_time_wait=1,
                      error_cb=on_error, disconnected_cb=on_disconnect, reconnected_cb=on_reconnect,
-                     pending_size=8 * 1024 * 1024)
+                     pending_size=8 * 1024 * 1024,
+                     # Subjects are built from validated names; checking each publish again is hot-path cost.
+                     skip_subject_validation=True)
     return nc
 
 

@@ -63,6 +63,19 @@ class Executor:
         self.handler = handler
         self.threads = threads
         self.logger = logging.getLogger(f"runtime.fn.{manifest.name}")
+        # Running attempts and their deadlines. One watchdog enforces them all: cheaper than
+        # a timer per invocation on the hot path.
+        self._deadlines: dict[asyncio.Task[Any], tuple[float, Invocation]] = {}
+
+    def expire(self) -> float:
+        """Cancel attempts past their deadline; returns seconds until the next deadline check."""
+        now = time.monotonic()
+        for task, (deadline, inv) in list(self._deadlines.items()):
+            if now >= deadline and not inv.timed_out:
+                inv.timed_out = True
+                del self._deadlines[task]
+                task.cancel()
+        return min(0.05, self.manifest.timeout / 10)
 
     async def run(self, inv: Invocation) -> None:
         manifest, handler = self.manifest, self.handler
@@ -72,23 +85,26 @@ class Executor:
             error = InvalidInput(_validation_message(exc), type=type(exc).__name__, call_id=inv.call_id)
             await self.fail_for_good(inv, "invalid_input", error)
             return
+        task = asyncio.current_task()
+        assert task is not None
+        self._deadlines[task] = (time.monotonic() + manifest.timeout, inv)
         try:
-            async with asyncio.timeout(manifest.timeout) as deadline:
+            try:
                 result = await self._call(handler, inv, manifest, event)
+            finally:
+                self._deadlines.pop(task, None)
         except Retry as exc:
             await self._failed_attempt(inv, manifest, FunctionError(exc.reason, type="Retry"), exc.delay)
         except Reject as exc:
             await self.fail_for_good(inv, "rejected", Rejected(exc.reason, type="Reject"))
-        except TimeoutError as exc:
-            if not deadline.expired():
-                await self._failed_attempt(inv, manifest, FunctionError(_describe(exc), type=type(exc).__name__))
-            else:
-                message = f"attempt exceeded the timeout of {manifest.timeout:g}s"
-                await self._failed_attempt(inv, manifest, InvocationTimeout(message, type="InvocationTimeout"))
         except asyncio.CancelledError:
-            # Shut down before the attempt finished: hand it back for another runtime at once.
-            await self.nc.publish(inv.msg.reply, b"-NAK")
-            raise
+            if not inv.timed_out:
+                # Shut down before the attempt finished: hand it back for another runtime at once.
+                await self.nc.publish(inv.msg.reply, b"-NAK")
+                raise
+            task.uncancel()
+            message = f"attempt exceeded the timeout of {manifest.timeout:g}s"
+            await self._failed_attempt(inv, manifest, InvocationTimeout(message, type="InvocationTimeout"))
         except Exception as exc:
             await self._failed_attempt(inv, manifest, FunctionError(_describe(exc), type=type(exc).__name__))
         else:

@@ -18,7 +18,7 @@ class Invocation:
     delivered: int
     headers: dict[str, str]
     call_id: str
-    started: float = 0.0
+    timed_out: bool = False
 
     @classmethod
     def from_msg(cls, msg: Msg, function: str) -> Invocation:

@@ -35,6 +35,9 @@ class Response:
 
     @classmethod
     def success(cls, call_id: str, body: bytes, content_type: str) -> Response:
+        # JSON is the default content type; leaving it out keeps the hot path lean.
+        if content_type == codec.JSON:
+            return cls(call_id, body, {H.CALL_ID: call_id})
         return cls(call_id, body, {H.CALL_ID: call_id, H.CONTENT_TYPE: content_type})
 
     @classmethod

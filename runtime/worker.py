@@ -36,7 +36,7 @@ class FunctionWorker:
         self.pool: WorkerPool[Invocation] = WorkerPool(self._process, manifest.concurrency, name=manifest.name)
         self.feed = PullFeed(nc, INVOKE_STREAM, manifest.name, manifest.concurrency, self._sink)
         self.held: dict[str, Invocation] = {}
-        self._ticker: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
         self.completed = 0
 
     @property
@@ -49,7 +49,8 @@ class FunctionWorker:
 
     async def start(self) -> None:
         await self.feed.start()
-        self._ticker = asyncio.create_task(self._keep_alive(), name=f"wpi-{self.name}")
+        self._tasks = [asyncio.create_task(self._keep_alive(), name=f"wpi-{self.name}"),
+                       asyncio.create_task(self._enforce_timeouts(), name=f"timeouts-{self.name}")]
         log.info("serving %s (concurrency %d, timeout %gs, max_deliver %d)", self.name,
                  self.manifest.concurrency, self.manifest.timeout, self.manifest.retry.max_deliver)
 
@@ -101,6 +102,10 @@ class FunctionWorker:
                     log.debug("in-progress ack failed: %s", exc)
                     break
 
+    async def _enforce_timeouts(self) -> None:
+        while True:
+            await asyncio.sleep(self.executor.expire())
+
     async def stop(self, grace: float) -> None:
         """Stop fetching, let held invocations finish within ``grace``, then cancel the rest."""
         await self.feed.stop()
@@ -112,10 +117,10 @@ class FunctionWorker:
                 with contextlib.suppress(Exception):
                     await self.nc.publish(reply, b"-NAK")
             self.held.clear()
-        if self._ticker:
-            self._ticker.cancel()
+        for task in self._tasks:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._ticker
+                await task
         await self.pool.cancel()
         if self.threads is not None:
             self.threads.shutdown(wait=False, cancel_futures=True)

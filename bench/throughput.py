@@ -1,0 +1,229 @@
+"""Invocations per second through one runtime process, beside two raw nats-py consumers.
+
+Each contender drains the same shape of work in its own process: 20,000 pre-filled 64-byte JSON
+messages on a file-storage work-queue stream, a no-op, an ack per message.
+  (a) raw fetch(100) loop, acking each message;
+  (b) raw hand-rolled pull: a core subscription on an inbox with MSG.NEXT batch requests kept topped up;
+  runtime: `runtime serve` with a no-op async function (pydantic input).
+Also reports publish-to-start latency at light load and the runtime's peak RSS.
+Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import nats
+from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StorageType, StreamConfig
+
+from bench.common import PAYLOAD, drain_time, log, percentile, prefill, private_server, rss_peak_kb, start_runtime
+from runtime.loop import run
+from runtime.manifest import FunctionManifest
+from runtime.streams import ensure_consumer, provision_base
+
+RAW_STREAM = "RAW"
+
+
+# ------------------------------------------------------------------ raw consumers (own process)
+
+async def raw_worker(url: str, impl: str, n: int) -> None:
+    nc = await nats.connect(url)
+    js = nc.jetstream()
+    done = 0
+    if impl == "fetch":
+        psub = await js.pull_subscribe("raw.in", durable="raw", stream=RAW_STREAM)
+        while done < n:
+            try:
+                msgs = await psub.fetch(100, timeout=5)
+            except nats.errors.TimeoutError:
+                continue
+            for m in msgs:
+                await m.ack()
+                done += 1
+    else:
+        finished = asyncio.Event()
+        inbox = nc.new_inbox()
+        api = f"$JS.API.CONSUMER.MSG.NEXT.{RAW_STREAM}.raw"
+        batch = 100
+        outstanding = 0
+
+        async def pull() -> None:
+            nonlocal outstanding
+            outstanding += batch
+            await nc.publish(api, json.dumps({"batch": batch, "expires": 30_000_000_000}).encode(), reply=inbox)
+
+        async def on_msg(m: nats.aio.msg.Msg) -> None:
+            nonlocal done, outstanding
+            if m.reply:
+                await m.ack()
+                done += 1
+                outstanding -= 1
+                if done >= n:
+                    finished.set()
+            elif m.headers and m.headers.get("Nats-Pending-Messages"):
+                outstanding -= int(m.headers["Nats-Pending-Messages"])
+            if outstanding <= batch // 2:
+                await pull()
+
+        await nc.subscribe(inbox, cb=on_msg, pending_msgs_limit=-1, pending_bytes_limit=-1)
+        await pull()
+        await pull()
+        await finished.wait()
+    await nc.flush()
+    await nc.close()
+
+
+async def raw_setup(url: str, n: int) -> None:
+    nc = await nats.connect(url)
+    js = nc.jetstream()
+    try:
+        await js.delete_stream(RAW_STREAM)
+    except nats.js.errors.NotFoundError:
+        pass
+    await js.add_stream(StreamConfig(name=RAW_STREAM, subjects=["raw.in"], retention=RetentionPolicy.WORK_QUEUE,
+                                     storage=StorageType.FILE))
+    await prefill(js, "raw.in", n)
+    await js.add_consumer(RAW_STREAM, ConsumerConfig(durable_name="raw", ack_policy=AckPolicy.EXPLICIT))
+    await nc.close()
+
+
+async def raw_rate(url: str, impl: str, n: int) -> float:
+    await raw_setup(url, n)
+    nc = await nats.connect(url)
+    proc = subprocess.Popen([sys.executable, "-m", "bench.throughput", "--role", impl, "--url", url, "-n", str(n)],
+                            cwd=Path(__file__).resolve().parent.parent)
+    try:
+        seconds = await drain_time(nc.jetstream(), RAW_STREAM, "raw", n)
+    finally:
+        await asyncio.to_thread(proc.wait, 60)
+        await nc.close()
+    return n / seconds
+
+
+# ------------------------------------------------------------------------------ the runtime
+
+MANIFEST = """\
+name: {name}
+handler: bench.handlers:{name}
+concurrency: {concurrency}
+timeout: 30s
+store_results: {store}
+"""
+
+
+async def runtime_rate(url: str, n: int, concurrency: int, store: bool, workdir: Path) -> tuple[float, int]:
+    manifests = workdir / "manifests"
+    manifests.mkdir(exist_ok=True)
+    manifest = MANIFEST.format(name="noop", concurrency=concurrency, store=str(store).lower())
+    (manifests / "noop.yaml").write_text(manifest)
+    nc = await nats.connect(url)
+    js = nc.jetstream()
+    await provision_base(js)
+    await ensure_consumer(js, FunctionManifest(name="noop", handler="bench.handlers:noop", concurrency=concurrency))
+    await prefill(js, "fn.invoke.noop", n)
+    proc = start_runtime(url, manifests, workdir / "runtime-rate.log")
+    try:
+        seconds = await drain_time(js, "FN", "noop", n)
+        rss = rss_peak_kb(proc.pid)
+    finally:
+        proc.terminate()
+        await asyncio.to_thread(proc.wait, 30)
+        await nc.close()
+    return n / seconds, rss
+
+
+async def runtime_latency(url: str, count: int, workdir: Path) -> dict[str, float]:
+    manifests = workdir / "manifests-latency"
+    manifests.mkdir(exist_ok=True)
+    (manifests / "stamp.yaml").write_text(MANIFEST.format(name="stamp", concurrency=16, store="true"))
+    proc = start_runtime(url, manifests, workdir / "runtime-latency.log")
+    nc = await nats.connect(url)
+    started: dict[int, float] = {}
+    got = asyncio.Event()
+
+    async def on_started(msg: nats.aio.msg.Msg) -> None:
+        data = json.loads(msg.data)
+        started[data["id"]] = data["t"]
+        got.set()
+
+    try:
+        await nc.subscribe("bench.started", cb=on_started)
+        js = nc.jetstream()
+        for _ in range(200):  # wait for the runtime to serve
+            got.clear()
+            await js.publish("fn.invoke.stamp", json.dumps({"fn": "s", "id": -1, "args": [], "pad": ""}).encode())
+            try:
+                await asyncio.wait_for(got.wait(), 0.5)
+                break
+            except TimeoutError:
+                continue
+        sent: dict[int, float] = {}
+        for i in range(count):
+            got.clear()
+            sent[i] = time.time()
+            await nc.publish("fn.invoke.stamp", json.dumps({"fn": "s", "id": i, "args": [], "pad": ""}).encode())
+            await asyncio.wait_for(got.wait(), 5)
+            await asyncio.sleep(0.005)
+        lat = [(started[i] - sent[i]) * 1000 for i in range(count)]
+    finally:
+        proc.terminate()
+        await asyncio.to_thread(proc.wait, 30)
+        await nc.close()
+    return {"p50_ms": round(percentile(lat, 0.5), 3), "p99_ms": round(percentile(lat, 0.99), 3)}
+
+
+async def main_bench(n: int, reps: int, concurrency: int, store: bool) -> dict[str, object]:
+    server = private_server()
+    await server.start()
+    results: dict[str, list[float]] = {"raw_fetch100": [], "raw_pull_cb": [], "runtime": []}
+    rss: list[int] = []
+    try:
+        with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+            workdir = Path(tmp)
+            for rep in range(reps):
+                results["raw_fetch100"].append(await raw_rate(server.url, "fetch", n))
+                results["raw_pull_cb"].append(await raw_rate(server.url, "cb", n))
+                rate, peak = await runtime_rate(server.url, n, concurrency, store, workdir)
+                results["runtime"].append(rate)
+                rss.append(peak)
+                log(f"rep {rep}: " + ", ".join(f"{k}={v[-1]:.0f}/s" for k, v in results.items()))
+            latency = await runtime_latency(server.url, 300, workdir)
+    finally:
+        await server.stop()
+    med = {k: sorted(v)[len(v) // 2] for k, v in results.items()}
+    return {
+        "bench": "throughput", "messages": n, "reps": reps, "payload_bytes": len(PAYLOAD), "storage": "file",
+        "concurrency": concurrency, "store_results": store,
+        "rate_per_s": {k: round(v) for k, v in med.items()},
+        "all_rates": {k: [round(x) for x in v] for k, v in results.items()},
+        "ratio_vs_fetch100": round(med["runtime"] / med["raw_fetch100"], 2),
+        "ratio_vs_pull_cb": round(med["runtime"] / med["raw_pull_cb"], 2),
+        "publish_to_start_latency": latency,
+        "runtime_peak_rss_kb": max(rss),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("-n", type=int, default=20_000)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--concurrency", type=int, default=512)
+    ap.add_argument("--no-store-results", action="store_true", help="manifest store_results: false")
+    ap.add_argument("--role", choices=["main", "fetch", "cb"], default="main")
+    ap.add_argument("--url", default="")
+    args = ap.parse_args()
+    if args.role != "main":
+        run(raw_worker(args.url, args.role, args.n))
+        return
+    print(json.dumps(run(main_bench(args.n, args.reps, args.concurrency, not args.no_store_results))))
+
+
+if __name__ == "__main__":
+    main()
