@@ -1,0 +1,132 @@
+"""``runtime deploy | undeploy | ls | rollback``: manage what the fleet serves, without restarts."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from nats.js.errors import NotFoundError
+
+from ..loader import ensure_on_path, load_handler
+from ..loop import run
+from ..manifest import ManifestSet
+from ..registry import Registry
+from ..status import gather_status
+from ..streams import INVOKE_STREAM
+from . import common
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("deploy", help="validate manifests and deploy them to every running runtime")
+    p.add_argument("paths", nargs="+", metavar="FILE_OR_DIR")
+    common.add_server_option(p)
+    common.add_json_option(p)
+    p.set_defaults(func=cmd_deploy)
+
+    p = sub.add_parser("undeploy", help="stop serving a function (its queued messages are kept)")
+    p.add_argument("name")
+    common.add_server_option(p)
+    common.add_json_option(p)
+    p.set_defaults(func=cmd_undeploy)
+
+    p = sub.add_parser("ls", help="list deployed functions")
+    common.add_server_option(p)
+    common.add_json_option(p)
+    p.set_defaults(func=cmd_ls)
+
+    p = sub.add_parser("rollback", help="restore the previous revision of a function or schedule")
+    p.add_argument("name")
+    common.add_server_option(p)
+    common.add_json_option(p)
+    p.set_defaults(func=cmd_rollback)
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    ensure_on_path(Path.cwd())
+
+    async def main() -> list[dict[str, Any]]:
+        async with common.connection(args) as (_, js):
+            registry = await Registry.open(js)
+            known = {d.manifest.name for d in (await registry.all()).values() if d.manifest.kind == "Function"}
+            manifests = ManifestSet.load(args.paths, known_functions=known)
+            for manifest in manifests.functions.values():
+                load_handler(manifest.handler)  # the same contract a runtime will check
+            return [vars(r) for r in await registry.deploy(manifests)]
+
+    results = run(main())
+    if args.json:
+        common.print_json(results)
+    for r in [] if args.json else results:
+        detail = f" ({', '.join(r['changed'])})" if r["changed"] else ""
+        print(f"{r['kind'].lower()} {r['name']}: {r['status']}{detail} [revision {r['revision']}]")
+    return 0
+
+
+def cmd_undeploy(args: argparse.Namespace) -> int:
+    async def main() -> str:
+        async with common.connection(args) as (_, js):
+            return await (await Registry.open(js)).undeploy(args.name)
+
+    key = run(main())
+    if args.json:
+        common.print_json({"name": args.name, "key": key, "status": "undeployed"})
+    else:
+        print(f"{args.name}: undeployed (queued messages are kept until it is deployed again)")
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    async def main() -> dict[str, Any]:
+        async with common.connection(args) as (_, js):
+            return vars(await (await Registry.open(js)).rollback(args.name))
+
+    result = run(main())
+    if args.json:
+        common.print_json(result)
+    else:
+        detail = f" ({', '.join(result['changed'])})" if result["changed"] else ""
+        print(f"{result['name']}: rolled back{detail} [revision {result['revision']}]")
+    return 0
+
+
+async def _listing(args: argparse.Namespace) -> list[dict[str, Any]]:
+    async with common.connection(args) as (nc, js):
+        deployments = await (await Registry.open(js)).all()
+        statuses = await gather_status(nc)
+        rows = []
+        for dep in sorted(deployments.values(), key=lambda d: (d.manifest.kind, d.manifest.name)):
+            m = dep.manifest
+            row: dict[str, Any] = {"name": m.name, "kind": m.kind, "revision": dep.revision,
+                                   "deployed_at": dep.deployed_at}
+            if m.kind == "Function":
+                try:
+                    info = await js.consumer_info(INVOKE_STREAM, m.name)
+                    queued, in_flight = info.num_pending, info.num_ack_pending
+                except NotFoundError:
+                    queued = in_flight = 0
+                failing = {s["runtime"]: s["failing"][m.name] for s in statuses if m.name in s.get("failing", {})}
+                serving = [s["runtime"] for s in statuses if m.name in s.get("serving", {})]
+                row.update(settings=(f"concurrency={m.concurrency} timeout={m.timeout:g}s "
+                                     f"max_deliver={m.retry.max_deliver}"),
+                           queued=queued, in_flight=in_flight, runtimes=len(serving),
+                           status="failing" if failing else ("serving" if serving else "idle"), failing=failing)
+            else:
+                row.update(settings=f"cron={m.cron!r} -> {m.function}", queued="", in_flight="", runtimes="",
+                           status="enabled" if m.enabled else "disabled", failing={})
+            rows.append(row)
+        return rows
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    rows = run(_listing(args))
+    if args.json:
+        common.print_json(rows)
+        return 0
+    common.print_table(["name", "kind", "rev", "deployed at", "status", "runtimes", "queued", "in flight", "settings"],
+                       [[r["name"], r["kind"].lower(), r["revision"], r["deployed_at"], r["status"], r["runtimes"],
+                         r["queued"], r["in_flight"], r["settings"]] for r in rows])
+    for r in rows:
+        for runtime, error in r["failing"].items():
+            print(f"  {r['name']} failing on {runtime}: {error}")
+    return 0

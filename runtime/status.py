@@ -1,0 +1,71 @@
+"""Live status of the fleet: every runtime answers ``fn.admin.status`` with what it serves."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+from typing import TYPE_CHECKING, Any
+
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+if TYPE_CHECKING:
+    from .app import Runtime
+
+STATUS_SUBJECT = "fn.admin.status"
+
+
+def runtime_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class StatusResponder:
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.id = runtime_id()
+        self._sub: Subscription | None = None
+
+    def snapshot(self) -> dict[str, Any]:
+        rt = self.runtime
+        return {
+            "runtime": self.id,
+            "serving": {name: {"in_flight": w.in_flight, "completed": w.completed}
+                        for name, w in rt.workers.items()},
+            "failing": dict(rt.failing),
+        }
+
+    async def start(self) -> None:
+        nc, _ = self.runtime.connection
+
+        async def on_request(msg: Msg) -> None:
+            await msg.respond(json.dumps(self.snapshot()).encode())
+
+        self._sub = await nc.subscribe(STATUS_SUBJECT, cb=on_request)
+
+    async def stop(self) -> None:
+        if self._sub is not None:
+            await self._sub.unsubscribe()
+
+
+async def gather_status(nc: NATS, wait: float = 0.5) -> list[dict[str, Any]]:
+    """Ask every runtime for its status; collects the answers that arrive within ``wait``."""
+    inbox = nc.new_inbox()
+    replies: list[dict[str, Any]] = []
+
+    async def on_reply(msg: Msg) -> None:
+        try:
+            replies.append(json.loads(msg.data))
+        except ValueError:
+            pass
+
+    sub = await nc.subscribe(inbox, cb=on_reply)
+    try:
+        await nc.publish(STATUS_SUBJECT, b"", reply=inbox)
+        await nc.flush()
+        await asyncio.sleep(wait)
+    finally:
+        await sub.unsubscribe()
+    return replies
