@@ -14,6 +14,7 @@ from nats.js import JetStreamContext
 from .errors import LoadError
 from .loader import Handler, ensure_on_path, load_handler, module_changed
 from .manifest import FunctionManifest, ManifestSet
+from .mover import DeadLetterMover
 from .server import EmbeddedServer
 from .settings import Settings
 from .streams import ensure_consumer, provision_base
@@ -84,7 +85,14 @@ class Runtime:
 
     def _components(self) -> list[Component]:
         """The optional parts of a runtime, each with start/stop, in start order."""
-        return []
+        components: list[Component] = []
+        if self.settings.dead_letters:
+            components.append(DeadLetterMover(*self.connection, store_results=self._stores_results))
+        return components
+
+    def _stores_results(self, name: str) -> bool:
+        manifest = self.manifests.get(name)
+        return manifest is None or manifest.store_results
 
     async def apply(self, manifest: FunctionManifest, *, provision: bool = True) -> None:
         """Serve ``manifest``'s function, or apply its new settings if already served."""

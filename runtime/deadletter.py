@@ -21,6 +21,11 @@ _DROP = {"Nats-Msg-Id", "Nats-Expected-Stream", "Nats-Expected-Last-Msg-Id", "Na
          "Nats-Expected-Last-Subject-Sequence", "Nats-Rollup", "Nats-TTL", "Status", "Description"}
 
 
+# What a dead letter adds to the original headers; the call id stays, it names the call.
+DEAD_LETTER_HEADERS = (H.FUNCTION, H.ORIGINAL_SUBJECT, H.ORIGINAL_SEQ, H.DELIVERIES, H.REASON, H.ERROR,
+                       H.FAILED_AT)
+
+
 def dead_letter_id(stream_seq: int) -> str:
     """The deterministic ``Nats-Msg-Id`` of the dead letter of one ``FN`` message."""
     return f"dlq:{stream_seq}"
@@ -48,6 +53,12 @@ def dead_letter_headers(original: dict[str, str], *, function: str, subject: str
     if call_id:
         hdrs[H.CALL_ID] = call_id
     return hdrs
+
+
+def original_headers(dead: dict[str, str]) -> dict[str, str]:
+    """The headers of a dead letter without what dead-lettering added: those of a fresh invocation."""
+    return {k: v for k, v in dead.items()
+            if k not in DEAD_LETTER_HEADERS and not (k == H.MSG_ID and v.startswith("dlq:"))}
 
 
 async def write_dead_letter(js: JetStreamContext, function: str, body: bytes, headers: dict[str, str]) -> int:
