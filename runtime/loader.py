@@ -104,8 +104,9 @@ def inspect_handler(spec: str, func: Callable[..., Any], file: str | None = None
     try:
         decoder = InputDecoder(annotation)
     except Exception as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise LoadError(f"{spec!r}: input annotation {annotation!r} is not a type pydantic can "
-                        f"validate: {exc}") from None
+                        f"validate ({first_line})") from None
     if len(params) == 2:
         ctx_hint = hints.get(params[1].name, Context)
         if ctx_hint is not Context and ctx_hint is not Any:

@@ -29,7 +29,6 @@ class Settings(BaseModel):
     gateway: bool = True                      # fn.call.<name> micro endpoints
     dead_letters: bool = True                 # the advisory-driven dead-letter mover
     scheduler: bool = True                    # cron schedules
-    follow_registry: bool = True              # deploy/undeploy without restart
 
     @classmethod
     def from_env(cls, **overrides: object) -> Settings:

@@ -45,8 +45,8 @@ def _differs(current: StreamConfig, wanted: StreamConfig) -> bool:
     return any(have.get(k) != v for k, v in want.items() if k != "name")
 
 
-async def ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
-    """Create ``config.name`` or bring an existing stream in line with ``config``."""
+async def ensure_stream(js: JetStreamContext, config: StreamConfig, update: bool = True) -> None:
+    """Create ``config.name``, or bring an existing stream in line with ``config`` if ``update``."""
     assert config.name is not None
     try:
         info = await js.stream_info(config.name)
@@ -59,7 +59,7 @@ async def ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
             if exc.err_code != 10058:  # created meanwhile by another runtime
                 raise
             info = await js.stream_info(config.name)
-    if _differs(info.config, config):
+    if update and _differs(info.config, config):
         await js.update_stream(config)
         log.info("updated stream %s", config.name)
 

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
+
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+
+from ..errors import ConfigError
 
 DEFAULT_URL = "nats://127.0.0.1:4222"
 
@@ -55,3 +61,23 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
     print(line.rstrip())
     for row in cells:
         print("  ".join(c.ljust(widths[i]) for i, c in enumerate(row)).rstrip())
+
+
+async def _quiet(exc: Exception) -> None:
+    """Connection errors become one line from ``connection``; nats-py need not print them too."""
+
+
+@contextlib.asynccontextmanager
+async def connection(args: argparse.Namespace) -> AsyncIterator[tuple[NATS, JetStreamContext]]:
+    """A short-lived connection for one command; a refused connection is one clear error."""
+    url = server_url(args)
+    nc = NATS()
+    try:
+        await nc.connect(url, connect_timeout=3, max_reconnect_attempts=1, reconnect_time_wait=0,
+                         error_cb=_quiet)
+    except Exception as exc:
+        raise ConfigError(f"cannot connect to the NATS server at {url}: {exc}") from None
+    try:
+        yield nc, nc.jetstream()
+    finally:
+        await nc.close()
