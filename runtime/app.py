@@ -13,8 +13,9 @@ from nats.js import JetStreamContext
 
 from .errors import LoadError
 from .loader import Handler, ensure_on_path, load_handler, module_changed
-from .manifest import FunctionManifest, ManifestSet
+from .manifest import FunctionManifest, ManifestSet, Schedule
 from .mover import DeadLetterMover
+from .scheduler import Scheduler
 from .server import EmbeddedServer
 from .settings import Settings
 from .streams import ensure_consumer, provision_base
@@ -60,6 +61,7 @@ class Runtime:
         self.failing: dict[str, str] = {}   # function name -> why its handler is not served here
         self.manifests: dict[str, FunctionManifest] = {}
         self.components: list[Component] = []
+        self.scheduler: Scheduler | None = None
         self._lock = asyncio.Lock()
         ensure_on_path(settings.project_root)
 
@@ -75,17 +77,24 @@ class Runtime:
         s = self.settings
         await provision_base(self.js, results_ttl=s.results_ttl, dlq_retention=s.dlq_retention,
                              replicas=s.replicas)
+        schedules: list[Schedule] = []
         if s.manifests:
             manifests = ManifestSet.load(s.manifests)
             for manifest in manifests.functions.values():
                 await self.apply(manifest)
+            schedules = manifests.all_schedules()
         for component in self._components():
             await component.start()
             self.components.append(component)
+        if self.scheduler is not None:
+            self.scheduler.set_schedules(schedules)
 
     def _components(self) -> list[Component]:
         """The optional parts of a runtime, each with start/stop, in start order."""
         components: list[Component] = []
+        if self.settings.scheduler:
+            self.scheduler = Scheduler(self.connection[1])
+            components.append(self.scheduler)
         if self.settings.dead_letters:
             components.append(DeadLetterMover(*self.connection, store_results=self._stores_results))
         return components

@@ -57,6 +57,9 @@ class ScheduleSpec(_Model):
     @field_validator("timezone")
     @classmethod
     def _check_timezone(cls, value: str) -> str:
+        if value.lower() in ("localtime", "posixrules"):
+            # Hosts would disagree on the tick times, and so on the ticks' message ids.
+            raise ValueError(f"{value!r} depends on each host's setting; name the zone (such as Europe/Paris)")
         try:
             ZoneInfo(value)
         except (ZoneInfoNotFoundError, ValueError) as exc:

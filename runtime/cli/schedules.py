@@ -1,0 +1,121 @@
+"""``runtime schedules``: each schedule's function, expression, timezone, next fire and last fire."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from nats.aio.client import Client as NATS
+from nats.js.errors import BucketNotFoundError
+
+from ..crontab import format_tick, next_tick
+from ..errors import ConfigError
+from ..loop import run
+from ..manifest import ManifestSet
+from ..scheduler import CronRecord, read_records
+from ..streams import CRON_BUCKET
+from . import common
+
+
+def register(sub: Any) -> None:
+    p: argparse.ArgumentParser = sub.add_parser(
+        "schedules", help="list cron schedules with their next and last fire",
+        description="List schedules from manifests (--manifests) and/or from the fn_cron bucket of a server. "
+                    "With --manifests only, nothing is fetched unless --server or $NATS_URL is given.")
+    p.add_argument("--manifests", "-m", action="append", default=[], metavar="PATH",
+                   help="manifest file or directory to read schedules from (repeatable)")
+    common.add_server_option(p)
+    common.add_json_option(p)
+    p.set_defaults(func=cmd_schedules)
+
+
+async def fetch_records(url: str) -> dict[str, CronRecord]:
+    """Every record of the ``fn_cron`` bucket on the server at ``url``."""
+
+    async def quiet(exc: Exception) -> None:
+        pass  # the one failure that matters is raised by connect()
+
+    nc = NATS()
+    try:
+        await nc.connect(url, connect_timeout=3, allow_reconnect=False, max_reconnect_attempts=1, error_cb=quiet)
+    except Exception as exc:
+        raise ConfigError(f"cannot connect to the NATS server at {url} ({exc})") from None
+    try:
+        kv = await nc.jetstream().key_value(CRON_BUCKET)
+        return await read_records(kv)
+    except BucketNotFoundError:
+        return {}
+    finally:
+        await nc.close()
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One schedule as listed: its definition, next fire and last fire."""
+
+    name: str
+    function: str
+    cron: str
+    timezone: str
+    catchup: str
+    enabled: bool
+    source: str
+    next: datetime | None = None
+    last: datetime | None = None
+
+    def local(self, instant: datetime | None) -> datetime | None:
+        return instant.astimezone(ZoneInfo(self.timezone)) if instant else None
+
+    def to_json(self) -> dict[str, Any]:
+        def iso(t: datetime | None) -> str | None:
+            return t.isoformat() if t else None
+
+        return {"name": self.name, "function": self.function, "cron": self.cron, "timezone": self.timezone,
+                "catchup": self.catchup, "enabled": self.enabled, "source": self.source,
+                "next": format_tick(self.next) if self.next else None, "next_local": iso(self.local(self.next)),
+                "last": format_tick(self.last) if self.last else None, "last_local": iso(self.local(self.last))}
+
+
+def entries(manifests: ManifestSet | None, records: dict[str, CronRecord], at: datetime) -> list[Entry]:
+    """Schedules from ``manifests`` (or, without manifests, from the bucket), with next and last fire."""
+    if manifests is not None:
+        found = [Entry(name=s.name, function=s.function, cron=s.cron, timezone=s.timezone, catchup=s.catchup,
+                       enabled=s.enabled, source=s.source) for s in manifests.all_schedules()]
+    else:
+        found = [Entry(name=r.schedule, function=r.function, cron=r.cron, timezone=r.timezone, catchup=r.catchup,
+                       enabled=r.enabled, source=CRON_BUCKET) for r in records.values()]
+    out = []
+    for e in sorted(found, key=lambda e: e.name):
+        record = records.get(e.name)
+        upcoming = next_tick(e.cron, e.timezone, at) if e.enabled else None
+        out.append(replace(e, next=upcoming, last=record.last if record else None))
+    return out
+
+
+def _when(instant: datetime | None, fmt: str = "%Y-%m-%d %H:%M:%SZ") -> str:
+    return instant.strftime(fmt) if instant else "-"
+
+
+def cmd_schedules(args: argparse.Namespace) -> int:
+    # A bad manifest fails before any connection attempt.
+    manifests = ManifestSet.load(args.manifests) if args.manifests else None
+    online = manifests is None or bool(args.server or os.environ.get("NATS_URL"))
+    records = run(fetch_records(common.server_url(args))) if online else {}
+    listing = entries(manifests, records, datetime.now(UTC))
+    if args.json:
+        common.print_json([e.to_json() for e in listing])
+        return 0
+    if not listing:
+        print("no schedules")
+        return 0
+    never = "never" if online else "-"
+    rows = [[e.name, e.function, e.cron, e.timezone,
+             _when(e.local(e.next), "%Y-%m-%d %H:%M:%S %Z") if e.enabled else "disabled",
+             _when(e.next), _when(e.last) if e.last else never]
+            for e in listing]
+    common.print_table(["name", "function", "cron", "timezone", "next (local)", "next (utc)", "last fire"], rows)
+    return 0
