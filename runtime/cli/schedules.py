@@ -9,11 +9,9 @@ from datetime import UTC, datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from nats.aio.client import Client as NATS
 from nats.js.errors import BucketNotFoundError
 
 from ..crontab import format_tick, next_tick
-from ..errors import ConfigError
 from ..loop import run
 from ..manifest import ManifestSet
 from ..scheduler import CronRecord, read_records
@@ -33,24 +31,13 @@ def register(sub: Any) -> None:
     p.set_defaults(func=cmd_schedules)
 
 
-async def fetch_records(url: str) -> dict[str, CronRecord]:
-    """Every record of the ``fn_cron`` bucket on the server at ``url``."""
-
-    async def quiet(exc: Exception) -> None:
-        pass  # the one failure that matters is raised by connect()
-
-    nc = NATS()
-    try:
-        await nc.connect(url, connect_timeout=3, allow_reconnect=False, max_reconnect_attempts=1, error_cb=quiet)
-    except Exception as exc:
-        raise ConfigError(f"cannot connect to the NATS server at {url} ({exc})") from None
-    try:
-        kv = await nc.jetstream().key_value(CRON_BUCKET)
-        return await read_records(kv)
-    except BucketNotFoundError:
-        return {}
-    finally:
-        await nc.close()
+async def fetch_records(args: argparse.Namespace) -> dict[str, CronRecord]:
+    """Every record of the server's ``fn_cron`` bucket."""
+    async with common.connection(args) as (_, js):
+        try:
+            return await read_records(await js.key_value(CRON_BUCKET))
+        except BucketNotFoundError:
+            return {}
 
 
 @dataclass(frozen=True)
@@ -104,7 +91,7 @@ def cmd_schedules(args: argparse.Namespace) -> int:
     # A bad manifest fails before any connection attempt.
     manifests = ManifestSet.load(args.manifests) if args.manifests else None
     online = manifests is None or bool(args.server or os.environ.get("NATS_URL"))
-    records = run(fetch_records(common.server_url(args))) if online else {}
+    records = run(fetch_records(args)) if online else {}
     listing = entries(manifests, records, datetime.now(UTC))
     if args.json:
         common.print_json([e.to_json() for e in listing])
