@@ -164,6 +164,20 @@ async def test_set_schedules_replaces_the_running_set(runtime: RuntimeFactory, n
     assert runs.ticks("off") == []
 
 
+async def test_a_failing_tick_is_retried_then_dead_lettered(runtime: RuntimeFactory, nc: NATS) -> None:
+    runs = await reports(nc)
+    dead, _ = await collect(nc, "fn.dead.ticker")
+    manifest = ticker({"name": "doomed", "cron": "* * * * * *"}).replace(
+        "tests.handlers.cron:tick", "tests.handlers.cron:failing_tick")
+    await runtime(ticker=manifest + "retry:\n  max_deliver: 2\n  backoff: [100ms]\n")
+    await eventually(lambda: dead, timeout=5, message="a dead letter")
+    letter = dead[0].headers
+    assert letter["Fn-Schedule"] == "doomed" and letter["Fn-Reason"] == "max_deliver"
+    assert letter["Fn-Call-Id"] == f"cron:doomed:{letter['Fn-Scheduled-At']}"
+    attempts = [r["attempt"] for r in runs.all("doomed") if r["scheduled_at"] == letter["Fn-Scheduled-At"]]
+    assert attempts == [1, 2]
+
+
 @pytest.mark.parametrize(("files", "message"), [
     ({"f": ticker({"name": "s", "cron": "61 * * * *"})},
      r"f.yaml: schedules\[0\].cron: '61 \* \* \* \*' is not a valid cron expression"),

@@ -20,3 +20,8 @@ async def tick(event: Any, ctx: Context) -> None:
 
 async def noop(event: Any) -> None:
     return None
+
+
+async def failing_tick(event: Any, ctx: Context) -> None:
+    await tick(event, ctx)
+    raise ValueError("the nightly job broke")
