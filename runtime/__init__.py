@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .client import Call, Client
 from .context import Context
 from .errors import (
     FnRuntimeError,
@@ -11,6 +12,7 @@ from .errors import (
     InvocationTimeout,
     LoadError,
     ManifestError,
+    NoResult,
     Reject,
     Rejected,
     Retry,
@@ -21,6 +23,9 @@ from .manifest import FunctionManifest
 from .settings import Settings
 
 __all__ = [
+    # calling functions
+    "Call",
+    "Client",
     # writing functions
     "Context",
     "Reject",
@@ -36,6 +41,7 @@ __all__ = [
     "InvocationTimeout",
     "LoadError",
     "ManifestError",
+    "NoResult",
     "Rejected",
     "Unavailable",
     "UnknownFunction",

@@ -96,6 +96,10 @@ class InvocationTimeout(InvocationError):
     kind = "timeout"
 
 
+class NoResult(FnRuntimeError):
+    """Raised when no outcome is stored for a call id (yet)."""
+
+
 ERRORS_BY_CODE: dict[int, type[InvocationError]] = {
     cls.code: cls for cls in (InvalidInput, Rejected, UnknownFunction, FunctionError, Unavailable,
                               InvocationTimeout)

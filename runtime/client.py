@@ -1,0 +1,322 @@
+"""Calling functions from Python: ``invoke`` waits for the answer, ``submit`` returns a call id at once,
+``result`` reads a stored outcome by call id from any process.
+
+Every call goes through the durable ``FN`` stream (so it survives a runtime restart). The
+stream's acknowledgement and the function's answer both come back to this client's own inbox:
+one wildcard subscription serves all calls, each matched to its waiting future by the last
+subject token, and one watchdog enforces every call's deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Literal
+
+import nats
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.errors import NoRespondersError
+from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
+from nats.nuid import NUID
+
+from . import codec
+from . import headers as H
+from .errors import FnRuntimeError, InvalidInput, InvocationTimeout, NoResult, Unavailable, UnknownFunction
+from .manifest import NAME_PATTERN
+from .results import Response, fetch_response, result_key
+from .streams import INVOKE_PREFIX, INVOKE_STREAM, MANIFESTS_BUCKET, RESULTS_BUCKET
+
+DEFAULT_URL = "nats://127.0.0.1:4222"
+KNOWN_TTL = 10.0  # a function found deployed is trusted this long before it is looked up again
+TICK = 0.05       # deadlines are enforced this precisely
+_NAME = re.compile(NAME_PATTERN)
+_GONE = ("DEL", "PURGE")
+
+Encoding = Literal["json", "msgpack"]
+Waiter = asyncio.Future["Msg | None"]  # None: the deadline passed
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """A stored invocation. ``id`` reads its outcome later with :meth:`Client.result`."""
+
+    id: str
+    function: str
+    duplicate: bool = False  # this call id was already stored: the function runs once for both
+
+
+class Client:
+    """Invoke functions served by runtimes: ``async with Client(url) as fn: await fn.invoke(...)``.
+
+    ``server`` is a NATS URL, or an existing nats-py connection (left open on exit).
+    Payloads may be pydantic models, dicts and other JSON-able values (encoded as JSON, or
+    msgpack with ``encoding="msgpack"``) or bytes (sent as they are).
+    """
+
+    def __init__(self, server: str | NATS = DEFAULT_URL, *, encoding: Encoding = "json",
+                 ack_timeout: float = 5.0) -> None:
+        if encoding not in codec.CONTENT_TYPES:
+            raise ValueError(f"encoding must be one of {sorted(codec.CONTENT_TYPES)}, not {encoding!r}")
+        self._server = server
+        self.encoding: Encoding = encoding
+        self.ack_timeout = ack_timeout
+        self._nc: NATS | None = None
+        self._js: JetStreamContext | None = None
+        self._sub: Subscription | None = None
+        self._watchdog: asyncio.Task[None] | None = None
+        self._prefix = ""
+        self._cut = 0
+        self._tokens = itertools.count(1)
+        self._waiting: dict[str, tuple[Waiter, float]] = {}
+        self._known: dict[str, float] = {}
+        # Call ids: unique per client, then a counter (cheaper than a random id per call).
+        self._id_base = NUID().next().decode() + "-"
+        self._ids = itertools.count(1)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        if self._sub is not None:
+            return
+        if isinstance(self._server, str):
+            # Only validated names and inboxes become subjects here.
+            self._nc = await nats.connect(self._server, name="runtime-client", skip_subject_validation=True)
+        else:
+            self._nc = self._server
+        self._js = self._nc.jetstream()
+        inbox = self._nc.new_inbox()
+        self._prefix = inbox + "."
+        self._cut = len(self._prefix)
+        self._sub = await self._nc.subscribe(inbox + ".*", cb=self._on_msg, pending_msgs_limit=-1,
+                                             pending_bytes_limit=-1)
+        self._watchdog = asyncio.create_task(self._expire(), name="client-deadlines")
+
+    async def stop(self) -> None:
+        sub, self._sub = self._sub, None
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watchdog
+            self._watchdog = None
+        waiting, self._waiting = self._waiting, {}
+        for future, _ in waiting.values():
+            future.cancel()
+        nc = self._nc
+        if nc is None or nc.is_closed:
+            return
+        if sub is not None:
+            await sub.unsubscribe()
+        if isinstance(self._server, str):
+            await nc.drain()
+
+    async def __aenter__(self) -> Client:
+        await self.start()
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.stop()
+
+    @property
+    def nc(self) -> NATS:
+        if self._nc is None or self._sub is None:
+            raise FnRuntimeError("the client is not started: use 'async with Client(...)' or 'await start()'")
+        return self._nc
+
+    @property
+    def js(self) -> JetStreamContext:
+        self.nc  # noqa: B018 - raises when not started
+        assert self._js is not None
+        return self._js
+
+    # ------------------------------------------------------------------ calls
+
+    async def invoke(self, function: str, payload: Any = None, *, timeout: float = 30.0,
+                     call_id: str | None = None, headers: Mapping[str, str] | None = None) -> Any:
+        """Run ``function`` with ``payload`` and return its decoded result.
+
+        Raises the typed error of a failed call (``FunctionError`` after the last attempt,
+        ``InvalidInput``, ``UnknownFunction``, ``Rejected``, ``InvocationTimeout``, ``Unavailable``);
+        each carries ``type``, ``message``, ``code`` and ``call_id``. Reusing a ``call_id`` within
+        the duplicate window runs the function once and returns that outcome.
+        """
+        nc = self.nc
+        loop = asyncio.get_running_loop()
+        call_id = call_id or self._id_base + str(next(self._ids))
+        body, hdrs = self._encode(payload, headers)
+        if self._known.get(function, 0.0) <= loop.time():
+            await self._check_known(function, call_id)
+        deadline = loop.time() + timeout
+        reply_token = str(next(self._tokens))
+        reply: Waiter = loop.create_future()
+        self._waiting[reply_token] = (reply, deadline)
+        hdrs[H.REPLY_TO] = self._prefix + reply_token
+        try:
+            duplicate = await self._store(nc, function, body, hdrs, call_id, deadline)
+            if duplicate:
+                # The first caller's inbox gets the reply; this one reads the stored outcome.
+                response = await self.outcome(call_id, wait=deadline - loop.time())
+            else:
+                msg = await reply
+                response = None if msg is None else Response(call_id, msg.data, msg.headers or {})
+        finally:
+            self._waiting.pop(reply_token, None)
+        if response is None:
+            raise InvocationTimeout(f"no outcome from {function} within {timeout:g}s; it may still run: "
+                                    f"read it later with result({call_id!r})", call_id=call_id)
+        return response.value()
+
+    async def submit(self, function: str, payload: Any = None, *, call_id: str | None = None,
+                     headers: Mapping[str, str] | None = None) -> Call:
+        """Store an invocation of ``function`` and return at once; the outcome is kept by call id."""
+        nc = self.nc
+        loop = asyncio.get_running_loop()
+        call_id = call_id or self._id_base + str(next(self._ids))
+        body, hdrs = self._encode(payload, headers)
+        if self._known.get(function, 0.0) <= loop.time():
+            await self._check_known(function, call_id)
+        duplicate = await self._store(nc, function, body, hdrs, call_id, loop.time() + self.ack_timeout)
+        return Call(call_id, function, duplicate)
+
+    async def result(self, call_id: str, *, wait: float = 0.0) -> Any:
+        """The decoded result of ``call_id``, waiting up to ``wait`` seconds for it.
+
+        Raises the call's typed error if it failed, ``NoResult`` if no outcome is stored (yet).
+        """
+        response = await self.outcome(call_id, wait=wait)
+        if response is None:
+            within = f" within {wait:g}s" if wait > 0 else " (yet)"
+            raise NoResult(f"no outcome stored for call id {call_id!r}{within}")
+        return response.value()
+
+    async def outcome(self, call_id: str, *, wait: float = 0.0) -> Response | None:
+        """The stored outcome of ``call_id`` as it travels on the wire, or None."""
+        if wait <= 0:
+            return await fetch_response(self.js, call_id)
+        arrived: asyncio.Queue[Msg] = asyncio.Queue()
+
+        async def on_msg(msg: Msg) -> None:
+            arrived.put_nowait(msg)
+
+        # Subscribe before reading, so an outcome stored in between is not missed.
+        sub = await self.nc.subscribe(f"$KV.{RESULTS_BUCKET}.{result_key(call_id)}", cb=on_msg)
+        try:
+            async with asyncio.timeout(wait):
+                stored = await fetch_response(self.js, call_id)
+                while stored is None:
+                    msg = await arrived.get()
+                    if (msg.headers or {}).get("KV-Operation") not in _GONE:
+                        stored = Response(call_id, msg.data, dict(msg.headers or {}))
+                return stored
+        except TimeoutError:
+            return None
+        finally:
+            if not self.nc.is_closed:
+                await sub.unsubscribe()
+
+    # ------------------------------------------------------------------ internals
+
+    def _encode(self, payload: Any, headers: Mapping[str, str] | None) -> tuple[bytes, dict[str, str]]:
+        hdrs = dict(headers) if headers else {}
+        if isinstance(payload, bytes | bytearray | memoryview):
+            return bytes(payload), hdrs
+        try:
+            body = codec.encode(payload, self.encoding)
+        except Exception as exc:
+            raise InvalidInput(f"cannot encode the payload: {exc}", type=type(exc).__name__) from None
+        if self.encoding == "msgpack":
+            hdrs[H.CONTENT_TYPE] = codec.MSGPACK
+        return body, hdrs
+
+    async def _store(self, nc: NATS, function: str, body: bytes, hdrs: dict[str, str], call_id: str,
+                     deadline: float) -> bool:
+        """Publish the invocation through JetStream; True if its call id was already stored."""
+        hdrs[H.MSG_ID] = call_id
+        ack_token = str(next(self._tokens))
+        ack: Waiter = asyncio.get_running_loop().create_future()
+        # The acknowledgement is bounded on its own: a missing one means the invocation may not
+        # be stored, which is not the same as a slow function.
+        ack_deadline = min(deadline, asyncio.get_running_loop().time() + self.ack_timeout)
+        self._waiting[ack_token] = (ack, ack_deadline)
+        try:
+            # It comes to this client's inbox like the reply: no request machinery per call.
+            await nc.publish(INVOKE_PREFIX + function, body, reply=self._prefix + ack_token, headers=hdrs)
+            msg = await ack
+        finally:
+            self._waiting.pop(ack_token, None)
+        if msg is None:
+            if ack_deadline < deadline:
+                raise Unavailable(f"JetStream did not acknowledge the invocation of {function} within "
+                                  f"{self.ack_timeout:g}s (call id {call_id!r} may or may not be stored)",
+                                  call_id=call_id)
+            raise InvocationTimeout(f"the invocation of {function} was not acknowledged in time "
+                                    f"(call id {call_id!r} may or may not be stored)", call_id=call_id)
+        return read_ack(msg, function, call_id)
+
+    async def _check_known(self, function: str, call_id: str) -> None:
+        if not _NAME.match(function):
+            raise UnknownFunction(f"{function!r} is not a function name", call_id=call_id)
+        if not await self._deployed(function):
+            raise UnknownFunction(f"no function named {function!r} is deployed", call_id=call_id)
+        self._known[function] = asyncio.get_running_loop().time() + KNOWN_TTL
+
+    async def _deployed(self, function: str) -> bool:
+        js = self.js
+        try:
+            entry = await js.get_msg(f"KV_{MANIFESTS_BUCKET}", subject=f"$KV.{MANIFESTS_BUCKET}.{function}",
+                                     direct=True)
+            return (entry.headers or {}).get("KV-Operation") not in _GONE
+        except (NotFoundError, NoRespondersError):
+            pass
+        # Deployed without the registry: its durable consumer is what makes it run.
+        try:
+            await js.consumer_info(INVOKE_STREAM, function)
+        except NotFoundError:
+            return False
+        except NoRespondersError:
+            raise Unavailable("JetStream is not available on this server") from None
+        return True
+
+    async def _on_msg(self, msg: Msg) -> None:
+        entry = self._waiting.pop(msg.subject[self._cut:], None)
+        if entry is not None and not entry[0].done():
+            entry[0].set_result(msg)
+
+    async def _expire(self) -> None:
+        # One watchdog for every call: cheaper than a timer per call on the hot path.
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(TICK)
+            now = loop.time()
+            late = [token for token, (_, deadline) in self._waiting.items() if deadline <= now]
+            for token in late:
+                future, _ = self._waiting.pop(token)
+                if not future.done():
+                    future.set_result(None)
+
+
+def read_ack(ack: Msg, function: str, call_id: str) -> bool:
+    """Read a JetStream publish acknowledgement: True for a duplicate, raises if not stored."""
+    data = ack.data
+    if not data:
+        status = (ack.headers or {}).get("Status", "")
+        raise Unavailable(f"the invocation of {function} could not be stored: no stream takes "
+                          f"{INVOKE_PREFIX}{function} (status {status or 'unknown'}; has a runtime "
+                          f"provisioned this server?)", call_id=call_id)
+    if b'"error"' not in data and b'"duplicate"' not in data:
+        return False  # the common case, without parsing
+    parsed = json.loads(data)
+    error = parsed.get("error")
+    if error:
+        raise Unavailable(f"the invocation of {function} could not be stored: "
+                          f"{error.get('description', error)}", call_id=call_id)
+    return bool(parsed.get("duplicate"))
