@@ -12,6 +12,7 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
 from .errors import LoadError
+from .gateway import Gateway
 from .loader import Handler, ensure_on_path, load_handler, module_changed
 from .manifest import FunctionManifest, ManifestSet, Schedule
 from .mover import DeadLetterMover
@@ -27,6 +28,13 @@ log = logging.getLogger("runtime.app")
 class Component(Protocol):
     async def start(self) -> None: ...
     async def stop(self) -> None: ...
+
+
+class ServingWatcher(Protocol):
+    """Told when this runtime starts or stops serving a function (the gateway keeps its endpoints so)."""
+
+    async def serving(self, manifest: FunctionManifest) -> None: ...
+    async def stopped_serving(self, name: str) -> None: ...
 
 
 async def connect(url: str, name: str = "runtime") -> NATS:
@@ -61,6 +69,7 @@ class Runtime:
         self.failing: dict[str, str] = {}   # function name -> why its handler is not served here
         self.manifests: dict[str, FunctionManifest] = {}
         self.components: list[Component] = []
+        self.watchers: list[ServingWatcher] = []
         self.scheduler: Scheduler | None = None
         self._lock = asyncio.Lock()
         ensure_on_path(settings.project_root)
@@ -97,6 +106,8 @@ class Runtime:
             components.append(self.scheduler)
         if self.settings.dead_letters:
             components.append(DeadLetterMover(*self.connection, store_results=self._stores_results))
+        if self.settings.gateway:
+            components.append(Gateway(self))
         return components
 
     def _stores_results(self, name: str) -> bool:
@@ -116,6 +127,7 @@ class Runtime:
                 log.error("cannot serve %s: %s", manifest.name, exc)
                 if current is not None:
                     del self.workers[manifest.name]
+                    await self._tell_watchers(manifest.name, None)
                     await current.stop(self.settings.grace)
                 return
             self.failing.pop(manifest.name, None)
@@ -129,6 +141,17 @@ class Runtime:
             else:
                 current.update(manifest, handler)
                 log.info("updated %s", manifest.name)
+            await self._tell_watchers(manifest.name, manifest)
+
+    async def _tell_watchers(self, name: str, manifest: FunctionManifest | None) -> None:
+        for watcher in list(self.watchers):
+            try:
+                if manifest is None:
+                    await watcher.stopped_serving(name)
+                else:
+                    await watcher.serving(manifest)
+            except Exception:
+                log.exception("could not tell %s about %s", type(watcher).__name__, name)
 
     def _handler_for(self, manifest: FunctionManifest, current: FunctionWorker | None) -> Handler:
         if current is not None and current.manifest.handler == manifest.handler:
@@ -145,6 +168,8 @@ class Runtime:
             worker = self.workers.pop(name, None)
             self.manifests.pop(name, None)
             self.failing.pop(name, None)
+            if worker is not None:
+                await self._tell_watchers(name, None)
         if worker is not None:
             await worker.stop(self.settings.grace)
             log.info("stopped serving %s", name)

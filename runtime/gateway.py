@@ -1,0 +1,249 @@
+"""The ``runtime`` NATS micro service: ``fn.call.<name>`` for any NATS client, one endpoint per function.
+
+An endpoint does not run the function: it stores the request as a durable invocation whose
+``Fn-Reply-To`` is the requester's reply subject, and whichever runtime runs it answers the
+requester directly. The endpoint itself answers only when the call cannot go ahead: 404 for
+an unknown function, 503 when the invocation could not be stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING
+
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.micro.request import Request
+from nats.micro.service import EndpointConfig, Service, ServiceConfig
+from nats.nuid import NUID
+
+from . import headers as H
+from .client import Client, read_ack
+from .errors import InvocationError, Unavailable, UnknownFunction
+from .manifest import FunctionManifest
+from .results import Response
+from .status import runtime_id
+from .streams import INVOKE_PREFIX
+
+if TYPE_CHECKING:
+    from .app import Runtime
+
+log = logging.getLogger("runtime.gateway")
+
+SERVICE_NAME = "runtime"
+CALL_PREFIX = "fn.call."
+QUEUE = "q"  # the micro default: one runtime of the fleet takes each request
+# The server picks one member among all matching subscriptions sharing a queue name, whatever
+# their subjects: the catch-all needs a group of its own, or it would take requests from endpoints.
+UNKNOWN_QUEUE = "fn-unknown"
+PUBLISH_TIMEOUT = 5.0
+# Headers the gateway sets itself; a requester's own values are not passed on.
+_OWN = {H.REPLY_TO.lower(), H.CALL_ID.lower(), H.MSG_ID.lower()}
+
+
+def _version() -> str:
+    try:
+        return version("nats-fn-runtime")
+    except PackageNotFoundError:
+        return "0.0.0"
+
+
+def worst_case(manifest: FunctionManifest) -> float:
+    """Seconds a call may take from its first attempt to its final outcome."""
+    retry = manifest.retry
+    backoff = sum(retry.delay_before(n) for n in range(2, retry.max_deliver + 1))
+    return manifest.timeout * retry.max_deliver + backoff
+
+
+class _Service(Service):
+    # nats.micro adds endpoints but cannot take one away; functions come and go at run time.
+    async def remove_endpoint(self, name: str) -> None:
+        for endpoint in [e for e in self._endpoints if e._name == name]:
+            self._endpoints.remove(endpoint)
+            if endpoint._subscription is not None:
+                # Drain: requests already received still become invocations.
+                sub, endpoint._subscription = endpoint._subscription, None
+                await sub.drain()
+
+
+@dataclass(frozen=True, slots=True)
+class _Storing:
+    """A request whose invocation awaits JetStream's acknowledgement."""
+
+    function: str
+    reply: str
+    call_id: str
+    deadline: float
+
+
+class Gateway:
+    """Keeps one micro endpoint per function this runtime serves."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.service: _Service | None = None
+        self.client: Client | None = None
+        self.endpoints: set[str] = set()
+        self._unknown: Subscription | None = None
+        self._ack_sub: Subscription | None = None
+        self._acks = ""
+        self._tokens = itertools.count(1)
+        self._storing: dict[str, _Storing] = {}
+        self._watchdog: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+        self._waits: set[asyncio.Task[None]] = set()
+        self._nuid = NUID()
+
+    async def start(self) -> None:
+        nc, _ = self.runtime.connection
+        self.client = Client(nc)
+        await self.client.start()
+        self._acks = nc.new_inbox() + "."
+        self._ack_sub = await nc.subscribe(self._acks + "*", cb=self._on_ack, pending_msgs_limit=-1,
+                                           pending_bytes_limit=-1)
+        self._watchdog = asyncio.create_task(self._expire(), name="gateway-acks")
+        self.service = _Service(nc, ServiceConfig(
+            name=SERVICE_NAME, version=_version(), description="Python functions served from NATS JetStream",
+            metadata={"runtime": runtime_id()}, queue_group=QUEUE))
+        await self.service.start()
+        # Every request also reaches this catch-all group; it answers only for names no endpoint has.
+        self._unknown = await nc.subscribe(CALL_PREFIX + ">", queue=UNKNOWN_QUEUE, cb=self._on_unknown)
+        self.runtime.watchers.append(self)
+        for manifest in [w.manifest for w in self.runtime.workers.values()]:
+            await self.serving(manifest)
+        await nc.flush()
+
+    async def stop(self) -> None:
+        with contextlib.suppress(ValueError):
+            self.runtime.watchers.remove(self)
+        if self._unknown is not None:
+            with contextlib.suppress(Exception):
+                await self._unknown.unsubscribe()
+        if self.service is not None:
+            with contextlib.suppress(Exception):
+                # Endpoints drain first: requests already received still become invocations.
+                for name in list(self.endpoints):
+                    await self.service.remove_endpoint(name)
+                await self.service.stop()
+        if self._ack_sub is not None:
+            with contextlib.suppress(Exception):
+                await self._ack_sub.drain()  # type: ignore[no-untyped-call]
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watchdog
+        for task in list(self._waits):
+            task.cancel()
+        await asyncio.gather(*self._waits, return_exceptions=True)
+        if self.client is not None:
+            with contextlib.suppress(Exception):
+                await self.client.stop()
+        self.endpoints.clear()
+
+    # ------------------------------------------------------------------ following the runtime
+
+    async def serving(self, manifest: FunctionManifest) -> None:
+        """The runtime serves ``manifest``'s function: add its endpoint if it has none."""
+        name = manifest.name
+        async with self._lock:
+            if name in self.endpoints or self.service is None:
+                return
+            await self.service.add_endpoint(EndpointConfig(
+                name=name, subject=CALL_PREFIX + name, handler=self._handler(name),
+                metadata={"function": name, "invoke": INVOKE_PREFIX + name,
+                          "description": manifest.description}))
+            self.endpoints.add(name)
+            # Once the runtime serves a function, requests to its endpoint must find it.
+            await self.runtime.connection[0].flush()
+            log.debug("endpoint %s%s added", CALL_PREFIX, name)
+
+    async def stopped_serving(self, name: str) -> None:
+        async with self._lock:
+            if name not in self.endpoints or self.service is None:
+                return
+            self.endpoints.discard(name)
+            await self.service.remove_endpoint(name)
+            log.debug("endpoint %s%s removed", CALL_PREFIX, name)
+
+    # ------------------------------------------------------------------ requests
+
+    def _handler(self, name: str) -> Callable[[Request], Awaitable[None]]:
+        async def handle(request: Request) -> None:
+            # nats.micro hands over a Request; the reply subject is the requester's inbox.
+            await self._forward(name, request._msg)
+
+        return handle
+
+    async def _forward(self, name: str, msg: Msg) -> None:
+        """Store the request as an invocation; its acknowledgement is handled when it comes."""
+        nc, _ = self.runtime.connection
+        given = msg.headers or {}
+        call_id = given.get(H.MSG_ID) or self._nuid.next().decode()
+        hdrs = {k: v for k, v in given.items() if k.lower() not in _OWN}
+        hdrs[H.MSG_ID] = call_id
+        if msg.reply:
+            hdrs[H.REPLY_TO] = msg.reply
+        token = str(next(self._tokens))
+        # Not awaiting the acknowledgement here keeps requests flowing while earlier ones are stored.
+        self._storing[token] = _Storing(name, msg.reply, call_id, time.monotonic() + PUBLISH_TIMEOUT)
+        try:
+            await nc.publish(INVOKE_PREFIX + name, msg.data, reply=self._acks + token, headers=hdrs)
+        except Exception as exc:
+            del self._storing[token]
+            await self._reply_error(msg.reply, call_id, Unavailable(
+                f"the invocation of {name} could not be stored: {exc or type(exc).__name__}"))
+
+    async def _on_ack(self, ack: Msg) -> None:
+        storing = self._storing.pop(ack.subject[len(self._acks):], None)
+        if storing is None:
+            return
+        try:
+            duplicate = read_ack(ack, storing.function, storing.call_id)
+        except Unavailable as exc:
+            log.warning("could not store a call of %s: %s", storing.function, exc.message)
+            await self._reply_error(storing.reply, storing.call_id, exc)
+            return
+        if duplicate and storing.reply:
+            # The stored invocation answers its first requester; this one gets the stored outcome.
+            task = asyncio.create_task(self._answer_duplicate(storing), name=f"duplicate-{storing.call_id}")
+            self._waits.add(task)
+            task.add_done_callback(self._waits.discard)
+
+    async def _expire(self) -> None:
+        while True:
+            await asyncio.sleep(0.1)
+            now = time.monotonic()
+            for token in [t for t, s in self._storing.items() if s.deadline <= now]:
+                storing = self._storing.pop(token)
+                await self._reply_error(storing.reply, storing.call_id, Unavailable(
+                    f"JetStream did not acknowledge the invocation of {storing.function} within "
+                    f"{PUBLISH_TIMEOUT:g}s (call id {storing.call_id!r} may or may not be stored)"))
+
+    async def _answer_duplicate(self, storing: _Storing) -> None:
+        assert self.client is not None
+        manifest = self.runtime.manifests.get(storing.function)
+        wait = max(60.0, worst_case(manifest)) if manifest is not None else 60.0
+        response = await self.client.outcome(storing.call_id, wait=wait)
+        if response is not None and storing.reply:
+            nc, _ = self.runtime.connection
+            await nc.publish(storing.reply, response.body, headers=response.headers)
+
+    async def _on_unknown(self, msg: Msg) -> None:
+        name = msg.subject[len(CALL_PREFIX):]
+        if name in self.runtime.manifests or not msg.reply:
+            return  # deployed: its endpoint answers (on whichever runtime serves it)
+        call_id = (msg.headers or {}).get(H.MSG_ID) or self._nuid.next().decode()
+        await self._reply_error(msg.reply, call_id, UnknownFunction(f"no function named {name!r} is deployed"))
+
+    async def _reply_error(self, reply: str, call_id: str, error: InvocationError) -> None:
+        if reply:
+            nc, _ = self.runtime.connection
+            response = Response.failure(call_id, error)
+            await nc.publish(reply, response.body, headers=response.headers)
