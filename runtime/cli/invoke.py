@@ -1,0 +1,141 @@
+"""``runtime invoke`` and ``runtime result``: call a function, or read a call's outcome by id."""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import sys
+from typing import Any
+
+from nats.nuid import NUID
+
+from ..client import Call, Client
+from ..durations import parse_duration
+from ..errors import InvocationError, NoResult
+from ..loop import run
+from . import common
+
+# The codes of runtime.cli, plus one for an outcome that is not stored (yet).
+RET_OK = 0
+RET_USAGE = 2
+RET_FAILED = 3
+RET_NO_RESULT = 4
+
+
+def _duration(value: str) -> float:
+    try:
+        return parse_duration(float(value))  # a bare number is seconds
+    except ValueError:
+        pass
+    try:
+        return parse_duration(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("invoke", help="call a function and print its result")
+    p.add_argument("name", help="the function")
+    p.add_argument("payload", nargs="?", default=None,
+                   help="the input as JSON text, or - to read it from stdin (default: null)")
+    p.add_argument("--async", dest="submit", action="store_true",
+                   help="store the call and print its call id without waiting")
+    p.add_argument("--timeout", "-t", type=_duration, default=30.0, metavar="DURATION",
+                   help="how long to wait for the outcome, e.g. 500ms, 30s, 2m (default 30s)")
+    p.add_argument("--call-id", metavar="ID", help="the call id (default: a new unique id)")
+    common.add_server_option(p)
+    common.add_json_option(p)
+    p.set_defaults(func=cmd_invoke)
+
+    p = sub.add_parser("result", help="print the stored outcome of a call")
+    p.add_argument("call_id", metavar="CALL_ID")
+    p.add_argument("--wait", "-w", type=_duration, default=0.0, metavar="DURATION",
+                   help="wait this long for the outcome if it is not stored yet (default: do not wait)")
+    common.add_server_option(p)
+    common.add_json_option(p)
+    p.set_defaults(func=cmd_result)
+
+
+def _payload(text: str | None) -> Any:
+    if text is None:
+        return None
+    if text == "-":
+        text = sys.stdin.read()
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise ValueError(f"the payload is not valid JSON ({exc}); quote it, e.g. '{{\"name\": \"Ada\"}}'") from None
+
+
+def cmd_invoke(args: argparse.Namespace) -> int:
+    try:
+        payload = _payload(args.payload)
+    except ValueError as exc:
+        common.error(str(exc))
+        return RET_USAGE
+    call_id = args.call_id or NUID().next().decode()
+
+    async def main() -> Call | Any:
+        async with common.connection(args) as (nc, _), Client(nc) as fn:
+            if args.submit:
+                return await fn.submit(args.name, payload, call_id=call_id)
+            return await fn.invoke(args.name, payload, timeout=args.timeout, call_id=call_id)
+
+    try:
+        outcome = run(main())
+    except InvocationError as exc:
+        return _failed(args, exc)
+    if isinstance(outcome, Call):
+        if args.json:
+            common.print_json({"call_id": outcome.id, "function": outcome.function,
+                               "duplicate": outcome.duplicate})
+        else:
+            print(outcome.id)
+        return RET_OK
+    return _succeeded(args, call_id, outcome)
+
+
+def cmd_result(args: argparse.Namespace) -> int:
+    async def main() -> Any:
+        async with common.connection(args) as (nc, _), Client(nc) as fn:
+            return await fn.result(args.call_id, wait=args.wait)
+
+    try:
+        value = run(main())
+    except InvocationError as exc:
+        return _failed(args, exc)
+    except NoResult as exc:
+        if args.json:
+            common.print_json({"call_id": args.call_id, "status": "missing", "message": str(exc)})
+        else:
+            common.error(str(exc))
+        return RET_NO_RESULT
+    return _succeeded(args, args.call_id, value)
+
+
+def _succeeded(args: argparse.Namespace, call_id: str, value: Any) -> int:
+    if args.json:
+        out: dict[str, Any] = {"status": "ok", "result": value}
+        if isinstance(value, bytes):
+            out["result"] = base64.b64encode(value).decode()
+            out["result_encoding"] = "base64"
+        common.print_json({"call_id": call_id, **out})
+    elif isinstance(value, bytes):
+        sys.stdout.buffer.write(value)
+        sys.stdout.flush()
+    elif isinstance(value, str):
+        print(value)
+    elif value is not None:
+        print(json.dumps(value, indent=2, ensure_ascii=False))
+    return RET_OK
+
+
+def _failed(args: argparse.Namespace, exc: InvocationError) -> int:
+    if args.json:
+        common.print_json({"call_id": exc.call_id, "status": "failed",
+                           "error": {"type": exc.type, "message": exc.message, "code": exc.code}})
+    else:
+        described = exc.message if exc.message.startswith(exc.type) else f"{exc.type}: {exc.message}"
+        common.error(f"{described} (code {exc.code})")
+    return RET_FAILED
