@@ -1,0 +1,274 @@
+"""Round trips through JetStream: ``Client.invoke`` beside a raw nats-py request-reply loop.
+
+Both contenders run against the same private nats-server in the same run, each with its worker
+in a separate process, on a file-storage work-queue stream with 64-byte JSON payloads:
+  raw:     the client subscribes to its inbox, ``js.publish``es with a reply-to header and awaits
+           the matching future; the worker keeps MSG.NEXT pull requests (batch 100) topped up on a
+           callback subscription, publishes the reply and acks each message;
+  invoke:  ``runtime serve --server URL`` with a no-op function (pydantic input), called with
+           ``Client.invoke`` (results stored by call id, as by default).
+Phases: latency one call at a time, then throughput with 100 calls outstanding. The contenders
+take turns in short blocks (ABBA order) so that load from elsewhere on the machine hits both alike.
+Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import nats
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StorageType, StreamConfig
+
+from bench.common import PAYLOAD, ROOT, log, percentile, private_server, start_runtime
+from runtime import Client
+from runtime.loop import run
+
+RAW_STREAM = "RAWRPC"
+RAW_SUBJECT = "rawrpc.invoke.noop"
+RAW_REPLY = "Raw-Reply-To"
+RAW_ID = "Raw-Call-Id"
+STOP = "bench.rpc.stop"
+
+Call = Callable[[], Awaitable[Any]]
+
+
+# ------------------------------------------------------------------ the raw loop
+
+async def raw_worker(url: str, batch: int = 100) -> None:
+    nc = await nats.connect(url)
+    inbox = nc.new_inbox()
+    api = f"$JS.API.CONSUMER.MSG.NEXT.{RAW_STREAM}.worker"
+    request = json.dumps({"batch": batch, "expires": 30_000_000_000}).encode()
+    outstanding = 0
+    stop = asyncio.Event()
+
+    async def pull() -> None:
+        nonlocal outstanding
+        outstanding += batch
+        await nc.publish(api, request, reply=inbox)
+
+    async def on_msg(m: Msg) -> None:
+        nonlocal outstanding
+        if m.reply:
+            outstanding -= 1
+            hdrs = m.headers or {}
+            await nc.publish(hdrs[RAW_REPLY], b"null", headers={RAW_ID: hdrs[RAW_ID]})
+            await nc.publish(m.reply, b"+ACK")
+        else:  # a pull request ended (expired); it says how many it did not deliver
+            left = (m.headers or {}).get("Nats-Pending-Messages")
+            outstanding -= int(left) if left else 0
+        if outstanding <= batch // 2:
+            await pull()
+
+    async def on_stop(m: Msg) -> None:
+        await m.respond(b"")
+        stop.set()
+
+    await nc.subscribe(inbox, cb=on_msg, pending_msgs_limit=-1, pending_bytes_limit=-1)
+    await nc.subscribe(STOP, cb=on_stop)
+    await pull()
+    await nc.flush()
+    print("READY", flush=True)
+    await stop.wait()
+    await nc.close()
+
+
+class RawLoop:
+    """The raw contender: its stream, its worker process and its calling connection."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.nc: NATS | None = None
+        self.proc: subprocess.Popen[str] | None = None
+
+    async def start(self) -> Call:
+        nc = self.nc = await nats.connect(self.url)
+        js = nc.jetstream()
+        await js.add_stream(StreamConfig(name=RAW_STREAM, subjects=["rawrpc.>"], storage=StorageType.FILE,
+                                         retention=RetentionPolicy.WORK_QUEUE))
+        await js.add_consumer(RAW_STREAM, ConsumerConfig(durable_name="worker", ack_policy=AckPolicy.EXPLICIT,
+                                                         filter_subject=RAW_SUBJECT, max_ack_pending=1000))
+        self.proc = subprocess.Popen([sys.executable, "-m", "bench.rpc", "--role", "raw-worker", "--url", self.url],
+                                     cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
+        assert (await asyncio.to_thread(self.proc.stdout.readline)).strip() == "READY"
+        inbox = nc.new_inbox()
+        waiting: dict[str, asyncio.Future[Msg]] = {}
+        ids = itertools.count()
+        loop = asyncio.get_running_loop()
+
+        async def on_reply(m: Msg) -> None:
+            future = waiting.pop((m.headers or {})[RAW_ID], None)
+            if future is not None:
+                future.set_result(m)
+
+        await nc.subscribe(inbox, cb=on_reply, pending_msgs_limit=-1, pending_bytes_limit=-1)
+
+        async def call() -> Msg:
+            cid = str(next(ids))
+            future: asyncio.Future[Msg] = loop.create_future()
+            waiting[cid] = future
+            await js.publish(RAW_SUBJECT, PAYLOAD, headers={RAW_REPLY: inbox, RAW_ID: cid})
+            return await asyncio.wait_for(future, 10)
+
+        return call
+
+    async def stop(self) -> None:
+        if self.nc is not None:
+            try:
+                await self.nc.request(STOP, b"", timeout=5)
+            finally:
+                await self.nc.close()
+        if self.proc is not None:
+            await asyncio.to_thread(self.proc.wait, 10)
+
+
+# ------------------------------------------------------------------ the runtime
+
+MANIFEST = """\
+name: noop
+handler: bench.handlers:noop
+concurrency: {concurrency}
+timeout: 30s
+store_results: {store}
+"""
+
+
+class RuntimeLoop:
+    """The runtime contender: ``runtime serve`` in its own process, called through ``Client``."""
+
+    def __init__(self, url: str, workdir: Path, concurrency: int, store: bool) -> None:
+        self.url = url
+        self.workdir = workdir
+        self.concurrency = concurrency
+        self.store = store
+        self.client = Client(url)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    async def start(self) -> Call:
+        manifests = self.workdir / "manifests"
+        manifests.mkdir(exist_ok=True)
+        (manifests / "noop.yaml").write_text(MANIFEST.format(concurrency=self.concurrency,
+                                                              store=str(self.store).lower()))
+        logfile = self.workdir / "runtime.log"
+        self.proc = start_runtime(self.url, manifests, logfile)
+        await self.client.start()
+        fn = self.client
+        deadline = time.monotonic() + 30
+        while True:  # until the runtime serves
+            try:
+                await fn.invoke("noop", PAYLOAD, timeout=1)
+                break
+            except Exception:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"the runtime did not serve: {logfile.read_text()}") from None
+                await asyncio.sleep(0.1)
+
+        async def call() -> Any:
+            return await fn.invoke("noop", PAYLOAD, timeout=10)
+
+        return call
+
+    async def stop(self) -> None:
+        await self.client.stop()
+        if self.proc is not None:
+            self.proc.terminate()
+            await asyncio.to_thread(self.proc.wait, 30)
+
+
+# ------------------------------------------------------------------ measuring
+
+async def latencies(call: Call, n: int) -> list[float]:
+    clock = time.perf_counter
+    out = []
+    for _ in range(n):
+        started = clock()
+        await call()
+        out.append((clock() - started) * 1000)
+    return out
+
+
+async def throughput(call: Call, n: int, outstanding: int) -> float:
+    remaining = n
+
+    async def pump() -> None:
+        nonlocal remaining
+        while remaining > 0:
+            remaining -= 1
+            await call()
+
+    started = time.perf_counter()
+    await asyncio.gather(*(pump() for _ in range(outstanding)))
+    return n / (time.perf_counter() - started)
+
+
+async def main_bench(args: argparse.Namespace) -> dict[str, Any]:
+    server = private_server()
+    await server.start()
+    raw_loop = RawLoop(server.url)
+    lat: dict[str, list[float]] = {"raw": [], "invoke": []}
+    rates: dict[str, list[float]] = {"raw": [], "invoke": []}
+    try:
+        with tempfile.TemporaryDirectory(prefix="bench-rpc-") as tmp:
+            runtime_loop = RuntimeLoop(server.url, Path(tmp), args.concurrency, not args.no_store_results)
+            calls = {"raw": await raw_loop.start(), "invoke": await runtime_loop.start()}
+            try:
+                for call in calls.values():
+                    await latencies(call, 300)  # warm up
+                for block in range(args.blocks):
+                    order = list(calls) if block % 2 == 0 else list(reversed(calls))
+                    for name in order:
+                        lat[name] += await latencies(calls[name], args.n)
+                    for name in order:
+                        rates[name].append(await throughput(calls[name], args.throughput_n, args.outstanding))
+                    log(f"block {block}: " + ", ".join(f"{k} p50 {percentile(lat[k][-args.n:], 0.5):.3f} ms "
+                                                       f"{rates[k][-1]:.0f}/s" for k in calls))
+            finally:
+                await runtime_loop.stop()
+                await raw_loop.stop()
+    finally:
+        await server.stop()
+    summary = {k: {"p50_ms": round(percentile(lat[k], 0.5), 3), "p99_ms": round(percentile(lat[k], 0.99), 3),
+                   "calls_per_s": round(sorted(rates[k])[len(rates[k]) // 2])} for k in lat}
+    p50 = summary["invoke"]["p50_ms"] / summary["raw"]["p50_ms"]
+    rate = summary["invoke"]["calls_per_s"] / summary["raw"]["calls_per_s"]
+    return {
+        "bench": "rpc", "payload_bytes": len(PAYLOAD), "storage": "file", "store_results": not args.no_store_results,
+        "blocks": args.blocks, "latency_calls": args.n * args.blocks, "throughput_calls": args.throughput_n,
+        "outstanding": args.outstanding, "raw": summary["raw"], "invoke": summary["invoke"],
+        "ratio_p50": round(p50, 2), "ratio_throughput": round(rate, 2),
+        "targets": {"p50_le_1.2x": p50 <= 1.2, "throughput_ge_0.8x": rate >= 0.8},
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("-n", type=int, default=500, help="calls one at a time, per contender and block")
+    ap.add_argument("--throughput-n", type=int, default=5000, help="calls per throughput block")
+    ap.add_argument("--outstanding", type=int, default=100)
+    ap.add_argument("--blocks", type=int, default=8)
+    ap.add_argument("--concurrency", type=int, default=256, help="the function's concurrency in the manifest")
+    ap.add_argument("--no-store-results", action="store_true", help="manifest store_results: false")
+    ap.add_argument("--role", choices=["main", "raw-worker"], default="main")
+    ap.add_argument("--url", default="")
+    args = ap.parse_args()
+    if args.role == "raw-worker":
+        run(raw_worker(args.url))
+        return
+    print(json.dumps(run(main_bench(args))))
+
+
+if __name__ == "__main__":
+    main()
