@@ -43,7 +43,7 @@ QUEUE = "q"  # the micro default: one runtime of the fleet takes each request
 # The server picks one member among all matching subscriptions sharing a queue name, whatever
 # their subjects: the catch-all needs a group of its own, or it would take requests from endpoints.
 UNKNOWN_QUEUE = "fn-unknown"
-PUBLISH_TIMEOUT = 5.0
+ACK_TIMEOUT = 5.0
 # Headers the gateway sets itself; a requester's own values are not passed on.
 _OWN = {H.REPLY_TO.lower(), H.CALL_ID.lower(), H.MSG_ID.lower()}
 
@@ -192,7 +192,7 @@ class Gateway:
             hdrs[H.REPLY_TO] = msg.reply
         token = str(next(self._tokens))
         # Not awaiting the acknowledgement here keeps requests flowing while earlier ones are stored.
-        self._storing[token] = _Storing(name, msg.reply, call_id, time.monotonic() + PUBLISH_TIMEOUT)
+        self._storing[token] = _Storing(name, msg.reply, call_id, time.monotonic() + ACK_TIMEOUT)
         try:
             await nc.publish(INVOKE_PREFIX + name, msg.data, reply=self._acks + token, headers=hdrs)
         except Exception as exc:
@@ -224,7 +224,7 @@ class Gateway:
                 storing = self._storing.pop(token)
                 await self._reply_error(storing.reply, storing.call_id, Unavailable(
                     f"JetStream did not acknowledge the invocation of {storing.function} within "
-                    f"{PUBLISH_TIMEOUT:g}s (call id {storing.call_id!r} may or may not be stored)"))
+                    f"{ACK_TIMEOUT:g}s (call id {storing.call_id!r} may or may not be stored)"))
 
     async def _answer_duplicate(self, storing: _Storing) -> None:
         assert self.client is not None
