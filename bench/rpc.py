@@ -6,7 +6,8 @@ in a separate process, on a file-storage work-queue stream with 64-byte JSON pay
            the matching future; the worker keeps MSG.NEXT pull requests (batch 100) topped up on a
            callback subscription, publishes the reply and acks each message;
   invoke:  ``runtime serve --server URL`` with a no-op function (pydantic input), called with
-           ``Client.invoke`` (results stored by call id, as by default).
+           ``Client.invoke`` (results stored by call id, as by default);
+  gateway: the same runtime called with a plain nats-py request to ``fn.call.noop`` (for reference).
 Phases: latency one call at a time, then throughput with 100 calls outstanding. The contenders
 take turns in short blocks (ABBA order) so that load from elsewhere on the machine hits both alike.
 Prints one JSON line.
@@ -156,8 +157,9 @@ class RuntimeLoop:
         self.store = store
         self.client = Client(url)
         self.proc: subprocess.Popen[bytes] | None = None
+        self.plain: NATS | None = None
 
-    async def start(self) -> Call:
+    async def start(self) -> tuple[Call, Call]:
         manifests = self.workdir / "manifests"
         manifests.mkdir(exist_ok=True)
         (manifests / "noop.yaml").write_text(MANIFEST.format(concurrency=self.concurrency,
@@ -179,10 +181,17 @@ class RuntimeLoop:
         async def call() -> Any:
             return await fn.invoke("noop", PAYLOAD, timeout=10)
 
-        return call
+        plain = self.plain = await nats.connect(self.url)
+
+        async def request() -> Msg:
+            return await plain.request("fn.call.noop", PAYLOAD, timeout=10)
+
+        return call, request
 
     async def stop(self) -> None:
         await self.client.stop()
+        if self.plain is not None:
+            await self.plain.close()
         if self.proc is not None:
             self.proc.terminate()
             await asyncio.to_thread(self.proc.wait, 30)
@@ -218,12 +227,13 @@ async def main_bench(args: argparse.Namespace) -> dict[str, Any]:
     server = private_server()
     await server.start()
     raw_loop = RawLoop(server.url)
-    lat: dict[str, list[float]] = {"raw": [], "invoke": []}
-    rates: dict[str, list[float]] = {"raw": [], "invoke": []}
+    lat: dict[str, list[float]] = {"raw": [], "invoke": [], "gateway": []}
+    rates: dict[str, list[float]] = {"raw": [], "invoke": [], "gateway": []}
     try:
         with tempfile.TemporaryDirectory(prefix="bench-rpc-") as tmp:
             runtime_loop = RuntimeLoop(server.url, Path(tmp), args.concurrency, not args.no_store_results)
-            calls = {"raw": await raw_loop.start(), "invoke": await runtime_loop.start()}
+            invoke, gateway = await runtime_loop.start()
+            calls = {"raw": await raw_loop.start(), "invoke": invoke, "gateway": gateway}
             try:
                 for call in calls.values():
                     await latencies(call, 300)  # warm up
@@ -248,6 +258,7 @@ async def main_bench(args: argparse.Namespace) -> dict[str, Any]:
         "bench": "rpc", "payload_bytes": len(PAYLOAD), "storage": "file", "store_results": not args.no_store_results,
         "blocks": args.blocks, "latency_calls": args.n * args.blocks, "throughput_calls": args.throughput_n,
         "outstanding": args.outstanding, "raw": summary["raw"], "invoke": summary["invoke"],
+        "gateway": summary["gateway"],
         "ratio_p50": round(p50, 2), "ratio_throughput": round(rate, 2),
         "targets": {"p50_le_1.2x": p50 <= 1.2, "throughput_ge_0.8x": rate >= 0.8},
     }
