@@ -12,13 +12,16 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
 from .errors import LoadError
+from .follower import RegistryFollower
 from .gateway import Gateway
 from .loader import Handler, ensure_on_path, load_handler, module_changed
-from .manifest import FunctionManifest, ManifestSet, Schedule
+from .manifest import FunctionManifest, ManifestSet
 from .mover import DeadLetterMover
+from .registry import Registry
 from .scheduler import Scheduler
 from .server import EmbeddedServer
 from .settings import Settings
+from .status import StatusResponder
 from .streams import ensure_consumer, provision_base
 from .worker import FunctionWorker
 
@@ -70,6 +73,7 @@ class Runtime:
         self.manifests: dict[str, FunctionManifest] = {}
         self.components: list[Component] = []
         self.watchers: list[ServingWatcher] = []
+        self.follower = RegistryFollower(self)
         self.scheduler: Scheduler | None = None
         self._lock = asyncio.Lock()
         ensure_on_path(settings.project_root)
@@ -86,23 +90,21 @@ class Runtime:
         s = self.settings
         await provision_base(self.js, results_ttl=s.results_ttl, dlq_retention=s.dlq_retention,
                              replicas=s.replicas)
-        schedules: list[Schedule] = []
         if s.manifests:
-            manifests = ManifestSet.load(s.manifests)
-            for manifest in manifests.functions.values():
-                await self.apply(manifest)
-            schedules = manifests.all_schedules()
+            # Development mode: deploy the given manifests, then follow the registry like any runtime.
+            registry = await Registry.open(self.js, s.replicas)
+            for result in await registry.deploy(ManifestSet.load(s.manifests)):
+                log.info("%s %s: %s", result.kind.lower(), result.name, result.status)
         for component in self._components():
             await component.start()
             self.components.append(component)
-        if self.scheduler is not None:
-            self.scheduler.set_schedules(schedules)
 
     def _components(self) -> list[Component]:
-        """The optional parts of a runtime, each with start/stop, in start order."""
-        components: list[Component] = []
+        """The parts of a runtime, each with start/stop, in start order."""
+        components: list[Component] = [self.follower, StatusResponder(self)]
         if self.settings.scheduler:
             self.scheduler = Scheduler(self.connection[1])
+            self.follower.schedule_sinks.append(self.scheduler.set_schedules)
             components.append(self.scheduler)
         if self.settings.dead_letters:
             components.append(DeadLetterMover(*self.connection, store_results=self._stores_results))

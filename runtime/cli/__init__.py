@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from ..errors import FnRuntimeError, InvocationError
-from . import common, dlq, invoke, schedules, serve
+from . import common, deploy, dlq, invoke, schedules, serve
 
 RET_OK = 0
 RET_ERROR = 1          # a runtime error: bad manifest, cannot connect, …
@@ -16,7 +16,7 @@ RET_USAGE = 2          # argparse's own code for bad arguments
 RET_FAILED = 3         # the invocation ran and failed
 RET_INTERRUPTED = 130
 
-COMMANDS = [serve, schedules, dlq, invoke]
+COMMANDS = [serve, deploy, schedules, dlq, invoke]
 
 
 def build_parser() -> argparse.ArgumentParser:
