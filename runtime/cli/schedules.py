@@ -14,6 +14,7 @@ from nats.js.errors import BucketNotFoundError
 from ..crontab import format_tick, next_tick
 from ..loop import run
 from ..manifest import ManifestSet
+from ..registry import Registry, split
 from ..scheduler import CronRecord, read_records
 from ..streams import CRON_BUCKET
 from . import common
@@ -22,7 +23,7 @@ from . import common
 def register(sub: Any) -> None:
     p: argparse.ArgumentParser = sub.add_parser(
         "schedules", help="list cron schedules with their next and last fire",
-        description="List schedules from manifests (--manifests) and/or from the fn_cron bucket of a server. "
+        description="List schedules from manifests (--manifests) or, without them, those deployed on a server. "
                     "With --manifests only, nothing is fetched unless --server or $NATS_URL is given.")
     p.add_argument("--manifests", "-m", action="append", default=[], metavar="PATH",
                    help="manifest file or directory to read schedules from (repeatable)")
@@ -31,13 +32,19 @@ def register(sub: Any) -> None:
     p.set_defaults(func=cmd_schedules)
 
 
-async def fetch_records(args: argparse.Namespace) -> dict[str, CronRecord]:
-    """Every record of the server's ``fn_cron`` bucket."""
+async def fetch(args: argparse.Namespace) -> tuple[ManifestSet, dict[str, CronRecord]]:
+    """The deployed schedules (from the registry) and every record of the ``fn_cron`` bucket."""
     async with common.connection(args) as (_, js):
+        functions, schedules = split(await (await Registry.open(js)).all())
+        deployed = ManifestSet(
+            functions=functions,
+            schedules={n: s for n, s in schedules.items() if s.function in functions},
+            sources={**{f"Function:{n}": "registry" for n in functions},
+                     **{f"Schedule:{n}": "registry" for n in schedules}})
         try:
-            return await read_records(await js.key_value(CRON_BUCKET))
+            return deployed, await read_records(await js.key_value(CRON_BUCKET))
         except BucketNotFoundError:
-            return {}
+            return deployed, {}
 
 
 @dataclass(frozen=True)
@@ -67,14 +74,10 @@ class Entry:
                 "last": format_tick(self.last) if self.last else None, "last_local": iso(self.local(self.last))}
 
 
-def entries(manifests: ManifestSet | None, records: dict[str, CronRecord], at: datetime) -> list[Entry]:
-    """Schedules from ``manifests`` (or, without manifests, from the bucket), with next and last fire."""
-    if manifests is not None:
-        found = [Entry(name=s.name, function=s.function, cron=s.cron, timezone=s.timezone, catchup=s.catchup,
-                       enabled=s.enabled, source=s.source) for s in manifests.all_schedules()]
-    else:
-        found = [Entry(name=r.schedule, function=r.function, cron=r.cron, timezone=r.timezone, catchup=r.catchup,
-                       enabled=r.enabled, source=CRON_BUCKET) for r in records.values()]
+def entries(manifests: ManifestSet, records: dict[str, CronRecord], at: datetime) -> list[Entry]:
+    """Schedules from ``manifests``, with next fire and (from the bucket's records) last fire."""
+    found = [Entry(name=s.name, function=s.function, cron=s.cron, timezone=s.timezone, catchup=s.catchup,
+                   enabled=s.enabled, source=s.source) for s in manifests.all_schedules()]
     out = []
     for e in sorted(found, key=lambda e: e.name):
         record = records.get(e.name)
@@ -89,9 +92,11 @@ def _when(instant: datetime | None, fmt: str = "%Y-%m-%d %H:%M:%SZ") -> str:
 
 def cmd_schedules(args: argparse.Namespace) -> int:
     # A bad manifest fails before any connection attempt.
-    manifests = ManifestSet.load(args.manifests) if args.manifests else None
-    online = manifests is None or bool(args.server or os.environ.get("NATS_URL"))
-    records = run(fetch_records(args)) if online else {}
+    local = ManifestSet.load(args.manifests) if args.manifests else None
+    online = local is None or bool(args.server or os.environ.get("NATS_URL"))
+    deployed, records = run(fetch(args)) if online else (None, {})
+    manifests = local or deployed
+    assert manifests is not None
     listing = entries(manifests, records, datetime.now(UTC))
     if args.json:
         common.print_json([e.to_json() for e in listing])
