@@ -51,16 +51,20 @@ def start_runtime(url: str, manifests: Path, log_path: Path) -> subprocess.Popen
 
 
 async def drain_time(js: JetStreamContext, stream: str, consumer: str, n: int, deadline: float = 120.0) -> float:
-    """Seconds from the first delivery to the last ack, seen from the server (10 ms polling)."""
+    """Seconds from the first delivery of the last ``n`` messages of ``stream`` to the last ack,
+    seen from the server (10 ms polling)."""
+    last = (await js.stream_info(stream)).state.last_seq
+    first = last - n + 1
     started = None
     limit = time.monotonic() + deadline
     while time.monotonic() < limit:
         info = await js.consumer_info(stream, consumer)
         now = time.perf_counter()
-        if started is None and info.delivered.stream_seq > 0:
+        if started is None and info.delivered.stream_seq >= first:
             started = now
-        if info.ack_floor.stream_seq >= n and info.num_ack_pending == 0:
-            assert started is not None
+        if info.ack_floor.stream_seq >= last and info.num_ack_pending == 0:
+            if started is None or now - started < 0.05:
+                raise RuntimeError("the run finished before polling saw it start: increase -n")
             return now - started
         await asyncio.sleep(0.01)
     raise TimeoutError(f"{consumer} did not finish {n} messages in {deadline}s")

@@ -151,10 +151,7 @@ class Client:
         """
         nc = self.nc
         loop = asyncio.get_running_loop()
-        call_id = call_id or self._id_base + str(next(self._ids))
-        body, hdrs = self._encode(payload, headers)
-        if self._known.get(function, 0.0) <= loop.time():
-            await self._check_known(function, call_id)
+        call_id, body, hdrs = await self._prepare(function, payload, call_id, headers)
         deadline = loop.time() + timeout
         reply_token = str(next(self._tokens))
         reply: Waiter = loop.create_future()
@@ -180,12 +177,18 @@ class Client:
         """Store an invocation of ``function`` and return at once; the outcome is kept by call id."""
         nc = self.nc
         loop = asyncio.get_running_loop()
-        call_id = call_id or self._id_base + str(next(self._ids))
-        body, hdrs = self._encode(payload, headers)
-        if self._known.get(function, 0.0) <= loop.time():
-            await self._check_known(function, call_id)
+        call_id, body, hdrs = await self._prepare(function, payload, call_id, headers)
         duplicate = await self._store(nc, function, body, hdrs, call_id, loop.time() + self.ack_timeout)
         return Call(call_id, function, duplicate)
+
+    async def _prepare(self, function: str, payload: Any, call_id: str | None,
+                       headers: Mapping[str, str] | None) -> tuple[str, bytes, dict[str, str]]:
+        """The call id, body and headers of a new call; unknown functions fail here, before sending."""
+        call_id = call_id or self._id_base + str(next(self._ids))
+        body, hdrs = self._encode(payload, headers)
+        if self._known.get(function, 0.0) <= asyncio.get_running_loop().time():
+            await self._check_known(function, call_id)
+        return call_id, body, hdrs
 
     async def result(self, call_id: str, *, wait: float = 0.0) -> Any:
         """The decoded result of ``call_id``, waiting up to ``wait`` seconds for it.

@@ -79,9 +79,16 @@ class PullFeed:
         self.held -= 1
         self.schedule_pull()
 
+    def _wanted(self) -> int:
+        """How many messages to ask for now: free slots not yet asked for, in batches."""
+        want = self.slots - self.held - self.outstanding
+        if want <= 0 or (self.outstanding and want < max(1, self.slots // 4)):
+            return 0
+        return want
+
     def schedule_pull(self) -> None:
         # Coalesce all releases of one event-loop turn into a single pull request.
-        if self._pulling and not self._pull_scheduled:
+        if self._pulling and not self._pull_scheduled and self._wanted():
             self._pull_scheduled = True
             task = asyncio.get_running_loop().create_task(self._pull())
             self._tasks.add(task)
@@ -91,8 +98,8 @@ class PullFeed:
         self._pull_scheduled = False
         if not self._pulling or self.nc.is_closed:
             return
-        want = self.slots - self.held - self.outstanding
-        if want <= 0 or (self.outstanding and want < max(1, self.slots // 4)):
+        want = self._wanted()
+        if not want:
             return
         self.outstanding += want
         request = {"batch": want, "expires": int(self.expires * 1e9),

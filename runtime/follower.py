@@ -9,8 +9,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .errors import FnRuntimeError
-from .manifest import FunctionManifest, ManifestSet, Schedule, ScheduleManifest
-from .registry import SCHEDULE_PREFIX, Deployment, Registry
+from .manifest import FunctionManifest, Schedule, ScheduleManifest
+from .registry import SCHEDULE_PREFIX, Deployment, Registry, deployed_set
 
 if TYPE_CHECKING:
     from .app import Runtime
@@ -107,11 +107,7 @@ class RegistryFollower:
             return None
 
     def current_schedules(self) -> list[Schedule]:
-        deployed = ManifestSet(functions=self.functions, schedules={
-            name: s for name, s in self.schedules.items() if s.function in self.functions},
-            sources={**{f"Function:{n}": "registry" for n in self.functions},
-                     **{f"Schedule:{n}": "registry" for n in self.schedules}})
-        return deployed.all_schedules()
+        return deployed_set(self.functions, self.schedules).all_schedules()
 
     def _publish_schedules(self) -> None:
         schedules = self.current_schedules()

@@ -197,9 +197,18 @@ class Registry:
         return DeployResult(name, previous.manifest.kind, "rolled back", revision, changed)
 
 
-def split(deployments: dict[str, Deployment]) -> tuple[dict[str, FunctionManifest], dict[str, ScheduleManifest]]:
+def deployed_set(functions: dict[str, FunctionManifest], schedules: dict[str, ScheduleManifest]) -> ManifestSet:
+    """What is deployed, as a manifest set; a schedule whose function is not deployed is left out."""
+    return ManifestSet(
+        functions=functions,
+        schedules={name: s for name, s in schedules.items() if s.function in functions},
+        sources={**{f"Function:{n}": "registry" for n in functions},
+                 **{f"Schedule:{n}": "registry" for n in schedules}})
+
+
+def as_manifest_set(deployments: dict[str, Deployment]) -> ManifestSet:
     functions = {d.manifest.name: d.manifest for d in deployments.values()
                  if isinstance(d.manifest, FunctionManifest)}
     schedules = {d.manifest.name: d.manifest for d in deployments.values()
                  if isinstance(d.manifest, ScheduleManifest)}
-    return functions, schedules
+    return deployed_set(functions, schedules)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .durations import Duration
+from .errors import ConfigError
 
 
 class Settings(BaseModel):
@@ -41,7 +42,12 @@ class Settings(BaseModel):
         if os.environ.get("RUNTIME_GRACE"):
             env["grace"] = os.environ["RUNTIME_GRACE"]
         env.update({k: v for k, v in overrides.items() if v is not None})
-        return cls.model_validate(env)
+        try:
+            return cls.model_validate(env)
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg'].removeprefix('Value error, ')}"
+                                 for e in exc.errors())
+            raise ConfigError(f"invalid settings: {problems}") from None
 
     def default_conf(self) -> Path | None:
         if self.nats_conf is not None:

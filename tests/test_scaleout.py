@@ -105,6 +105,25 @@ async def test_sigterm_finishes_fetched_work_and_leaves_nothing_pending(
     assert set(runs(scratch)) == set(range(300)) and max(runs(scratch).values()) == 1
 
 
+async def test_a_second_signal_exits_at_once(runtime_process: Callable[..., RuntimeProcess],
+                                             manifest_dir: Callable[..., Path], scratch: Path,
+                                             js: JetStreamContext) -> None:
+    manifests = manifest_dir(tracked=TRACKED.format(concurrency=2, ack_wait="30s"))
+    proc = runtime_process(manifests, env={"RUNTIME_TEST_DIR": str(scratch)}, extra=["--grace", "60s"])
+    await proc.wait_ready()
+    await publish_ids(js, range(2), 30)  # would hold a graceful shutdown for 30 s
+    await eventually(lambda: (scratch / "peak").exists() and len((scratch / "peak").read_text().split()) == 2)
+    proc.signal(signal.SIGTERM)
+    await eventually(lambda: "finishing in-flight work" in proc.output())
+    started = asyncio.get_running_loop().time()
+    proc.signal(signal.SIGTERM)
+    assert await proc.wait_exit(10) == 130
+    assert asyncio.get_running_loop().time() - started < 5
+    # Nothing is lost: the interrupted invocations are redelivered once their ack wait runs out.
+    info = await js.consumer_info("FN", "tracked")
+    assert info.num_ack_pending == 2 and not runs(scratch)
+
+
 async def test_sigkill_hands_unacked_work_to_the_survivor(runtime_process: Callable[..., RuntimeProcess],
                                                           manifest_dir: Callable[..., Path], scratch: Path,
                                                           js: JetStreamContext) -> None:

@@ -107,3 +107,10 @@ async def test_provisioning_is_idempotent_and_updates_in_place(js: JetStreamCont
 async def test_concurrent_provisioning_from_many_runtimes(js: JetStreamContext) -> None:
     await asyncio.gather(*(provision_base(js) for _ in range(5)))
     assert (await js.stream_info(INVOKE_STREAM)).config.name == INVOKE_STREAM
+
+
+def test_invalid_option_is_one_clear_line(tmp_path: Path) -> None:
+    result = run_cli("serve", "--grace", "soon", "--data-dir", str(tmp_path))
+    assert result.returncode == 1
+    assert result.stderr.strip() == ("runtime: error: invalid settings: grace: 'soon' is not a duration; "
+                                     "use e.g. 250ms, 30s, 5m or 1h")

@@ -14,7 +14,7 @@ from nats.js.errors import BucketNotFoundError
 from ..crontab import format_tick, next_tick
 from ..loop import run
 from ..manifest import ManifestSet
-from ..registry import Registry, split
+from ..registry import Registry, as_manifest_set
 from ..scheduler import CronRecord, read_records
 from ..streams import CRON_BUCKET
 from . import common
@@ -35,12 +35,7 @@ def register(sub: Any) -> None:
 async def fetch(args: argparse.Namespace) -> tuple[ManifestSet, dict[str, CronRecord]]:
     """The deployed schedules (from the registry) and every record of the ``fn_cron`` bucket."""
     async with common.connection(args) as (_, js):
-        functions, schedules = split(await (await Registry.open(js)).all())
-        deployed = ManifestSet(
-            functions=functions,
-            schedules={n: s for n, s in schedules.items() if s.function in functions},
-            sources={**{f"Function:{n}": "registry" for n in functions},
-                     **{f"Schedule:{n}": "registry" for n in schedules}})
+        deployed = as_manifest_set(await (await Registry.open(js)).all())
         try:
             return deployed, await read_records(await js.key_value(CRON_BUCKET))
         except BucketNotFoundError:

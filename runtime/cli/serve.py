@@ -28,6 +28,8 @@ def register(sub: Any) -> None:
     p.add_argument("--grace", default=None, help="how long in-flight work may finish on shutdown (30s)")
     p.add_argument("--dlq-retention", default=None, metavar="DURATION",
                    help="how long dead letters are kept, e.g. 7d (default 30d)")
+    p.add_argument("--results-ttl", default=None, metavar="DURATION",
+                   help="how long final outcomes are kept in fn_results (default 24h)")
     p.add_argument("--log-level", default=os.environ.get("RUNTIME_LOG_LEVEL", "INFO"))
     p.set_defaults(func=cmd_serve)
 
@@ -42,7 +44,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     configure("DEBUG" if args.debug else args.log_level.upper())
     settings = Settings.from_env(server=args.server, port=args.port, data_dir=args.data_dir,
                                  nats_conf=args.nats_conf, grace=args.grace,
-                                 dlq_retention=args.dlq_retention,
+                                 dlq_retention=args.dlq_retention, results_ttl=args.results_ttl,
                                  manifests=tuple(Path(p) for p in args.manifests))
     ensure_on_path(settings.project_root)
     check_handlers(ManifestSet.load(settings.manifests))
