@@ -18,28 +18,20 @@ from . import common
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser("deploy", help="validate manifests and deploy them to every running runtime")
-    p.add_argument("paths", nargs="+", metavar="FILE_OR_DIR")
-    common.add_server_option(p)
-    common.add_json_option(p)
-    p.set_defaults(func=cmd_deploy)
-
-    p = sub.add_parser("undeploy", help="stop serving a function (its queued messages are kept)")
-    p.add_argument("name")
-    common.add_server_option(p)
-    common.add_json_option(p)
-    p.set_defaults(func=cmd_undeploy)
-
-    p = sub.add_parser("ls", help="list deployed functions")
-    common.add_server_option(p)
-    common.add_json_option(p)
-    p.set_defaults(func=cmd_ls)
-
-    p = sub.add_parser("rollback", help="restore the previous revision of a function or schedule")
-    p.add_argument("name")
-    common.add_server_option(p)
-    common.add_json_option(p)
-    p.set_defaults(func=cmd_rollback)
+    commands = [
+        ("deploy", "validate manifests and deploy them to every running runtime", cmd_deploy,
+         ("paths", {"nargs": "+", "metavar": "FILE_OR_DIR"})),
+        ("undeploy", "stop serving a function (its queued messages are kept)", cmd_undeploy, ("name", {})),
+        ("ls", "list deployed functions", cmd_ls, None),
+        ("rollback", "restore the previous revision of a function or schedule", cmd_rollback, ("name", {})),
+    ]
+    for name, help_text, func, positional in commands:
+        p = sub.add_parser(name, help=help_text)
+        if positional is not None:
+            p.add_argument(positional[0], **positional[1])
+        common.add_server_option(p)
+        common.add_json_option(p)
+        p.set_defaults(func=func)
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
