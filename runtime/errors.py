@@ -50,6 +50,11 @@ class InvocationError(FnRuntimeError):
         self.type = type or self.kind
         self.call_id = call_id
 
+    @property
+    def described(self) -> str:
+        """``type: message``, without repeating a type the message already starts with."""
+        return self.message if self.message.startswith(self.type) else f"{self.type}: {self.message}"
+
     def to_wire(self) -> dict[str, Any]:
         return {"error": {"type": self.type, "message": self.message, "code": self.code}}
 

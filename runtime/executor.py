@@ -145,15 +145,14 @@ class Executor:
             delay = manifest.retry.delay_before(inv.delivered + 1)
         self.logger.warning("attempt %d/%d of %s failed, retrying in %gs: %s", inv.delivered,
                             manifest.retry.max_deliver, inv.call_id, delay, error.message)
-        await record_error(self.nc, inv.stream_seq, inv.delivered, f"{error.type}: {error.message}"
-                           if not error.message.startswith(error.type) else error.message)
+        await record_error(self.nc, inv.stream_seq, inv.delivered, error.described)
         nak = b"-NAK" if delay <= 0 else b'-NAK {"delay": %d}' % int(delay * 1e9)
         await self.nc.publish(inv.msg.reply, nak)
 
     async def fail_for_good(self, inv: Invocation, reason: str, error: InvocationError) -> None:
         """Dead-letter the message, tell the caller, then terminate it with the reason."""
         error.call_id = inv.call_id
-        described = error.message if error.message.startswith(error.type) else f"{error.type}: {error.message}"
+        described = error.described
         self.logger.warning("%s failed for good after %d attempt(s) (%s): %s", inv.call_id, inv.delivered,
                             reason, described)
         dead = dead_letter_headers(inv.headers, function=self.manifest.name, subject=inv.msg.subject,

@@ -136,6 +136,5 @@ def _failed(args: argparse.Namespace, exc: InvocationError) -> int:
         common.print_json({"call_id": exc.call_id, "status": "failed",
                            "error": {"type": exc.type, "message": exc.message, "code": exc.code}})
     else:
-        described = exc.message if exc.message.startswith(exc.type) else f"{exc.type}: {exc.message}"
-        common.error(f"{described} (code {exc.code})")
+        common.error(f"{exc.described} (code {exc.code})")
     return RET_FAILED
