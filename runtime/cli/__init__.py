@@ -39,7 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except InvocationError as exc:
         if args.debug:
             raise
-        common.error(f"{exc.type}: {exc.message} (code {exc.code})")
+        common.error(f"{exc.described} (code {exc.code})")
         return RET_FAILED
     except (FnRuntimeError, OSError, TimeoutError) as exc:
         if args.debug:
