@@ -116,7 +116,7 @@ class Runtime:
         manifest = self.manifests.get(name)
         return manifest is None or manifest.store_results
 
-    async def apply(self, manifest: FunctionManifest, *, provision: bool = True) -> None:
+    async def apply(self, manifest: FunctionManifest) -> None:
         """Serve ``manifest``'s function, or apply its new settings if already served."""
         nc, js = self.connection
         async with self._lock:
@@ -133,8 +133,8 @@ class Runtime:
                     await current.stop(self.settings.grace)
                 return
             self.failing.pop(manifest.name, None)
-            if provision:
-                await ensure_consumer(js, manifest)
+            # The deploy created the consumer; ensuring it here also restores one deleted by hand.
+            await ensure_consumer(js, manifest)
             self.manifests[manifest.name] = manifest
             if current is None:
                 worker = FunctionWorker(nc, js, manifest, handler)
