@@ -2,21 +2,34 @@
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from . import codec
+from .documents import read_yaml_file, short
 from .durations import Duration
 from .errors import ManifestError
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]*$"
 HANDLER_PATTERN = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
-MAX_NAME = 64
+
+# Limits on what a manifest may ask for. What ends up in a subject, a header or the server's
+# configuration is refused here with its field name rather than by the server at deploy time.
+MAX_NAME = 64                    # subjects, consumer names, keys
+MAX_DESCRIPTION = 1024           # UTF-8 bytes; nats-server refuses consumer descriptions over 4 KiB
+MAX_HANDLER = 256
+MAX_CRON = 256
+MAX_TIMEZONE = 64                # the longest IANA zone name is ~30 characters
+MAX_PAYLOAD = 64 * 1024          # a schedule's payload as encoded JSON, published on every tick
+MAX_SCHEDULES = 100
+MAX_BACKOFF = 100
+MAX_DURATION = 7 * 86400.0       # ack_wait goes to the server in nanoseconds (int64)
 
 
 class _Model(BaseModel):
@@ -27,7 +40,14 @@ class RetryPolicy(_Model):
     """How often and how late a failing invocation runs again."""
 
     max_deliver: int = Field(default=3, ge=1, le=10_000)
-    backoff: list[Duration] = Field(default_factory=lambda: [1.0, 10.0, 60.0])
+    backoff: list[Duration] = Field(default_factory=lambda: [1.0, 10.0, 60.0], max_length=MAX_BACKOFF)
+
+    @field_validator("backoff")
+    @classmethod
+    def _check_backoff(cls, value: list[float]) -> list[float]:
+        for delay in value:
+            _check_duration(delay)
+        return value
 
     def delay_before(self, attempt: int) -> float:
         """Seconds to wait before ``attempt`` (2 is the first retry); the last value repeats."""
@@ -40,8 +60,8 @@ class ScheduleSpec(_Model):
     """A cron trigger; inside a function manifest or standalone (``kind: Schedule``)."""
 
     name: Annotated[str, Field(pattern=NAME_PATTERN, max_length=MAX_NAME)]
-    cron: str
-    timezone: str = "UTC"
+    cron: str = Field(max_length=MAX_CRON)
+    timezone: str = Field(default="UTC", max_length=MAX_TIMEZONE)
     payload: Any = None
     catchup: Literal["none", "latest", "all"] = "latest"
     enabled: bool = True
@@ -66,13 +86,35 @@ class ScheduleSpec(_Model):
             raise ValueError(f"unknown timezone {value!r} (use an IANA name such as Europe/Paris)") from exc
         return value
 
+    @field_validator("payload")
+    @classmethod
+    def _check_payload(cls, value: Any) -> Any:
+        # Every tick publishes this body: it must be valid JSON and fit a message with room to spare.
+        try:
+            body = codec.encode(value)
+            json.loads(body, parse_constant=_refuse_constant)
+        except ValueError as exc:
+            raise ValueError(f"cannot be sent as JSON: {exc}") from None
+        if len(body) > MAX_PAYLOAD:
+            raise ValueError(f"is {len(body)} bytes as JSON; at most {MAX_PAYLOAD} are allowed")
+        return value
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _check_duration(value: float | None) -> None:
+    if value is not None and value > MAX_DURATION:
+        raise ValueError(f"must be at most {MAX_DURATION / 86400:g} days")
+
 
 class FunctionManifest(_Model):
     """One deployable function."""
 
     kind: Literal["Function"] = "Function"
     name: Annotated[str, Field(pattern=NAME_PATTERN, max_length=MAX_NAME)]
-    handler: str
+    handler: str = Field(max_length=MAX_HANDLER)
     description: str = ""
     concurrency: int = Field(default=4, ge=1, le=100_000)
     timeout: Duration = 30.0
@@ -80,7 +122,7 @@ class FunctionManifest(_Model):
     retry: RetryPolicy = Field(default_factory=RetryPolicy)
     encoding: Literal["json", "msgpack"] = "json"
     store_results: bool = True
-    schedules: list[ScheduleSpec] = Field(default_factory=list)
+    schedules: list[ScheduleSpec] = Field(default_factory=list, max_length=MAX_SCHEDULES)
 
     @field_validator("handler")
     @classmethod
@@ -89,11 +131,26 @@ class FunctionManifest(_Model):
             raise ValueError(f"{value!r} is not of the form 'package.module:attribute'")
         return value
 
+    @field_validator("description")
+    @classmethod
+    def _check_description(cls, value: str) -> str:
+        size = len(value.encode("utf-8", "surrogatepass"))
+        if size > MAX_DESCRIPTION:
+            raise ValueError(f"is {size} bytes long; at most {MAX_DESCRIPTION} are allowed")
+        return value
+
     @field_validator("timeout")
     @classmethod
     def _check_timeout(cls, value: float) -> float:
         if value <= 0:
             raise ValueError("must be greater than zero")
+        _check_duration(value)
+        return value
+
+    @field_validator("ack_wait")
+    @classmethod
+    def _check_ack_wait(cls, value: float | None) -> float | None:
+        _check_duration(value)
         return value
 
     @model_validator(mode="after")
@@ -148,13 +205,20 @@ def _location(loc: tuple[int | str, ...]) -> str:
         if isinstance(part, int):
             out += f"[{part}]"
         else:
-            out += f".{part}" if out else str(part)
+            text = str(part) if len(str(part)) <= 60 else str(part)[:60] + "..."
+            out += f".{text}" if out else text
     return out
+
+
+MAX_PROBLEMS = 20
 
 
 def _problems(exc: ValidationError) -> list[tuple[str, str]]:
     problems = []
-    for err in exc.errors():
+    errors = exc.errors()
+    if len(errors) > MAX_PROBLEMS:
+        problems.append(("", f"{len(errors)} problems, the first {MAX_PROBLEMS} follow"))
+    for err in errors[:MAX_PROBLEMS]:
         msg = err["msg"]
         if msg.startswith("Value error, "):
             msg = msg[len("Value error, "):]
@@ -175,7 +239,7 @@ def parse_manifest(data: Any, source: str) -> Manifest:
     elif kind == "Schedule":
         model = ScheduleManifest
     else:
-        raise ManifestError(source, [("kind", f"unknown kind {kind!r}; use Function or Schedule")])
+        raise ManifestError(source, [("kind", f"unknown kind {short(kind)}; use Function or Schedule")])
     try:
         return model.model_validate(data)
     except ValidationError as exc:
@@ -184,15 +248,7 @@ def parse_manifest(data: Any, source: str) -> Manifest:
 
 def load_manifest(path: Path) -> Manifest:
     """Read and validate one YAML manifest file."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ManifestError(str(path), [("", f"cannot read: {exc.strerror or exc}")]) from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ManifestError(str(path), [("", f"invalid YAML: {exc}")]) from None
-    return parse_manifest(data, str(path))
+    return parse_manifest(read_yaml_file(path), str(path))
 
 
 def manifest_files(paths: Iterable[str | Path]) -> list[Path]:

@@ -18,6 +18,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError, NoKeysError, NotFoundError
 from nats.js.kv import KeyValue
 
+from .documents import load_json_object
 from .errors import FnRuntimeError
 from .manifest import FunctionManifest, Manifest, ManifestSet, ScheduleManifest, parse_manifest
 from .streams import MANIFESTS_BUCKET, ensure_consumer, ensure_kv, ensure_stream, invoke_stream_config
@@ -65,8 +66,10 @@ class Deployment:
 
     @classmethod
     def decode(cls, data: bytes, revision: int = 0, key: str = "") -> Deployment:
-        raw = json.loads(data)
-        manifest = parse_manifest(raw["manifest"], f"registry entry {key!r}")
+        # Read from the network: bounded in size and depth before anything uses it.
+        source = f"registry entry {key!r}"
+        raw = load_json_object(data, source)
+        manifest = parse_manifest(raw.get("manifest"), source)
         return cls(manifest=manifest, code=raw.get("code"), deployed_at=raw.get("deployed_at", ""),
                    source=raw.get("source", ""), revision=revision)
 
