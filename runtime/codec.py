@@ -12,10 +12,20 @@ from pydantic_core import to_json, to_jsonable_python
 JSON = "application/json"
 MSGPACK = "application/msgpack"
 CONTENT_TYPES = {"json": JSON, "msgpack": MSGPACK}
+# The names msgpack goes by; anything else (or no Content-Type at all) is JSON.
+MSGPACK_TYPES = frozenset({MSGPACK, "application/x-msgpack", "application/vnd.msgpack"})
+
+
+def media_type(content_type: str | None) -> str:
+    """The ``type/subtype`` of a Content-Type value, lower-cased, without its parameters."""
+    if not content_type:
+        return ""
+    return content_type.partition(";")[0].strip().lower()
 
 
 def is_msgpack(content_type: str | None) -> bool:
-    return bool(content_type) and "msgpack" in content_type  # type: ignore[operator]
+    """Whether a body with this Content-Type is msgpack (media types compare case-insensitively)."""
+    return media_type(content_type) in MSGPACK_TYPES
 
 
 class InputDecoder:
@@ -52,8 +62,20 @@ def encode(value: Any, encoding: str = "json") -> bytes:
     if isinstance(value, str):
         return json.dumps(value).encode()
     if isinstance(value, BaseModel):
-        return value.model_dump_json().encode()
-    return to_json(value)
+        return value.model_dump_json().encode()   # NaN follows the model's ser_json_inf_nan (null by default)
+    body = to_json(value)
+    if b"NaN" in body or b"Infinity" in body:
+        _refuse_constants(body)
+    return body
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value (return None, a string, or encode as msgpack)")
+
+
+def _refuse_constants(body: bytes) -> None:
+    """Raise if ``body`` holds NaN or Infinity as values (not inside strings): JSON has neither."""
+    json.loads(body, parse_constant=_reject_constant)
 
 
 def decode(data: bytes, content_type: str | None) -> Any:
