@@ -1,4 +1,13 @@
-"""Import handlers named ``package.module:attribute`` and check they fit the function contract."""
+"""Import handlers named ``package.module:attribute`` and check they fit the function contract.
+
+Importing runs the author's module code, which may call ``sys.exit()`` or ``os._exit()``, raise
+``KeyboardInterrupt`` or never return. Two guards keep that from taking a runtime or the CLI down:
+
+* every in-process import catches ``BaseException`` and reports it as a one-line ``LoadError``;
+* before module code runs in-process (first import, a reload because the file changed, or a reload
+  because a newly added attribute is missing), a short-lived child process imports the module
+  first (:mod:`runtime.importcheck`). Only a clean child lets the module into the process.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +25,15 @@ from typing import Any
 from .codec import InputDecoder
 from .context import Context
 from .errors import LoadError
+
+# The import check's public names are part of this module's API too (``as`` marks them re-exported).
+from .importcheck import CHECK_TIMEOUT as CHECK_TIMEOUT
+from .importcheck import cannot_import
+from .importcheck import check_import as check_import
+from .importcheck import check_import_async as check_import_async
+from .importcheck import describe_import_failure as describe_import_failure
+
+_MISSING = object()
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +56,93 @@ def ensure_on_path(root: str | Path) -> None:
         sys.path.insert(0, root)
 
 
+def load_handler(spec: str, reload: bool = False, *, root: str | Path | None = None,
+                 timeout: float = CHECK_TIMEOUT) -> Handler:
+    """Import ``spec`` and inspect its signature: ``(event[, ctx])``, sync or async.
+
+    Module code that would run here is first run in a child process (see the module docstring);
+    ``root`` is the project root (default: the working directory).
+    """
+    module_name, attr_path = _split(spec)
+    cwd = _project_root(root)
+    reload, check = _plan(module_name, attr_path, reload)
+    if check:
+        check_import(module_name, attr_path, cwd, timeout)
+    return _load(spec, module_name, attr_path, reload)
+
+
+async def load_handler_async(spec: str, reload: bool = False, *, root: str | Path | None = None,
+                             timeout: float = CHECK_TIMEOUT) -> Handler:
+    """:func:`load_handler` for the event loop: the check child is awaited, not waited for."""
+    module_name, attr_path = _split(spec)
+    cwd = _project_root(root)
+    reload, check = _plan(module_name, attr_path, reload)
+    if check:
+        await check_import_async(module_name, attr_path, cwd, timeout)
+    return _load(spec, module_name, attr_path, reload)
+
+
+def _split(spec: str) -> tuple[str, str]:
+    module_name, _, attr_path = spec.partition(":")
+    if not module_name or not attr_path:
+        raise LoadError(f"handler {spec!r} is not of the form 'package.module:attribute'")
+    return module_name, attr_path
+
+
+def _project_root(root: str | Path | None) -> Path:
+    if root is None:
+        return Path.cwd()
+    ensure_on_path(root)
+    return Path(root).resolve()
+
+
+def _plan(module_name: str, attr_path: str, reload: bool) -> tuple[bool, bool]:
+    """``(reload, check)``: re-execute an imported module? Will module code run in this process?"""
+    module = sys.modules.get(module_name)
+    if module is None:
+        return False, True
+    if not reload and _resolve(module, attr_path) is _MISSING:
+        reload = True  # a function added to the file after the module was imported
+    return reload, reload
+
+
+def _resolve(module: ModuleType, attr_path: str) -> Any:
+    target: Any = module
+    for part in attr_path.split("."):
+        try:
+            target = getattr(target, part)
+        except BaseException:  # a module-level __getattr__ may raise anything
+            return _MISSING
+    return target
+
+
+def _load(spec: str, module_name: str, attr_path: str, reload: bool) -> Handler:
+    module = _import(module_name, reload)
+    target = _resolve(module, attr_path)
+    if target is _MISSING:
+        raise LoadError(f"module {module_name!r} has no attribute {attr_path!r}")
+    if not callable(target):
+        raise LoadError(f"{spec!r} is not callable")
+    file, mtime = _module_mtime(module)
+    return inspect_handler(spec, target, file, mtime)
+
+
+def _import(module_name: str, reload: bool) -> ModuleType:
+    try:
+        module = sys.modules.get(module_name)
+        if module is not None and not reload:
+            return module
+        importlib.invalidate_caches()  # the file may be newer than this process's directory caches
+        if module is not None:
+            return importlib.reload(module)
+        return importlib.import_module(module_name)
+    except BaseException as exc:  # SystemExit and KeyboardInterrupt too: a module must not end the process
+        raise LoadError(cannot_import(module_name, describe_import_failure(exc))) from None
+
+
+# ------------------------------------------------------------------ the function contract
+
+
 def _module_mtime(module: ModuleType) -> tuple[str | None, float | None]:
     path = getattr(module, "__file__", None)
     if not path:
@@ -46,37 +151,6 @@ def _module_mtime(module: ModuleType) -> tuple[str | None, float | None]:
         return path, os.stat(path).st_mtime
     except OSError:
         return path, None
-
-
-def _import(module_name: str, reload: bool) -> ModuleType:
-    try:
-        module = importlib.import_module(module_name)
-        if reload:
-            importlib.invalidate_caches()
-            module = importlib.reload(module)
-        return module
-    except ModuleNotFoundError as exc:
-        raise LoadError(f"cannot import module {module_name!r}: {exc}") from None
-    except Exception as exc:  # an import error inside the user's module
-        raise LoadError(f"cannot import module {module_name!r}: {type(exc).__name__}: {exc}") from None
-
-
-def load_handler(spec: str, reload: bool = False) -> Handler:
-    """Import ``spec`` and inspect its signature: ``(event[, ctx])``, sync or async."""
-    module_name, _, attr_path = spec.partition(":")
-    if not module_name or not attr_path:
-        raise LoadError(f"handler {spec!r} is not of the form 'package.module:attribute'")
-    module = _import(module_name, reload)
-    target: Any = module
-    for part in attr_path.split("."):
-        try:
-            target = getattr(target, part)
-        except AttributeError:
-            raise LoadError(f"module {module_name!r} has no attribute {attr_path!r}") from None
-    if not callable(target):
-        raise LoadError(f"{spec!r} is not callable")
-    file, mtime = _module_mtime(module)
-    return inspect_handler(spec, target, file, mtime)
 
 
 def _positional(sig: inspect.Signature) -> list[inspect.Parameter]:

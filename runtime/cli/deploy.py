@@ -8,7 +8,7 @@ from typing import Any
 
 from nats.js.errors import NotFoundError
 
-from ..loader import ensure_on_path, load_handler
+from ..loader import load_handler_async
 from ..loop import run
 from ..manifest import ManifestSet
 from ..registry import Registry
@@ -35,7 +35,7 @@ def register(sub: Any) -> None:
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
-    ensure_on_path(Path.cwd())
+    root = Path.cwd()
 
     async def main() -> list[dict[str, Any]]:
         async with common.connection(args) as (_, js):
@@ -43,7 +43,8 @@ def cmd_deploy(args: argparse.Namespace) -> int:
             known = {d.manifest.name for d in (await registry.all()).values() if d.manifest.kind == "Function"}
             manifests = ManifestSet.load(args.paths, known_functions=known)
             for manifest in manifests.functions.values():
-                load_handler(manifest.handler)  # the same contract a runtime will check
+                # The same checks a runtime makes; a module that exits at import is one error line.
+                await load_handler_async(manifest.handler, root=root)
             return [vars(r) for r in await registry.deploy(manifests)]
 
     results = run(main())
