@@ -1,16 +1,31 @@
-"""Dead letters: the original message, byte for byte, with why and when it failed."""
+"""Dead letters: the original message, byte for byte, with why and when it failed.
+
+The server refuses (and closes the connection over) a message larger than ``max_payload``,
+headers included. A dead letter adds headers to the original, so one built from a large
+enough original cannot be stored as it is: it is stored without its body, which goes, with
+every header, into an object of ``fn_dlq_bodies`` named by the letter's ``Fn-Body-Ref``.
+"""
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import hashlib
 import json
 import logging
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
+from nats.js.api import ObjectMeta, ObjectMetaOptions
+from nats.js.errors import NotFoundError
 
 from . import headers as H
-from .streams import DLQ_PREFIX, ERRORS_BUCKET
+from .errors import FnRuntimeError
+from .streams import DLQ_BODIES_BUCKET, DLQ_PREFIX, ERRORS_BUCKET
 
 log = logging.getLogger("runtime.deadletter")
 
@@ -23,7 +38,15 @@ _DROP = {"Nats-Msg-Id", "Nats-Expected-Stream", "Nats-Expected-Last-Msg-Id", "Na
 
 # What a dead letter adds to the original headers; the call id stays, it names the call.
 DEAD_LETTER_HEADERS = (H.FUNCTION, H.ORIGINAL_SUBJECT, H.ORIGINAL_SEQ, H.DELIVERIES, H.REASON, H.ERROR,
-                       H.FAILED_AT)
+                       H.FAILED_AT, H.BODY_REF, H.BODY_SIZE, H.DROPPED_HEADERS)
+ERROR_LENGTH = 2048       # Fn-Error of a letter that fits
+SHORT_ERROR_LENGTH = 256  # Fn-Error of a letter whose headers alone are too large
+_DROPPED_LENGTH = 512     # Fn-Dropped-Headers names at most this many characters of header names
+_CHUNK = 128 * 1024       # object store chunks, as nats-py cuts them by default
+
+
+class DeadLetterTooLarge(FnRuntimeError):
+    """Raised when even a dead letter without its body and original headers exceeds ``max_payload``."""
 
 
 def dead_letter_id(stream_seq: int) -> str:
@@ -47,7 +70,7 @@ def dead_letter_headers(original: dict[str, str], *, function: str, subject: str
         H.ORIGINAL_SEQ: str(seq),
         H.DELIVERIES: str(deliveries),
         H.REASON: reason,
-        H.ERROR: " ".join(error.split())[:2048],
+        H.ERROR: " ".join(error.split())[:ERROR_LENGTH],
         H.FAILED_AT: now_rfc3339(),
     })
     if call_id:
@@ -55,16 +78,168 @@ def dead_letter_headers(original: dict[str, str], *, function: str, subject: str
     return hdrs
 
 
-def original_headers(dead: dict[str, str]) -> dict[str, str]:
+def original_headers(dead: Mapping[str, str]) -> dict[str, str]:
     """The headers of a dead letter without what dead-lettering added: those of a fresh invocation."""
     return {k: v for k, v in dead.items()
             if k not in DEAD_LETTER_HEADERS and not (k == H.MSG_ID and v.startswith("dlq:"))}
 
 
-async def write_dead_letter(js: JetStreamContext, function: str, body: bytes, headers: dict[str, str]) -> int:
-    """Store a dead letter; a repeat within the duplicate window stores nothing new."""
-    ack = await js.publish(f"{DLQ_PREFIX}{function}", body, headers=headers)
+# ------------------------------------------------------------------ sizes on the wire
+
+_HEADER_KEY = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # what nats-py agrees to send as a header name
+_NEWLINES = str.maketrans({"\r": " ", "\n": " "})
+_STATUS_LINE = b"NATS/1.0\r\n"
+
+
+def _line(key: str, value: str) -> bytes:
+    # Spelled as nats-py spells it: names and values stripped, line breaks in values as spaces.
+    return b"%s: %s\r\n" % (key.strip().encode(), value.strip().translate(_NEWLINES).encode())
+
+
+def encode_headers(headers: Mapping[str, str]) -> bytes:
+    """The header block as it travels: ``NATS/1.0``, one ``name: value`` line each, an empty line."""
+    return _STATUS_LINE + b"".join(_line(k, v) for k, v in headers.items() if k.strip()) + b"\r\n"
+
+
+def header_size(headers: Mapping[str, str]) -> int:
+    """Bytes ``headers`` add to a message; the server counts them against ``max_payload``."""
+    return len(encode_headers(headers)) if headers else 0
+
+
+def decode_headers(block: bytes) -> dict[str, str]:
+    """The headers of a block made by ``encode_headers``."""
+    hdrs: dict[str, str] = {}
+    for line in block.decode().split("\r\n")[1:]:
+        key, sep, value = line.partition(":")
+        if sep:
+            hdrs[key.strip()] = value.strip()
+    return hdrs
+
+
+@dataclass(frozen=True, slots=True)
+class Fit:
+    """A dead letter as it can be stored: body, headers and, if something was left out, where it is."""
+
+    body: bytes
+    headers: dict[str, str]
+    ref: str | None = None            # the object holding the full letter; None if nothing was left out
+    dropped: tuple[str, ...] = ()     # original headers the letter does not carry
+
+
+def fit_dead_letter(body: bytes, headers: Mapping[str, str], max_payload: int) -> Fit:
+    """How a dead letter is stored within ``max_payload`` (headers count, not only the body).
+
+    A letter that fits is stored as it is. One that does not is stored with an empty body and
+    ``Fn-Body-Ref``/``Fn-Body-Size``: the body and every header go into that object. If the
+    headers alone are still too large, ``Fn-Error`` is cut further and the largest original
+    headers (the call id last) are left out too, named in ``Fn-Dropped-Headers``. Header names
+    nats-py would refuse to send are always left out that way.
+    """
+    hdrs = dict(headers)
+    unsendable = [k for k in hdrs if not _HEADER_KEY.fullmatch(k.strip())]
+    if not unsendable and header_size(hdrs) + len(body) <= max_payload:
+        return Fit(body, hdrs)
+    ref = hdrs.get(H.MSG_ID)
+    if not ref:
+        raise ValueError(f"a dead letter needs its {H.MSG_ID} to name the object holding its body")
+    for key in unsendable:
+        del hdrs[key]
+    hdrs.pop(H.DROPPED_HEADERS, None)  # only this function writes it
+    hdrs.update({H.BODY_REF: ref, H.BODY_SIZE: str(len(body))})
+    dropped = list(unsendable)
+    # Sizes line by line: a letter may carry thousands of headers.
+    size = len(_STATUS_LINE) + 2 + sum(len(_line(k, v)) for k, v in hdrs.items())
+
+    def fits() -> bool:
+        hdrs.pop(H.DROPPED_HEADERS, None)
+        names = _dropped_value(dropped)
+        if names:
+            hdrs[H.DROPPED_HEADERS] = names
+        return size + (len(_line(H.DROPPED_HEADERS, names)) if names else 0) <= max_payload
+
+    def fitted() -> Fit:
+        return Fit(b"", hdrs, ref, tuple(dropped))
+
+    if fits():
+        return fitted()
+    error = hdrs.get(H.ERROR, "")
+    if len(error) > SHORT_ERROR_LENGTH:
+        short = error[:SHORT_ERROR_LENGTH - 1] + "…"
+        size += len(_line(H.ERROR, short)) - len(_line(H.ERROR, error))
+        hdrs[H.ERROR] = short
+        if fits():
+            return fitted()
+    kept = {H.MSG_ID, *DEAD_LETTER_HEADERS}
+    droppable = sorted((k for k in hdrs if k not in kept),
+                       key=lambda k: (k == H.CALL_ID, -len(_line(k, hdrs[k]))))
+    for key in droppable:
+        size -= len(_line(key, hdrs.pop(key)))
+        dropped.append(key)
+        if fits():
+            return fitted()
+    raise DeadLetterTooLarge(f"the dead letter {ref} does not fit in {max_payload} bytes even without its "
+                             f"body and original headers")
+
+
+def _dropped_value(names: list[str]) -> str:
+    value = ", ".join(n.strip() or "(empty)" for n in names)
+    if len(value) <= _DROPPED_LENGTH:
+        return value
+    cut = value[:_DROPPED_LENGTH].rsplit(", ", 1)[0]
+    return f"{cut}, … ({len(names)} in all)"
+
+
+# ------------------------------------------------------------------ storing and reading
+
+async def write_dead_letter(js: JetStreamContext, function: str, body: bytes, headers: dict[str, str], *,
+                            max_payload: int) -> int:
+    """Store a dead letter; a repeat within the duplicate window stores nothing new.
+
+    ``max_payload`` is the server's, as the connection learned it (``nc.max_payload``). A letter
+    too large for it keeps its full content in ``fn_dlq_bodies`` (see ``fit_dead_letter``).
+    Returns the letter's sequence in ``FN_DLQ`` (the first one stored, for a repeat).
+    """
+    fit = fit_dead_letter(body, headers, max_payload)
+    if fit.ref is not None:
+        await store_original(js, fit.ref, encode_headers(headers) + body, max_payload=max_payload)
+        log.info("dead letter %s of %s is too large to carry its body (%d bytes); stored as %s/%s%s",
+                 fit.ref, function, len(body), DLQ_BODIES_BUCKET, fit.ref,
+                 f", without headers {', '.join(fit.dropped)}" if fit.dropped else "")
+    ack = await js.publish(f"{DLQ_PREFIX}{function}", fit.body, headers=fit.headers)
     return int(ack.seq)
+
+
+def _digest(data: bytes) -> str:
+    # The object store's own notation, so a stored object's digest compares equal.
+    return "SHA-256=" + base64.urlsafe_b64encode(hashlib.sha256(data).digest()).decode()
+
+
+async def store_original(js: JetStreamContext, name: str, data: bytes, *, max_payload: int) -> None:
+    """Keep ``data`` (header block + body) as object ``name``; storing the same data again does nothing."""
+    store = await js.object_store(DLQ_BODIES_BUCKET)
+    with contextlib.suppress(NotFoundError):
+        if (await store.get_info(name)).digest == _digest(data):
+            return
+    options = ObjectMetaOptions(max_chunk_size=min(_CHUNK, max_payload))
+    await store.put(name, data, meta=ObjectMeta(name=name, options=options))
+
+
+async def load_original(js: JetStreamContext, name: str) -> tuple[dict[str, str], bytes]:
+    """The headers and body kept as object ``name``; raises ``NotFoundError`` if it is gone."""
+    store = await js.object_store(DLQ_BODIES_BUCKET)
+    data = bytes((await store.get(name)).data or b"")
+    end = data.find(b"\r\n\r\n") + 4
+    return decode_headers(data[:end]), data[end:]
+
+
+async def delete_original(js: JetStreamContext, name: str) -> bool:
+    """Drop object ``name``; False if it was gone already."""
+    store = await js.object_store(DLQ_BODIES_BUCKET)
+    try:
+        await store.delete(name)
+    except NotFoundError:
+        return False
+    return True
 
 
 async def record_error(nc: NATS, stream_seq: int, attempt: int, error: str) -> None:
@@ -75,8 +250,6 @@ async def record_error(nc: NATS, stream_seq: int, attempt: int, error: str) -> N
 
 async def last_error(js: JetStreamContext, stream_seq: int, deliveries: int) -> str:
     """The error recorded for the last attempt, or ``worker lost`` if that attempt left none."""
-    from nats.js.errors import NotFoundError
-
     try:
         raw = await js.get_msg(f"KV_{ERRORS_BUCKET}", subject=f"$KV.{ERRORS_BUCKET}.{stream_seq}", direct=True)
     except NotFoundError:

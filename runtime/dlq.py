@@ -7,28 +7,51 @@ import contextlib
 import json
 import logging
 import re
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.errors import TimeoutError as NatsTimeout
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError, ServerError
 from pydantic import BaseModel, ConfigDict
 
 from . import headers as H
-from .deadletter import original_headers
+from .deadletter import delete_original, header_size, load_original, original_headers
 from .errors import FnRuntimeError
 from .manifest import NAME_PATTERN
-from .streams import DLQ_PREFIX, DLQ_STREAM, INVOKE_PREFIX
+from .results import result_key
+from .streams import DLQ_BODIES_BUCKET, DLQ_PREFIX, DLQ_STREAM, INVOKE_PREFIX, RESULTS_BUCKET
 
 log = logging.getLogger("runtime.dlq")
 
 _NAME = re.compile(NAME_PATTERN)
 _NO_MESSAGE = 10057  # JetStream's "no message found" on delete
 
+LIST_BATCH = 256              # dead letters per pull
+LIST_BATCH_BYTES = 1 << 20    # header bytes per pull (a letter larger than this gets a pull of its own)
+LIST_STALL = 60.0             # a listing that makes no progress for this long gives up, saying so
+_PULL_EXPIRES = 5.0
+
 
 class DeadLetterNotFound(FnRuntimeError):
     """Raised when no dead letter has the given sequence number."""
+
+
+class BodyMissing(FnRuntimeError):
+    """Raised when the object holding a dead letter's body is gone."""
+
+
+class ReplayTooLarge(FnRuntimeError):
+    """Raised when a dead letter's original no longer fits the server's ``max_payload`` as an invocation."""
+
+
+class ListingStalled(FnRuntimeError):
+    """Raised when listing dead letters made no progress for ``LIST_STALL`` seconds."""
 
 
 class DeadLetter(BaseModel):
@@ -45,18 +68,25 @@ class DeadLetter(BaseModel):
     original_seq: int
     original_subject: str
     call_id: str | None
+    size: int                     # bytes of the original body
+    body_ref: str | None          # the fn_dlq_bodies object holding the original the letter could not carry
     headers: dict[str, str]
-    body: bytes
+    body: bytes | None = None     # None in a listing: show and replay fetch it
 
     @classmethod
-    def from_stored(cls, seq: int, subject: str, headers: dict[str, str] | None, body: bytes | None) -> DeadLetter:
+    def from_stored(cls, seq: int, subject: str, headers: dict[str, str] | None,
+                    body: bytes | None) -> DeadLetter:
+        """A letter as stored; ``body`` None for one read from headers only (``Nats-Msg-Size`` then says its size)."""
         hdrs = dict(headers or {})
+        stored_size = hdrs.pop(H.MSG_SIZE, None)
         function = hdrs.get(H.FUNCTION) or subject.removeprefix(DLQ_PREFIX)
+        size = _int(hdrs.get(H.BODY_SIZE) or stored_size) if body is None or H.BODY_REF in hdrs else len(body)
         return cls(seq=seq, function=function, reason=hdrs.get(H.REASON, ""), error=hdrs.get(H.ERROR, ""),
                    failed_at=hdrs.get(H.FAILED_AT, ""), deliveries=_int(hdrs.get(H.DELIVERIES)),
                    original_seq=_int(hdrs.get(H.ORIGINAL_SEQ)),
                    original_subject=hdrs.get(H.ORIGINAL_SUBJECT, f"{INVOKE_PREFIX}{function}"),
-                   call_id=hdrs.get(H.CALL_ID), headers=hdrs, body=body or b"")
+                   call_id=hdrs.get(H.CALL_ID), size=size, body_ref=hdrs.get(H.BODY_REF), headers=hdrs,
+                   body=body)
 
     def replay_headers(self) -> dict[str, str]:
         """The original headers, for a fresh invocation; a repeated replay of this letter is dropped."""
@@ -68,6 +98,8 @@ class DeadLetter(BaseModel):
     def to_json(self) -> dict[str, Any]:
         """Everything, with the body as text when it is UTF-8 and as base64 otherwise."""
         data = self.model_dump(exclude={"body"})
+        if self.body is None:
+            return data
         try:
             data["body"] = self.body.decode()
         except UnicodeDecodeError:
@@ -89,34 +121,197 @@ def check_function(name: str) -> str:
     return name
 
 
-async def list_dead_letters(js: JetStreamContext, function: str | None = None) -> list[DeadLetter]:
-    """Every dead letter, oldest first; only ``function``'s when given."""
-    subject = f"{DLQ_PREFIX}{check_function(function) if function else '>'}"
-    # A throwaway consumer reads in batches; it removes itself if this process dies mid-way.
-    sub = await js.pull_subscribe(subject, stream=DLQ_STREAM, config=ConsumerConfig(
-        ack_policy=AckPolicy.NONE, deliver_policy=DeliverPolicy.ALL, inactive_threshold=30.0, mem_storage=True))
-    letters: list[DeadLetter] = []
-    info = await sub.consumer_info()
-    try:
-        remaining = info.num_pending or 0
-        while remaining > 0:
-            for msg in await sub.fetch(min(remaining, 512), timeout=5):
-                letters.append(DeadLetter.from_stored(msg.metadata.sequence.stream, msg.subject, msg.headers,
-                                                      msg.data))
-                remaining = msg.metadata.num_pending
-    finally:
-        with contextlib.suppress(Exception):
-            await sub.unsubscribe()
-            await js.delete_consumer(DLQ_STREAM, info.name)
-    return letters
+# ------------------------------------------------------------------ listing
+
+
+@dataclass(frozen=True, slots=True)
+class Listing:
+    """Dead letters without bodies, oldest first, and how many were stored when the listing began.
+
+    Iterates over (and has the length of) its letters.
+    """
+
+    letters: list[DeadLetter]
+    expected: int
+
+    def __iter__(self) -> Iterator[DeadLetter]:
+        return iter(self.letters)
+
+    def __len__(self) -> int:
+        return len(self.letters)
+
+    @property
+    def shortfall(self) -> str | None:
+        """Why fewer letters were listed than were stored when the listing began; None if none are missing."""
+        missing = self.expected - len(self.letters)
+        if missing <= 0:
+            return None
+        return (f"listed {len(self.letters)} of the {self.expected} dead letters stored when the listing began: "
+                f"{missing} were removed meanwhile (replayed, purged or expired)")
+
+
+class DeadLetterScan:
+    """Reads ``FN_DLQ`` from headers only, in pulls bounded by count and bytes.
+
+    Everything stored when the scan begins is listed, however large the bodies: a throwaway
+    ``headers_only`` consumer delivers each letter's headers and its size. A pull that runs
+    out of time is followed by another from where it stopped; a delivery that went missing
+    (the consumer's sequence skips) restarts the consumer after the last letter seen, so no
+    letter is left out unless it was removed meanwhile.
+    """
+
+    def __init__(self, nc: NATS, js: JetStreamContext, function: str | None = None, *, batch: int = LIST_BATCH,
+                 batch_bytes: int = LIST_BATCH_BYTES, stall: float = LIST_STALL) -> None:
+        self.nc = nc
+        self.js = js
+        self.subject = f"{DLQ_PREFIX}{check_function(function) if function else '>'}"
+        self.batch = batch
+        self.batch_bytes = batch_bytes
+        self.stall = stall
+        self.expected = 0    # letters stored when the scan began
+        self.last_seq = 0    # the newest of them; later letters are not listed
+        self.listed = 0
+        self._consumer: str | None = None
+        self._next_seq = 1   # the first stream sequence not seen yet
+        self._last_delivery = 0
+
+    async def batches(self) -> AsyncIterator[list[DeadLetter]]:
+        """The letters, oldest first, a pull's worth at a time."""
+        every = self.subject == f"{DLQ_PREFIX}>"
+        info = await self.js.stream_info(DLQ_STREAM, subjects_filter=None if every else self.subject)
+        self.last_seq = info.state.last_seq
+        self.expected = info.state.messages if every else sum((info.state.subjects or {}).values())
+        if not self.expected:
+            return
+        try:
+            await self._restart()
+            progress = time.monotonic()
+            max_bytes = self.batch_bytes
+            while True:
+                letters, done, status = await self._pull(max_bytes)
+                max_bytes = self.batch_bytes
+                if letters:
+                    self.listed += len(letters)
+                    progress = time.monotonic()
+                    yield letters
+                if done:
+                    return
+                if status == "too large" and not letters:
+                    max_bytes = 2 * self.nc.max_payload  # the next letter's headers alone exceed a pull
+                elif status == "restart":
+                    await self._restart()
+                elif not letters:
+                    finished = await self._finished()
+                    if finished is None:
+                        await self._restart()
+                    elif finished:
+                        return
+                if time.monotonic() - progress > self.stall:
+                    raise ListingStalled(f"listing dead letters made no progress for {self.stall:g}s after "
+                                         f"{self.listed} of {self.expected}")
+        finally:
+            await self._drop_consumer()
+
+    async def _pull(self, max_bytes: int) -> tuple[list[DeadLetter], bool, str]:
+        """One pull: its letters, whether the scan is done, and how the pull ended."""
+        # An inbox of its own: what arrives late for an earlier pull (its last letters, its
+        # "batch completed") cannot be taken for this one's.
+        inbox = self.nc.new_inbox()
+        sub = await self.nc.subscribe(inbox)
+        try:
+            return await self._receive(sub, inbox, max_bytes)
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    async def _receive(self, sub: Any, inbox: str, max_bytes: int) -> tuple[list[DeadLetter], bool, str]:
+        assert self._consumer is not None
+        request = {"batch": self.batch, "max_bytes": max_bytes, "expires": int(_PULL_EXPIRES * 1e9)}
+        await self.nc.publish(f"$JS.API.CONSUMER.MSG.NEXT.{DLQ_STREAM}.{self._consumer}",
+                              json.dumps(request).encode(), reply=inbox)
+        letters: list[DeadLetter] = []
+        for _ in range(self.batch):
+            try:
+                msg: Msg = await sub.next_msg(timeout=_PULL_EXPIRES + 2)
+            except NatsTimeout:
+                return letters, False, "lost"  # the request or its answer went missing: ask again
+            if not (msg.reply or "").startswith("$JS.ACK."):
+                status = (msg.headers or {}).get("Status", "")
+                if status == "100":  # heartbeat
+                    continue
+                description = str((msg.headers or {}).get("Description", ""))
+                if status == "409" and "MaxBytes" in description:
+                    return letters, False, "too large"
+                return letters, False, "restart" if "Deleted" in description else "ended"
+            meta = msg.metadata
+            if meta.consumer != self._consumer:
+                continue  # left over from a consumer this scan replaced
+            if meta.sequence.consumer != self._last_delivery + 1:
+                return letters, False, "restart"  # a delivery never reached us
+            self._last_delivery = meta.sequence.consumer
+            seq = meta.sequence.stream
+            if seq > self.last_seq:
+                return letters, True, "ended"
+            letters.append(DeadLetter.from_stored(seq, msg.subject, msg.headers, None))
+            self._next_seq = seq + 1
+            if seq == self.last_seq or meta.num_pending == 0:
+                return letters, True, "ended"
+        return letters, False, "full"
+
+    async def _finished(self) -> bool | None:
+        """Whether everything was delivered and received; None if the consumer must be restarted."""
+        assert self._consumer is not None
+        try:
+            info = await self.js.consumer_info(DLQ_STREAM, self._consumer)
+        except NotFoundError:
+            return None
+        if info.delivered.consumer_seq > self._last_delivery:
+            return None  # delivered, never received: ask for those letters again
+        return not info.num_pending
+
+    async def _restart(self) -> None:
+        await self._drop_consumer()
+        info = await self.js.add_consumer(DLQ_STREAM, ConsumerConfig(
+            ack_policy=AckPolicy.NONE, deliver_policy=DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=self._next_seq,
+            filter_subject=self.subject, headers_only=True, mem_storage=True, num_replicas=1,
+            inactive_threshold=30.0))  # removes itself if this process dies mid-way
+        self._consumer = info.name
+        self._last_delivery = 0
+
+    async def _drop_consumer(self) -> None:
+        if self._consumer is not None:
+            with contextlib.suppress(Exception):
+                await self.js.delete_consumer(DLQ_STREAM, self._consumer)
+            self._consumer = None
+
+
+async def list_dead_letters(nc: NATS, js: JetStreamContext, function: str | None = None) -> Listing:
+    """Every dead letter (only ``function``'s when given), oldest first, without bodies."""
+    scan = DeadLetterScan(nc, js, function)
+    letters = [letter async for batch in scan.batches() for letter in batch]
+    return Listing(letters, scan.expected)
+
+
+# ------------------------------------------------------------------ one letter
 
 
 async def get_dead_letter(js: JetStreamContext, seq: int) -> DeadLetter:
+    """The dead letter with sequence ``seq``, with its full body and headers (from its object if referenced)."""
     try:
         raw = await js.get_msg(DLQ_STREAM, seq)
     except NotFoundError:
         raise DeadLetterNotFound(f"no dead letter with sequence {seq}") from None
-    return DeadLetter.from_stored(seq, raw.subject or "", raw.headers, raw.data)
+    hdrs = dict(raw.headers or {})
+    ref = hdrs.get(H.BODY_REF)
+    if not ref:
+        return DeadLetter.from_stored(seq, raw.subject or "", hdrs, raw.data or b"")
+    try:
+        full, body = await load_original(js, ref)
+    except NotFoundError:
+        raise BodyMissing(f"the body of dead letter {seq} is gone: no object {ref} in {DLQ_BODIES_BUCKET}") from None
+    # Everything the letter could not carry, plus where it came from.
+    full.update({H.BODY_REF: ref, H.BODY_SIZE: str(len(body))})
+    return DeadLetter.from_stored(seq, raw.subject or "", full, body)
 
 
 async def delete_dead_letter(js: JetStreamContext, seq: int) -> None:
@@ -128,39 +323,88 @@ async def delete_dead_letter(js: JetStreamContext, seq: int) -> None:
         raise
 
 
-async def replay(js: JetStreamContext, letter: DeadLetter) -> int:
+async def _drop_body(js: JetStreamContext, letter: DeadLetter) -> None:
+    if letter.body_ref:
+        try:
+            await delete_original(js, letter.body_ref)
+        except Exception as exc:  # the bucket's max_age removes it with the letter's retention
+            log.warning("could not delete %s/%s of dead letter %d: %s", DLQ_BODIES_BUCKET, letter.body_ref,
+                        letter.seq, exc)
+
+
+# ------------------------------------------------------------------ replay and purge
+
+
+async def replay(nc: NATS, js: JetStreamContext, letter: DeadLetter) -> int:
     """Invoke the function again with the original body and headers, then drop the letter.
 
     Returns the new message's sequence in ``FN``. The call id is kept, so the call's stored
     result becomes the outcome of the replay.
     """
-    ack = await js.publish(f"{INVOKE_PREFIX}{check_function(letter.function)}", letter.body,
-                           headers=letter.replay_headers())
+    if letter.body is None:
+        letter = await get_dead_letter(js, letter.seq)
+    body = letter.body or b""
+    hdrs = letter.replay_headers()
+    size = header_size(hdrs) + len(body)
+    if size > nc.max_payload:
+        raise ReplayTooLarge(f"dead letter {letter.seq} cannot be replayed: with its headers it takes {size} "
+                             f"bytes, the server takes at most {nc.max_payload}")
+    if letter.call_id:
+        # A call's outcome is stored once; clearing it is what lets the replay's outcome replace it.
+        results = await js.key_value(RESULTS_BUCKET)
+        await results.delete(result_key(letter.call_id))
+    ack = await js.publish(f"{INVOKE_PREFIX}{check_function(letter.function)}", body, headers=hdrs)
     with contextlib.suppress(DeadLetterNotFound):  # replayed and removed meanwhile by someone else
         await delete_dead_letter(js, letter.seq)
+    await _drop_body(js, letter)
     log.info("replayed dead letter %d of %s as message %d", letter.seq, letter.function, ack.seq)
     return int(ack.seq)
 
 
-async def replay_seq(js: JetStreamContext, seq: int) -> tuple[DeadLetter, int]:
+async def replay_seq(nc: NATS, js: JetStreamContext, seq: int) -> tuple[DeadLetter, int]:
     letter = await get_dead_letter(js, seq)
-    return letter, await replay(js, letter)
+    return letter, await replay(nc, js, letter)
 
 
-async def replay_all(js: JetStreamContext, function: str | None = None) -> list[tuple[DeadLetter, int]]:
-    """Replay every dead letter (of ``function`` when given), oldest first."""
-    return [(letter, await replay(js, letter)) for letter in await list_dead_letters(js, function)]
+async def replay_all(nc: NATS, js: JetStreamContext, function: str | None = None) -> list[tuple[DeadLetter, int]]:
+    """Replay every dead letter (of ``function`` when given), oldest first, one body in memory at a time."""
+    replayed = []
+    for listed in (await list_dead_letters(nc, js, function)).letters:
+        try:
+            letter = await get_dead_letter(js, listed.seq)
+        except DeadLetterNotFound:
+            continue  # replayed or purged meanwhile
+        replayed.append((letter, await replay(nc, js, letter)))
+    return replayed
 
 
 async def purge(nc: NATS, js: JetStreamContext, seq: int | None = None, function: str | None = None) -> int:
-    """Delete one dead letter by ``seq``, all of ``function``'s, or (neither given) all; returns how many."""
+    """Delete one dead letter by ``seq``, all of ``function``'s, or (neither given) all; returns how many.
+
+    The objects holding the bodies of the purged letters go with them; letters stored while
+    purging are kept, with theirs.
+    """
     if seq is not None:
+        try:
+            raw = await js.get_msg(DLQ_STREAM, seq)
+        except NotFoundError:
+            raise DeadLetterNotFound(f"no dead letter with sequence {seq}") from None
         await delete_dead_letter(js, seq)
+        await _drop_body(js, DeadLetter.from_stored(seq, raw.subject or "", raw.headers, None))
         return 1
-    request: dict[str, Any] = {"filter": f"{DLQ_PREFIX}{check_function(function)}"} if function else {}
+    scan = DeadLetterScan(nc, js, function)
+    referenced = [letter async for batch in scan.batches() for letter in batch if letter.body_ref]
+    if not scan.expected:
+        return 0
+    # Up to the last letter the scan saw stored: what arrives meanwhile keeps its body.
+    request: dict[str, Any] = {"seq": scan.last_seq + 1}
+    if function:
+        request["filter"] = f"{DLQ_PREFIX}{check_function(function)}"
     # The purge reply counts what it removed; nats-py's helper only says whether it succeeded.
     reply = await nc.request(f"$JS.API.STREAM.PURGE.{DLQ_STREAM}", json.dumps(request).encode(), timeout=10)
     data = json.loads(reply.data)
     if "error" in data:
         raise FnRuntimeError(f"purging {DLQ_STREAM} failed: {data['error'].get('description', data['error'])}")
+    for letter in referenced:
+        await _drop_body(js, letter)
     return int(data.get("purged", 0))

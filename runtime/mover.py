@@ -10,6 +10,10 @@ finish: fetch the original from ``FN`` → write the dead letter (deterministic
 ``Nats-Msg-Id``, so a second write is dropped) → tell the caller → delete the original →
 ack the advisory. A message already gone from ``FN`` was terminated by a runtime that
 wrote its dead letter itself, or was moved before: the advisory is just acknowledged.
+
+An advisory the server could not store (the store was full) is lost, and its message would
+stay in ``FN`` for good, delivered no more. So the mover also sweeps ``FN``, on start-up and
+then every ``sweep_interval`` seconds, for such messages and moves them the same way.
 """
 
 from __future__ import annotations
@@ -27,14 +31,16 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig
+from nats.js.api import AckPolicy, ConsumerConfig, ConsumerInfo, RawStreamMsg
 from nats.js.errors import NotFoundError, ServerError
 
 from . import headers as H
 from .deadletter import REASONS, WORKER_LOST, dead_letter_headers, last_error, write_dead_letter
 from .errors import FunctionError, InvalidInput, InvocationError, InvocationTimeout, Rejected
-from .results import Response, publish_response
+from .outbox import Outbox
+from .results import Response
 from .streams import DLQ_STREAM, EVENTS_STREAM, INVOKE_STREAM
+from .wire import call_id_for
 
 log = logging.getLogger("runtime.mover")
 
@@ -42,6 +48,9 @@ MOVER_CONSUMER = "dlq-mover"
 MAX_DELIVERIES = "io.nats.jetstream.advisory.v1.max_deliver"
 TERMINATED = "io.nats.jetstream.advisory.v1.terminated"
 _NO_MESSAGE = 10057  # JetStream's "no message found" on delete
+_LIST_PAGE = 256     # consumers per JetStream list reply
+SWEEP_INTERVAL = 30.0
+SWEEP_LIMIT = 256    # messages a sweep handles; one that reaches it is followed by another at once
 _TIMESTAMP = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?Z$")
 
 
@@ -100,21 +109,53 @@ def failure_of(reason: str, error: str) -> InvocationError:
     return FunctionError(error, type=type_ or None)
 
 
+def filter_subject(config: ConsumerConfig) -> str | None:
+    """The one subject a function consumer takes from ``FN``; None for any other consumer."""
+    subjects = [config.filter_subject] if config.filter_subject else list(config.filter_subjects or [])
+    return subjects[0] if len(subjects) == 1 else None
+
+
+def exhausted_up_to(info: ConsumerInfo) -> int:
+    """The ``FN`` sequence up to which a message of this consumer still in ``FN`` has no delivery left.
+
+    ``FN`` keeps a message until it is acknowledged or terminated, so one the consumer has
+    delivered and that is still there is either pending (being worked on, or waiting for its
+    redelivery) or out of deliveries. Nothing below the ack floor is pending, and nothing
+    delivered is when nothing is pending at all. The server leaves the ack floor below a
+    message that ran out of deliveries until an acknowledgement finds nothing pending, so the
+    floor alone misses the message after which nothing else was sent.
+    """
+    config = info.config
+    if not config.durable_name or filter_subject(config) is None or (config.max_deliver or -1) < 1:
+        return 0
+    floor = info.ack_floor.stream_seq if info.ack_floor else 0
+    if info.num_ack_pending:
+        return floor
+    return max(floor, info.delivered.stream_seq if info.delivered else 0)
+
+
 class DeadLetterMover:
-    """Handles ``FN_EVENTS`` advisories on the shared ``dlq-mover`` consumer until stopped."""
+    """Handles ``FN_EVENTS`` advisories on the shared ``dlq-mover`` consumer, and sweeps ``FN``, until stopped."""
 
     def __init__(self, nc: NATS, js: JetStreamContext, *, store_results: Callable[[str], bool] = lambda _: True,
-                 batch: int = 128, ack_wait: float = 30.0) -> None:
+                 batch: int = 128, ack_wait: float = 30.0, sweep_interval: float = SWEEP_INTERVAL,
+                 sweep_limit: int = SWEEP_LIMIT, outbox: Outbox | None = None) -> None:
         self.nc = nc
         self.js = js
+        self.outbox = outbox or Outbox(nc, js)
         self.store_results = store_results
         self.batch = batch
         self.ack_wait = ack_wait
+        self.sweep_interval = sweep_interval
+        self.sweep_limit = sweep_limit
         self.moved = 0
+        self.sweeps = 0   # sweeps completed
         self._sub: Any = None
-        self._task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
         self._running = False
         self._busy = False
+        self._sweeping = False
+        self._moving: set[int] = set()  # FN sequences this mover is moving now
 
     async def start(self) -> None:
         # Every runtime declares the same consumer; declaring an identical one is a no-op.
@@ -128,16 +169,18 @@ class DeadLetterMover:
         ))
         self._sub = await self.js.pull_subscribe_bind(durable=MOVER_CONSUMER, stream=EVENTS_STREAM)
         self._running = True
-        self._task = asyncio.create_task(self._run(), name="dlq-mover")
+        self._tasks = [asyncio.create_task(self._run(), name="dlq-mover"),
+                       asyncio.create_task(self._sweep_loop(), name="dlq-sweeper")]
 
     async def stop(self) -> None:
         """Stop fetching; a batch being moved may finish, a half-moved one is finished by the next mover."""
         self._running = False
-        if self._task is not None:
-            if not self._busy:
-                self._task.cancel()
+        for task, busy in zip(self._tasks, (self._busy, self._sweeping), strict=True):
+            if not busy:
+                task.cancel()
+        for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, TimeoutError):
-                await asyncio.wait_for(self._task, 10)
+                await asyncio.wait_for(task, 10)
         if self._sub is not None:
             with contextlib.suppress(Exception):
                 await self._sub.unsubscribe()
@@ -178,22 +221,109 @@ class DeadLetterMover:
             return
         await msg.ack()
 
-    async def move(self, advisory: Advisory) -> bool:
-        """Dead-letter the message ``advisory`` names; False if it is no longer in ``FN``."""
+    # -------------------------------------------------------------- sweeping
+
+    async def _sweep_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        waiting_since: float | None = None
+        while self._running:
+            handled = 0
+            try:
+                # Advisories in hand cover their messages; sweeping those too would tell their
+                # callers twice. They get one interval to be handled, not more.
+                if await self._advisories_waiting():
+                    waiting_since = loop.time() if waiting_since is None else waiting_since
+                    if loop.time() - waiting_since < self.sweep_interval:
+                        await asyncio.sleep(min(1.0, self.sweep_interval))
+                        continue
+                waiting_since = None
+                self._sweeping = True
+                try:
+                    handled = await self.sweep()
+                finally:
+                    self._sweeping = False
+                self.sweeps += 1
+            except Exception as exc:  # disconnected, or FN is being recreated: the next sweep tries again
+                log.warning("sweeping %s failed: %s", INVOKE_STREAM, exc)
+            if self._running and handled < self.sweep_limit:
+                await asyncio.sleep(self.sweep_interval)
+
+    async def _advisories_waiting(self) -> bool:
+        info = await self.js.consumer_info(EVENTS_STREAM, MOVER_CONSUMER)
+        return bool(info.num_pending or info.num_ack_pending)
+
+    async def _consumers(self) -> list[ConsumerInfo]:
+        infos: list[ConsumerInfo] = []
+        while True:
+            page = await self.js.consumers_info(INVOKE_STREAM, offset=len(infos) or None)
+            infos.extend(page)
+            if len(page) < _LIST_PAGE:
+                return infos
+
+    async def sweep(self) -> int:
+        """Move the messages of ``FN`` that ran out of deliveries with no advisory to say so.
+
+        Returns how many it handled, at most ``sweep_limit``.
+        """
+        handled = 0
+        # What FN holds of a function is undelivered, pending, or out of deliveries; a function
+        # with nothing of the last kind costs no more than this one request.
+        state = (await self.js.stream_info(INVOKE_STREAM, subjects_filter=">")).state
+        held = state.subjects or {}
+        for info in await self._consumers():
+            subject, bound = filter_subject(info.config), exhausted_up_to(info)
+            accounted = (info.num_pending or 0) + (info.num_ack_pending or 0)
+            exact = subject is not None and not {"*", ">"} & set(subject.split("."))
+            if exact and held.get(subject or "", 0) <= accounted:
+                continue
+            seq = 1
+            while subject and seq <= bound and handled < self.sweep_limit and self._running:
+                try:
+                    original = await self.js.get_msg(INVOKE_STREAM, seq, subject=subject, next=True)
+                except NotFoundError:
+                    break
+                if original.seq is None or original.seq > bound:
+                    break
+                advisory = Advisory(type=MAX_DELIVERIES, function=info.name, stream_seq=original.seq,
+                                    deliveries=info.config.max_deliver or 1)
+                await self.move(advisory, original)
+                handled += 1
+                seq = original.seq + 1
+        if handled:
+            log.warning("swept %d message(s) of %s that ran out of deliveries with no advisory to say so",
+                        handled, INVOKE_STREAM)
+        return handled
+
+    # -------------------------------------------------------------- moving
+
+    async def move(self, advisory: Advisory, original: RawStreamMsg | None = None) -> bool:
+        """Dead-letter the message ``advisory`` names; True if this call removed it from ``FN``."""
         seq = advisory.stream_seq
+        if seq in self._moving:
+            return False  # the sweep and an advisory met: one move is enough
+        self._moving.add(seq)
         try:
-            original = await self.js.get_msg(INVOKE_STREAM, seq)
-        except NotFoundError:
-            return False
+            return await self._move(advisory, original)
+        finally:
+            self._moving.discard(seq)
+
+    async def _move(self, advisory: Advisory, original: RawStreamMsg | None) -> bool:
+        seq = advisory.stream_seq
+        if original is None:
+            try:
+                original = await self.js.get_msg(INVOKE_STREAM, seq)
+            except NotFoundError:
+                return False
         hdrs = dict(original.headers or {})
-        call_id = hdrs.get(H.CALL_ID) or hdrs.get(H.MSG_ID) or f"{INVOKE_STREAM.lower()}-{seq}"
+        call_id = call_id_for(hdrs.get(H.CALL_ID) or hdrs.get(H.MSG_ID)) or f"{INVOKE_STREAM.lower()}-{seq}"
         error = await last_error(self.js, seq, advisory.deliveries)
         dead = dead_letter_headers(hdrs, function=advisory.function, subject=original.subject or "", seq=seq,
                                    deliveries=advisory.deliveries, reason=advisory.dead_letter_reason,
                                    error=error, call_id=call_id)
         if advisory.timestamp:
             dead[H.FAILED_AT] = advisory.timestamp
-        dlq_seq = await write_dead_letter(self.js, advisory.function, original.data or b"", dead)
+        dlq_seq = await write_dead_letter(self.js, advisory.function, original.data or b"", dead,
+                                          max_payload=self.nc.max_payload)
         # A repeated write returns the dead letter stored first; the caller hears what it says.
         stored = await self.js.get_msg(DLQ_STREAM, dlq_seq)
         stored_hdrs = stored.headers or {}
@@ -202,13 +332,15 @@ class DeadLetterMover:
         reply_to = hdrs.get(H.REPLY_TO) or None
         store = self.store_results(advisory.function) or bool(reply_to)
         if reply_to or store:
-            await publish_response(self.nc, Response.failure(call_id, failure), reply_to, store)
+            # One attempt at storing: a refusal naks the advisory, which comes back in a moment.
+            await self.outbox.deliver(Response.failure(call_id, failure), reply_to, store, patient=False)
             await self.nc.flush()
         try:
             await self.js.delete_msg(INVOKE_STREAM, seq)
         except ServerError as exc:
-            if exc.err_code != _NO_MESSAGE:  # gone meanwhile: moved by another mover
+            if exc.err_code != _NO_MESSAGE:
                 raise
+            return False  # gone meanwhile: moved by another mover
         self.moved += 1
         log.warning("dead-lettered message %d of %s after %d deliveries: %s", seq, advisory.function,
                     advisory.deliveries, stored_hdrs.get(H.ERROR, error))

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from typing import Any
 
 from nats.js import JetStreamContext
 from nats.js.api import (
@@ -26,23 +26,36 @@ DUPLICATE_WINDOW = 120.0
 
 
 def invoke_stream_config(replicas: int = 1) -> StreamConfig:
-    """``FN``: every invocation, kept until a function's consumer acknowledges it."""
+    """``FN``: every invocation, kept until a function's consumer acknowledges it.
+
+    Limits an operator sets (``max_msgs``, ``max_bytes``...) are kept; once one is reached, new
+    invocations are refused to their publisher (``discard: new``) rather than the oldest queued
+    ones being dropped without anyone being told.
+    """
     return StreamConfig(
         name=INVOKE_STREAM,
         subjects=[f"{INVOKE_PREFIX}>"],
         retention=RetentionPolicy.WORK_QUEUE,
         storage=StorageType.FILE,
-        discard=DiscardPolicy.OLD,
+        discard=DiscardPolicy.NEW,
         duplicate_window=DUPLICATE_WINDOW,
         num_replicas=replicas,
         allow_direct=True,
     )
 
 
-def _differs(current: StreamConfig, wanted: StreamConfig) -> bool:
-    want: dict[str, Any] = wanted.as_dict()
-    have: dict[str, Any] = current.as_dict()
-    return any(have.get(k) != v for k, v in want.items() if k != "name")
+def merged_config(current: StreamConfig, wanted: StreamConfig) -> StreamConfig:
+    """``current`` with every field ``wanted`` sets; what it leaves unset (None) stays as it is.
+
+    An update replaces the whole configuration, so sending ``wanted`` alone would reset the
+    limits an operator chose (such as ``max_msgs``) to the server's defaults.
+    """
+    changes = {f.name: getattr(wanted, f.name) for f in dataclasses.fields(wanted)
+               if getattr(wanted, f.name) is not None}
+    if not wanted.duplicate_window:
+        # 0 asks for the server's default window, which the server then reports as its value.
+        del changes["duplicate_window"]
+    return dataclasses.replace(current, **changes)
 
 
 async def ensure_stream(js: JetStreamContext, config: StreamConfig, update: bool = True) -> None:
@@ -59,9 +72,14 @@ async def ensure_stream(js: JetStreamContext, config: StreamConfig, update: bool
             if exc.err_code != 10058:  # created meanwhile by another runtime
                 raise
             info = await js.stream_info(config.name)
-    if update and _differs(info.config, config):
-        await js.update_stream(config)
-        log.info("updated stream %s", config.name)
+    if not update:
+        return
+    merged = merged_config(info.config, config)
+    have, want = info.config.as_dict(), merged.as_dict()
+    changed = sorted(k for k in have.keys() | want.keys() if have.get(k) != want.get(k))
+    if changed:
+        await js.update_stream(merged)
+        log.info("updated stream %s: %s", config.name, ", ".join(changed))
 
 
 def consumer_config(manifest: FunctionManifest) -> ConsumerConfig:
@@ -102,6 +120,7 @@ ADVISORY_SUBJECTS = [
 ]
 RESULTS_BUCKET = "fn_results"
 ERRORS_BUCKET = "fn_errors"
+DLQ_BODIES_BUCKET = "fn_dlq_bodies"  # the full originals of dead letters too large to carry them
 MANIFESTS_BUCKET = "fn_manifests"
 CRON_BUCKET = "fn_cron"
 
@@ -158,11 +177,27 @@ async def ensure_kv(js: JetStreamContext, bucket: str, history: int = 1, ttl: fl
     await ensure_stream(js, kv_stream_config(bucket, history, ttl, replicas))
 
 
+def object_stream_config(bucket: str, ttl: float | None = None, replicas: int = 1) -> StreamConfig:
+    """The stream behind an object store bucket, shaped as nats-py's ``create_object_store`` makes it."""
+    return StreamConfig(
+        name=f"OBJ_{bucket}",
+        subjects=[f"$O.{bucket}.C.>", f"$O.{bucket}.M.>"],
+        retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE,
+        max_age=ttl,
+        discard=DiscardPolicy.NEW,
+        allow_rollup_hdrs=True,
+        allow_direct=True,
+        num_replicas=replicas,
+    )
+
+
 async def provision_base(js: JetStreamContext, *, results_ttl: float = DAY, dlq_retention: float = 30 * DAY,
                          replicas: int = 1) -> None:
     """Everything a runtime needs before serving, created or updated in place."""
     await ensure_stream(js, invoke_stream_config(replicas))
     await ensure_stream(js, dlq_stream_config(dlq_retention, replicas))
+    await ensure_stream(js, object_stream_config(DLQ_BODIES_BUCKET, ttl=dlq_retention, replicas=replicas))
     await ensure_stream(js, events_stream_config(replicas))
     await ensure_kv(js, RESULTS_BUCKET, ttl=results_ttl, replicas=replicas)
     await ensure_kv(js, ERRORS_BUCKET, ttl=DAY, replicas=replicas)

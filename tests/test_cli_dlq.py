@@ -10,12 +10,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
 from runtime.dlq import list_dead_letters
 from runtime.results import fetch_response
 from runtime.server import EmbeddedServer
-from runtime.streams import DLQ_STREAM, EVENTS_STREAM
+from runtime.streams import DLQ_BODIES_BUCKET, DLQ_STREAM, EVENTS_STREAM
 
 from .conftest import ROOT, RuntimeFactory, RuntimeProcess, eventually
 
@@ -52,7 +53,7 @@ async def _settled(js: JetStreamContext, count: int) -> bool:
     return dead == count and (await js.stream_info(EVENTS_STREAM)).state.messages == 0
 
 
-async def test_dlq_commands_end_to_end(runtime: RuntimeFactory, nats_server: EmbeddedServer,
+async def test_dlq_commands_end_to_end(runtime: RuntimeFactory, nats_server: EmbeddedServer, nc: NATS,
                                        js: JetStreamContext, scratch: Path) -> None:
     await runtime(fixable=FIXABLE, greet=GREET, nope=NOPE)
     sent: list[tuple[str, bytes, str]] = [
@@ -65,13 +66,14 @@ async def test_dlq_commands_end_to_end(runtime: RuntimeFactory, nats_server: Emb
     for function, body, call_id in sent:
         await js.publish(f"fn.invoke.{function}", body, headers={"Fn-Call-Id": call_id, "X-Origin": "cli-test"})
     await eventually(lambda: _settled(js, 5), message="five dead letters")
-    seq = {d.call_id: d.seq for d in await list_dead_letters(js)}
+    seq = {d.call_id: d.seq for d in (await list_dead_letters(nc, js)).letters}
 
     table = ok(await dlq(nats_server, "ls")).splitlines()
-    assert table[0].split() == ["SEQ", "FUNCTION", "REASON", "ERROR", "FAILED", "AT", "DELIVERIES"]
+    assert table[0].split() == ["SEQ", "FUNCTION", "REASON", "ERROR", "FAILED", "AT", "DELIVERIES", "SIZE"]
     assert len(table) == 6
     first = table[1].split()
-    assert first[:4] == [str(seq["order-1"]), "fixable", "max_deliver", "LookupError:"] and first[-1] == "1"
+    assert first[:4] == [str(seq["order-1"]), "fixable", "max_deliver", "LookupError:"]
+    assert first[-2:] == ["1", f"{len(sent[0][1])}B"]
 
     listed: list[dict[str, Any]] = json.loads(ok(await dlq(nats_server, "ls", "--function", "greet", "--json")))
     assert [(d["call_id"], d["reason"], d["deliveries"]) for d in listed] == [
@@ -125,3 +127,5 @@ async def test_dlq_retention_is_configurable(runtime_process: Callable[..., Runt
     await proc.wait_ready()
     info = await js.stream_info(DLQ_STREAM)
     assert info.config.max_age == 2 * 86400
+    bodies = await js.stream_info(f"OBJ_{DLQ_BODIES_BUCKET}")
+    assert bodies.config.max_age == 2 * 86400, "bodies of oversized letters do not outlive their letters"

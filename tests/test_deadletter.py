@@ -16,7 +16,7 @@ from nats.js.api import AckPolicy, ConsumerConfig
 
 from runtime.app import Runtime
 from runtime.deadletter import WORKER_LOST, dead_letter_headers, write_dead_letter
-from runtime.dlq import DeadLetter, list_dead_letters, replay_all
+from runtime.dlq import DeadLetter, get_dead_letter, list_dead_letters, replay_all
 from runtime.mover import DeadLetterMover
 from runtime.results import fetch_response
 from runtime.streams import DLQ_STREAM, EVENTS_STREAM, INVOKE_STREAM, provision_base
@@ -35,12 +35,17 @@ async def stream_count(js: JetStreamContext, stream: str) -> int:
     return int((await js.stream_info(stream)).state.messages)
 
 
-async def settled_letters(js: JetStreamContext, expected: int, timeout: float = 15.0) -> list[DeadLetter]:
+async def settled_letters(nc: NATS, js: JetStreamContext, expected: int, timeout: float = 15.0,
+                          bodies: bool = True) -> list[DeadLetter]:
     """The dead letters, once ``expected`` exist, every advisory is handled and ``FN`` is empty."""
     await eventually(lambda: _at_least(js, DLQ_STREAM, expected), timeout=timeout, message=f"{expected} dead letters")
     await eventually(lambda: _is_empty(js, EVENTS_STREAM), timeout=timeout, message="every advisory handled")
     await eventually(lambda: _is_empty(js, INVOKE_STREAM), timeout=timeout, message="FN empty")
-    return await list_dead_letters(js)
+    listing = await list_dead_letters(nc, js)
+    assert listing.shortfall is None
+    if not bodies:
+        return listing.letters
+    return [await get_dead_letter(js, d.seq) for d in listing.letters]
 
 
 async def _at_least(js: JetStreamContext, stream: str, count: int) -> bool:
@@ -61,7 +66,7 @@ async def test_always_raising_function_leaves_one_dead_letter(runtime: RuntimeFa
     seen, _ = await collect(nc, "test.events.fails")
     body = b'{"n": 7,   "note": "caf\xc3\xa9"}\n'
     ack = await js.publish("fn.invoke.fails", body, headers={"Nats-Msg-Id": "fails-1", "X-Trace": "t-42"})
-    [letter] = await settled_letters(js, 1)
+    [letter] = await settled_letters(nc, js, 1)
     assert attempts(seen) == [1, 2, 3]
     assert letter.body == body, "the body is kept byte for byte"
     h = letter.headers
@@ -85,7 +90,7 @@ async def test_poison_payloads_and_reject_are_dead_lettered_after_one_delivery(
     for call_id, body in bodies.items():
         await js.publish(f"fn.invoke.{'nope' if call_id == 'nope' else 'greet'}", body,
                          headers={"Fn-Call-Id": call_id})
-    letters = {d.call_id: d for d in await settled_letters(js, 3)}
+    letters = {d.call_id: d for d in await settled_letters(nc, js, 3)}
     assert len(letters) == 3 and not greeted, "invalid input never reaches the function"
     for call_id, body in bodies.items():
         assert letters[call_id].body == body
@@ -120,7 +125,7 @@ async def test_runtime_killed_during_every_attempt(runtime_process: Callable[...
         await proc.wait_exit(10)
     # A runtime is up again while the last attempt's ack_wait runs out.
     await runtime_process(manifests).wait_ready()
-    [letter] = await settled_letters(js, 1)
+    [letter] = await settled_letters(nc, js, 1)
     assert (letter.reason, letter.deliveries, letter.function) == ("max_deliver", 2, "hang")
     assert letter.error == WORKER_LOST and letter.body == b'{"job": 1}'
     assert attempts(seen) == [1, 2], "no attempt beyond max_deliver"
@@ -146,7 +151,7 @@ async def test_failure_while_no_runtime_runs_is_dead_lettered_when_one_starts(
     await asyncio.sleep(1.0)  # the last attempt's ack_wait runs out with no runtime up
     assert await stream_count(js, DLQ_STREAM) == 0 and await stream_count(js, INVOKE_STREAM) == 1
     await runtime_process(manifests).wait_ready()
-    [letter] = await settled_letters(js, 1)
+    [letter] = await settled_letters(nc, js, 1)
     assert (letter.reason, letter.deliveries, letter.call_id) == ("max_deliver", 1, "alone-1")
     assert letter.error == WORKER_LOST
     assert attempts(seen) == [1]
@@ -157,17 +162,17 @@ async def test_replay_after_the_fix_produces_the_result_and_empties_the_dlq(
     await runtime(fixable=fn("fixable", "fixable", retry={"max_deliver": 2, "backoff": ["50ms"]}))
     seen, _ = await collect(nc, "test.events.fixable")
     await js.publish("fn.invoke.fixable", b'{"item": "tea", "quantity": 3}', headers={"Fn-Call-Id": "order-1"})
-    [letter] = await settled_letters(js, 1)
+    [letter] = await settled_letters(nc, js, 1)
     assert letter.error == "LookupError: no stock of tea"
     failed = await fetch_response(js, "order-1")
     assert failed is not None and failed.error is not None
     (scratch / "fixed").touch()  # the fix is deployed
-    [(replayed, new_seq)] = await replay_all(js)
+    [(replayed, new_seq)] = await replay_all(nc, js)
     assert replayed.seq == letter.seq and new_seq > letter.original_seq
     result = await eventually(lambda: _succeeded(js, "order-1"), message="the replayed call to succeed")
     assert result.value() == {"shipped": "tea", "quantity": 3}
     assert attempts(seen) == [1, 2, 1], "the replay is a fresh invocation"
-    assert await list_dead_letters(js) == []
+    assert (await list_dead_letters(nc, js)).letters == []
     await eventually(lambda: _is_empty(js, INVOKE_STREAM), message="FN empty")
 
 
@@ -177,7 +182,7 @@ async def _succeeded(js: JetStreamContext, call_id: str) -> Any:
 
 
 async def test_a_thousand_failures_across_two_runtimes(runtime_process: Callable[..., RuntimeProcess],
-                                                       manifest_dir: Callable[..., Path],
+                                                       manifest_dir: Callable[..., Path], nc: NATS,
                                                        js: JetStreamContext) -> None:
     manifests = manifest_dir(doomed=fn("doomed", "doomed", concurrency=64,
                                        retry={"max_deliver": 2, "backoff": ["10ms"]}))
@@ -188,7 +193,7 @@ async def test_a_thousand_failures_across_two_runtimes(runtime_process: Callable
         acks = await asyncio.gather(*(js.publish("fn.invoke.doomed", b'{"id": %d}' % i)
                                       for i in range(chunk, chunk + 250)))
         seqs.update(a.seq for a in acks)
-    letters = await settled_letters(js, 1000, timeout=60)
+    letters = await settled_letters(nc, js, 1000, timeout=60, bodies=False)
     assert len(letters) == 1000
     assert {d.original_seq for d in letters} == seqs, "one dead letter per message, no duplicates"
     assert {(d.reason, d.deliveries) for d in letters} == {("max_deliver", 2)}
@@ -220,14 +225,14 @@ async def test_a_mover_that_died_mid_move_leaves_no_duplicate_and_loses_nothing(
         dead = dead_letter_headers(original.headers or {}, function="lost", subject="fn.invoke.lost",
                                    seq=ack.seq, deliveries=1, reason="max_deliver", error="ValueError: first try",
                                    call_id=(original.headers or {}).get("Fn-Call-Id") or f"fn-{ack.seq}")
-        await write_dead_letter(js, "lost", original.data or b"", dead)
+        await write_dead_letter(js, "lost", original.data or b"", dead, max_payload=nc.max_payload)
     for ack in acks[20:40]:
         await js.delete_msg(INVOKE_STREAM, ack.seq)
     replies, _ = await collect(nc, "test.replies.lost")
 
     # Two runtimes share the mover's consumer and finish the job.
     runtimes: list[Runtime] = [await runtime(), await runtime()]
-    letters = await settled_letters(js, 120)
+    letters = await settled_letters(nc, js, 120)
     assert sorted(d.original_seq for d in letters) == [a.seq for a in acks]
     assert [d.error for d in letters[:40]] == ["ValueError: first try"] * 40
     assert {d.error for d in letters[40:]} == {WORKER_LOST}

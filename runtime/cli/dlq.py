@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -17,13 +18,13 @@ RET_NOT_FOUND = 1
 Command = Callable[[argparse.Namespace], int]
 
 
-def _reports_missing(cmd: Command) -> Command:
-    """A sequence that names no dead letter is one plain line, like any other user error."""
+def _plain_errors(cmd: Command) -> Command:
+    """A sequence that names no dead letter (and the like) is one plain line, like any other user error."""
     @functools.wraps(cmd)
     def wrapper(args: argparse.Namespace) -> int:
         try:
             return cmd(args)
-        except dlq.DeadLetterNotFound as exc:
+        except (dlq.DeadLetterNotFound, dlq.BodyMissing, dlq.ReplayTooLarge, dlq.ListingStalled) as exc:
             common.error(str(exc))
             return RET_NOT_FOUND
     return wrapper
@@ -86,24 +87,34 @@ def _short(text: str, width: int = ERROR_WIDTH) -> str:
     return text if len(text) <= width else text[:width - 1] + "…"
 
 
-def cmd_ls(args: argparse.Namespace) -> int:
-    async def main() -> list[dlq.DeadLetter]:
-        async with common.connection(args) as (_, js):
-            return await dlq.list_dead_letters(js, args.function)
+def _size(n: int) -> str:
+    if n < 1024:
+        return f"{n}B"
+    return f"{n / 1024:.1f}KB" if n < 1024 * 1024 else f"{n / (1024 * 1024):.1f}MB"
 
-    letters = run(main())
+
+@_plain_errors
+def cmd_ls(args: argparse.Namespace) -> int:
+    async def main() -> dlq.Listing:
+        async with common.connection(args) as (nc, js):
+            return await dlq.list_dead_letters(nc, js, args.function)
+
+    listing = run(main())
+    letters = listing.letters
     if args.json:
         common.print_json([letter.summary() for letter in letters])
     elif not letters:
         print("no dead letters" + (f" for {args.function}" if args.function else ""))
     else:
-        common.print_table(["seq", "function", "reason", "error", "failed at", "deliveries"],
-                           [[d.seq, d.function, d.reason, _short(d.error), d.failed_at, d.deliveries]
+        common.print_table(["seq", "function", "reason", "error", "failed at", "deliveries", "size"],
+                           [[d.seq, d.function, d.reason, _short(d.error), d.failed_at, d.deliveries, _size(d.size)]
                             for d in letters])
+    if listing.shortfall:
+        print(f"runtime: warning: {listing.shortfall}", file=sys.stderr)
     return 0
 
 
-@_reports_missing
+@_plain_errors
 def cmd_show(args: argparse.Namespace) -> int:
     async def main() -> dlq.DeadLetter:
         async with common.connection(args) as (_, js):
@@ -121,18 +132,18 @@ def cmd_show(args: argparse.Namespace) -> int:
     if "body" in body:
         print(body["body"])
     else:
-        print(f"({len(letter.body)} bytes, not UTF-8; base64 below)")
+        print(f"({letter.size} bytes, not UTF-8; base64 below)")
         print(body["body_base64"])
     return 0
 
 
-@_reports_missing
+@_plain_errors
 def cmd_replay(args: argparse.Namespace) -> int:
     async def main() -> list[tuple[dlq.DeadLetter, int]]:
-        async with common.connection(args) as (_, js):
+        async with common.connection(args) as (nc, js):
             if args.seq is not None:
-                return [await dlq.replay_seq(js, args.seq)]
-            return await dlq.replay_all(js, args.function)
+                return [await dlq.replay_seq(nc, js, args.seq)]
+            return await dlq.replay_all(nc, js, args.function)
 
     replayed = run(main())
     if args.json:
@@ -146,7 +157,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return 0
 
 
-@_reports_missing
+@_plain_errors
 def cmd_purge(args: argparse.Namespace) -> int:
     async def main() -> int:
         async with common.connection(args) as (nc, js):
