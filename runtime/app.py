@@ -5,24 +5,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from types import TracebackType
 from typing import Protocol
 
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
-from .errors import LoadError
+from .blocking import LoopMonitor
+from .errors import ConnectionLost, LoadError
 from .follower import RegistryFollower
 from .gateway import Gateway
-from .loader import Handler, ensure_on_path, load_handler, module_changed
+from .loader import Handler, ensure_on_path, load_handler_async, module_changed
 from .manifest import FunctionManifest, ManifestSet
 from .mover import DeadLetterMover
+from .outbox import Outbox
 from .registry import Registry
 from .scheduler import Scheduler
 from .server import EmbeddedServer
 from .settings import Settings
 from .status import StatusResponder
 from .streams import ensure_consumer, provision_base
+from .wire import ReplyPolicy
 from .worker import FunctionWorker
 
 log = logging.getLogger("runtime.app")
@@ -40,9 +44,18 @@ class ServingWatcher(Protocol):
     async def stopped_serving(self, name: str) -> None: ...
 
 
-async def connect(url: str, name: str = "runtime") -> NATS:
+async def connect(url: str, name: str = "runtime", on_closed: Callable[[], None] | None = None) -> NATS:
+    """The runtime's connection: reconnects forever (the server may be restarting).
+
+    ``on_closed`` is called if the connection is closed anyway while nobody asked for it
+    (nats-py closes it for good on some server errors); the runtime then exits.
+    """
     async def on_error(exc: Exception) -> None:
         log.warning("nats: %s", exc)
+
+    async def on_closed_cb() -> None:
+        if on_closed is not None:
+            on_closed()
 
     async def on_disconnect() -> None:
         if not nc.is_closed and not nc.is_draining:
@@ -54,6 +67,7 @@ async def connect(url: str, name: str = "runtime") -> NATS:
     nc = NATS()
     await nc.connect(url, name=name, max_reconnect_attempts=-1, reconnect_time_wait=1,
                      error_cb=on_error, disconnected_cb=on_disconnect, reconnected_cb=on_reconnect,
+                     closed_cb=on_closed_cb,
                      pending_size=8 * 1024 * 1024,
                      # Subjects are built from validated names; checking each publish again is hot-path cost.
                      skip_subject_validation=True)
@@ -74,7 +88,13 @@ class Runtime:
         self.components: list[Component] = []
         self.watchers: list[ServingWatcher] = []
         self.follower = RegistryFollower(self)
+        self.monitor = LoopMonitor(lambda: {name: w.executor.handler for name, w in self.workers.items()})
         self.scheduler: Scheduler | None = None
+        self.outbox: Outbox | None = None
+        # Set when the connection closed for good without a stop: the process must exit.
+        self.lost = asyncio.Event()
+        self._stopping = False
+        self._serving = False   # workers pull only once every component has started
         self._lock = asyncio.Lock()
         ensure_on_path(settings.project_root)
 
@@ -85,8 +105,24 @@ class Runtime:
         return self.nc, self.js
 
     async def start(self) -> None:
-        self.nc = await connect(self.url)
+        """Connect, provision and serve; a start that fails half way stops what it started."""
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    def _on_closed(self) -> None:
+        if not self._stopping:
+            log.error("the connection to NATS was closed for good (last error: %s); this runtime stops so "
+                      "that its supervisor can restart it", self.nc.last_error if self.nc else None)
+            self.lost.set()
+
+    async def _start(self) -> None:
+        self._stopping = False
+        self.nc = await connect(self.url, on_closed=self._on_closed)
         self.js = self.nc.jetstream()
+        self.outbox = Outbox(self.nc, self.js, ReplyPolicy(self.settings.reply_prefixes))
         s = self.settings
         await provision_base(self.js, results_ttl=s.results_ttl, dlq_retention=s.dlq_retention,
                              replicas=s.replicas)
@@ -98,16 +134,22 @@ class Runtime:
         for component in self._components():
             await component.start()
             self.components.append(component)
+        # Handlers run only now: a handler that blocks the event loop cannot break the start-up.
+        self._serving = True
+        for worker in list(self.workers.values()):
+            await worker.start()
 
     def _components(self) -> list[Component]:
         """The parts of a runtime, each with start/stop, in start order."""
-        components: list[Component] = [self.follower, StatusResponder(self)]
+        # The loop monitor comes first so that it also watches the start-up of every function.
+        components: list[Component] = [self.monitor, self.follower, StatusResponder(self)]
         if self.settings.scheduler:
             self.scheduler = Scheduler(self.connection[1])
             self.follower.schedule_sinks.append(self.scheduler.set_schedules)
             components.append(self.scheduler)
         if self.settings.dead_letters:
-            components.append(DeadLetterMover(*self.connection, store_results=self._stores_results))
+            components.append(DeadLetterMover(*self.connection, store_results=self._stores_results,
+                                              outbox=self.outbox))
         if self.settings.gateway:
             components.append(Gateway(self))
         return components
@@ -122,7 +164,7 @@ class Runtime:
         async with self._lock:
             current = self.workers.get(manifest.name)
             try:
-                handler = self._handler_for(manifest, current)
+                handler = await self._handler_for(manifest, current)
             except LoadError as exc:
                 self.failing[manifest.name] = str(exc)
                 self.manifests[manifest.name] = manifest
@@ -137,8 +179,10 @@ class Runtime:
             await ensure_consumer(js, manifest)
             self.manifests[manifest.name] = manifest
             if current is None:
-                worker = FunctionWorker(nc, js, manifest, handler)
-                await worker.start()
+                assert self.outbox is not None
+                worker = FunctionWorker(nc, js, manifest, handler, self.outbox)
+                if self._serving:
+                    await worker.start()
                 self.workers[manifest.name] = worker
             else:
                 current.update(manifest, handler)
@@ -155,14 +199,15 @@ class Runtime:
             except Exception:
                 log.exception("could not tell %s about %s", type(watcher).__name__, name)
 
-    def _handler_for(self, manifest: FunctionManifest, current: FunctionWorker | None) -> Handler:
+    async def _handler_for(self, manifest: FunctionManifest, current: FunctionWorker | None) -> Handler:
+        root = self.settings.project_root
         if current is not None and current.manifest.handler == manifest.handler:
             old = current.executor.handler
             if not module_changed(old):
                 return old
             log.info("module of %s changed on disk; reloading it", manifest.handler)
-            return load_handler(manifest.handler, reload=True)
-        return load_handler(manifest.handler)
+            return await load_handler_async(manifest.handler, reload=True, root=root)
+        return await load_handler_async(manifest.handler, root=root)
 
     async def remove(self, name: str) -> None:
         """Stop serving ``name`` once its in-flight invocations finish."""
@@ -178,12 +223,16 @@ class Runtime:
 
     async def stop(self) -> None:
         """Stop fetching, let in-flight work finish within the grace period, then drain."""
+        self._stopping = True
+        self._serving = False
+        # Without a connection nothing can be acknowledged: in-flight work is redelivered anyway.
+        grace = 0.0 if self.lost.is_set() else self.settings.grace
         for component in reversed(self.components):
             with contextlib.suppress(Exception):
                 await component.stop()
         self.components.clear()
         workers, self.workers = list(self.workers.values()), {}
-        await asyncio.gather(*(w.stop(self.settings.grace) for w in workers))
+        await asyncio.gather(*(w.stop(grace) for w in workers))
         if self.nc is not None and not self.nc.is_closed:
             with contextlib.suppress(Exception):
                 await self.nc.flush(timeout=5)
@@ -213,10 +262,17 @@ async def serve(settings: Settings, stop: asyncio.Event, *, handle_signals: bool
         url = server.url
     try:
         with capture_signals(stop, handle_signals):
-            async with Runtime(settings, url):
+            async with Runtime(settings, url) as runtime:
                 log.info("runtime ready on %s", url)
-                await stop.wait()
+                stopped = asyncio.create_task(stop.wait())
+                lost = asyncio.create_task(runtime.lost.wait())
+                await asyncio.wait([stopped, lost], return_when=asyncio.FIRST_COMPLETED)
+                stopped.cancel()
+                lost.cancel()
                 log.info("shutting down")
+            if runtime.lost.is_set():
+                raise ConnectionLost("the connection to NATS was closed for good; exiting so that a supervisor "
+                                     "restarts the runtime")
     finally:
         if server is not None:
             await server.stop()

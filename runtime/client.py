@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import logging
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -34,6 +35,8 @@ from .errors import FnRuntimeError, InvalidInput, InvocationTimeout, NoResult, U
 from .manifest import NAME_PATTERN
 from .results import Response, fetch_response, result_key
 from .streams import INVOKE_PREFIX, INVOKE_STREAM, MANIFESTS_BUCKET, RESULTS_BUCKET
+
+log = logging.getLogger("runtime.client")
 
 DEFAULT_URL = "nats://127.0.0.1:4222"
 KNOWN_TTL = 10.0  # a function found deployed is trusted this long before it is looked up again
@@ -160,6 +163,9 @@ class Client:
         try:
             duplicate = await self._store(nc, function, body, hdrs, call_id, deadline)
             if duplicate:
+                log.warning("call id %r was already used within the duplicate window: %s ran once, for the "
+                            "first call; this is that call's outcome, whatever this call's payload",
+                            call_id, function)
                 # The first caller's inbox gets the reply; this one reads the stored outcome.
                 response = await self.outcome(call_id, wait=deadline - loop.time())
             else:
@@ -179,6 +185,9 @@ class Client:
         loop = asyncio.get_running_loop()
         call_id, body, hdrs = await self._prepare(function, payload, call_id, headers)
         duplicate = await self._store(nc, function, body, hdrs, call_id, loop.time() + self.ack_timeout)
+        if duplicate:
+            log.warning("call id %r was already used within the duplicate window: this call was not stored; "
+                        "%s runs once, for the first call", call_id, function)
         return Call(call_id, function, duplicate)
 
     async def _prepare(self, function: str, payload: Any, call_id: str | None,

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from . import codec
+from .errors import FnRuntimeError
+from .manifest import NAME_PATTERN
+from .wire import WireLimits, subject_problem
 
 if TYPE_CHECKING:
     from nats.aio.client import Client as NATS
@@ -38,6 +42,7 @@ class Context:
     scheduled_at: datetime | None = None
     schedule: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    limits: WireLimits | None = None
 
     @property
     def invocation_id(self) -> str:
@@ -54,10 +59,26 @@ class Context:
 
     async def invoke(self, function: str, payload: Any, *, msg_id: str | None = None) -> int:
         """Queue an invocation of another function; returns its stream sequence."""
+        if not re.match(NAME_PATTERN, function):
+            raise FnRuntimeError(f"{function!r} is not a function name")
         headers = {"Nats-Msg-Id": msg_id} if msg_id else None
-        ack = await self.js.publish(f"fn.invoke.{function}", codec.encode(payload), headers=headers)
+        body = codec.encode(payload)
+        self._check(f"fn.invoke.{function}", body, headers)
+        ack = await self.js.publish(f"fn.invoke.{function}", body, headers=headers)
         return int(ack.seq)
 
     async def publish(self, subject: str, payload: Any, headers: dict[str, str] | None = None) -> None:
         """Publish a core NATS message (events, notifications)."""
-        await self.nc.publish(subject, codec.encode(payload), headers=headers)
+        body = codec.encode(payload)
+        self._check(subject, body, headers)
+        await self.nc.publish(subject, body, headers=headers)
+
+    def _check(self, subject: str, body: bytes, headers: dict[str, str] | None) -> None:
+        # The server closes a connection that publishes what it cannot take, and this
+        # connection is the runtime's: refuse here, where the handler sees the reason.
+        problem = subject_problem(subject)
+        if problem:
+            raise FnRuntimeError(f"cannot publish to {subject[:80]!r}: {problem}")
+        if self.limits is not None and not self.limits.fits(subject, body, headers):
+            raise FnRuntimeError(f"cannot publish to {subject!r}: the message does not fit the server's "
+                                 f"max_payload of {self.limits.max_payload} bytes")

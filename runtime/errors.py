@@ -87,6 +87,19 @@ class FunctionError(InvocationError):
     kind = "function_error"
 
 
+class ResultTooLarge(FunctionError):
+    """Raised when a function's result does not fit in one message of the server."""
+
+    kind = "ResultTooLarge"
+
+
+class PayloadTooLarge(InvocationError):
+    """Raised when an input does not fit in one message once the runtime's headers are added."""
+
+    code = 413
+    kind = "payload_too_large"
+
+
 class Unavailable(InvocationError):
     """Raised when the invocation could not be stored."""
 
@@ -101,13 +114,17 @@ class InvocationTimeout(InvocationError):
     kind = "timeout"
 
 
+class ConnectionLost(FnRuntimeError):
+    """Raised when the runtime's NATS connection was closed for good and will not come back."""
+
+
 class NoResult(FnRuntimeError):
     """Raised when no outcome is stored for a call id (yet)."""
 
 
 ERRORS_BY_CODE: dict[int, type[InvocationError]] = {
     cls.code: cls for cls in (InvalidInput, Rejected, UnknownFunction, FunctionError, Unavailable,
-                              InvocationTimeout)
+                              InvocationTimeout, PayloadTooLarge)
 }
 
 

@@ -26,11 +26,13 @@ from nats.nuid import NUID
 
 from . import headers as H
 from .client import Client, read_ack
-from .errors import InvocationError, Unavailable, UnknownFunction
+from .errors import InvocationError, PayloadTooLarge, Unavailable, UnknownFunction
 from .manifest import FunctionManifest
+from .outbox import Outbox
 from .results import Response
 from .status import runtime_id
 from .streams import INVOKE_PREFIX
+from .wire import call_id_for
 
 if TYPE_CHECKING:
     from .app import Runtime
@@ -184,21 +186,43 @@ class Gateway:
     async def _forward(self, name: str, msg: Msg) -> None:
         """Store the request as an invocation; its acknowledgement is handled when it comes."""
         nc, _ = self.runtime.connection
+        outbox = self._outbox
         given = msg.headers or {}
-        call_id = given.get(H.MSG_ID) or self._nuid.next().decode()
+        call_id = call_id_for(given.get(H.MSG_ID)) or self._nuid.next().decode()
+        # The reply subject is the requester's: a system subject there is never answered.
+        reply = outbox.reply_subject(msg.reply, call_id) or ""
         hdrs = {k: v for k, v in given.items() if k.lower() not in _OWN}
         hdrs[H.MSG_ID] = call_id
-        if msg.reply:
-            hdrs[H.REPLY_TO] = msg.reply
+        if reply:
+            hdrs[H.REPLY_TO] = reply
         token = str(next(self._tokens))
+        subject = INVOKE_PREFIX + name
+        if not outbox.limits.fits(subject, msg.data, hdrs, reply=self._acks + token):
+            room = outbox.limits.room_for_body(hdrs)
+            error = PayloadTooLarge(f"the input of {name} is {len(msg.data)} bytes; at most {room} fit in an "
+                                    f"invocation (the server's max_payload is {outbox.limits.max_payload})",
+                                    call_id=call_id)
+            log.warning("refused a call of %s: %s", name, error.message)
+            # Kept by call id as well, so the refused call can be looked up like any other.
+            response = Response.failure(call_id, error)
+            await outbox.answer(reply, response)
+            with contextlib.suppress(Exception):   # best effort: the requester has its answer already
+                await outbox.store(response, patient=False)
+            return
         # Not awaiting the acknowledgement here keeps requests flowing while earlier ones are stored.
-        self._storing[token] = _Storing(name, msg.reply, call_id, time.monotonic() + ACK_TIMEOUT)
+        self._storing[token] = _Storing(name, reply, call_id, time.monotonic() + ACK_TIMEOUT)
         try:
-            await nc.publish(INVOKE_PREFIX + name, msg.data, reply=self._acks + token, headers=hdrs)
+            await nc.publish(subject, msg.data, reply=self._acks + token, headers=hdrs)
         except Exception as exc:
             del self._storing[token]
-            await self._reply_error(msg.reply, call_id, Unavailable(
+            await self._reply_error(reply, call_id, Unavailable(
                 f"the invocation of {name} could not be stored: {exc or type(exc).__name__}"))
+
+    @property
+    def _outbox(self) -> Outbox:
+        if self.runtime.outbox is None:
+            raise RuntimeError("the runtime is not started")
+        return self.runtime.outbox
 
     async def _on_ack(self, ack: Msg) -> None:
         storing = self._storing.pop(ack.subject[len(self._acks):], None)
@@ -232,18 +256,15 @@ class Gateway:
         wait = max(60.0, worst_case(manifest)) if manifest is not None else 60.0
         response = await self.client.outcome(storing.call_id, wait=wait)
         if response is not None and storing.reply:
-            nc, _ = self.runtime.connection
-            await nc.publish(storing.reply, response.body, headers=response.headers)
+            await self._outbox.answer(storing.reply, response)
 
     async def _on_unknown(self, msg: Msg) -> None:
         name = msg.subject[len(CALL_PREFIX):]
         if name in self.runtime.manifests or not msg.reply:
             return  # deployed: its endpoint answers (on whichever runtime serves it)
-        call_id = (msg.headers or {}).get(H.MSG_ID) or self._nuid.next().decode()
-        await self._reply_error(msg.reply, call_id, UnknownFunction(f"no function named {name!r} is deployed"))
+        call_id = call_id_for((msg.headers or {}).get(H.MSG_ID)) or self._nuid.next().decode()
+        await self._reply_error(msg.reply, call_id, UnknownFunction(f"no function named {name[:80]!r} is deployed"))
 
     async def _reply_error(self, reply: str, call_id: str, error: InvocationError) -> None:
         if reply:
-            nc, _ = self.runtime.connection
-            response = Response.failure(call_id, error)
-            await nc.publish(reply, response.body, headers=response.headers)
+            await self._outbox.answer(reply, Response.failure(call_id, error))

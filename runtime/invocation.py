@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from nats.aio.msg import Msg
 
 from . import headers as H
+from .wire import call_id_for
 
 
 @dataclass(slots=True)
@@ -29,7 +30,8 @@ class Invocation:
         stream = tokens[offset]
         seq = int(tokens[offset + 3])
         hdrs = msg.headers or {}
-        call_id = hdrs.get(H.CALL_ID) or hdrs.get(H.MSG_ID) or f"{stream.lower()}-{seq}"
+        # Headers are untrusted: an id too long or odd to use becomes a digest (see wire.call_id_for).
+        call_id = call_id_for(hdrs.get(H.CALL_ID) or hdrs.get(H.MSG_ID)) or f"{stream.lower()}-{seq}"
         return cls(msg=msg, function=function, stream=stream, stream_seq=seq,
                    delivered=int(tokens[offset + 2]), headers=hdrs, call_id=call_id)
 

@@ -6,7 +6,6 @@ import base64
 import re
 from dataclasses import dataclass
 
-from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
@@ -14,15 +13,21 @@ from . import codec
 from . import headers as H
 from .errors import InvocationError, error_from_wire
 from .streams import RESULTS_BUCKET
+from .wire import call_id_for
 
 _KEY_OK = re.compile(r"^[-_=A-Za-z0-9]+$")
 
 
 def result_key(call_id: str) -> str:
-    """The KV key of a call id; ids that are not valid keys are base64url-encoded."""
-    if _KEY_OK.match(call_id) and not call_id.startswith("b64_"):
-        return call_id
-    return "b64_" + base64.urlsafe_b64encode(call_id.encode()).decode().rstrip("=")
+    """The KV key of a call id; ids that are not valid keys are base64url-encoded.
+
+    An id the runtime would not use as it is (see ``wire.call_id_for``) maps to the digest the
+    runtime stores its outcome under.
+    """
+    usable = call_id_for(call_id) or call_id
+    if _KEY_OK.match(usable) and not usable.startswith("b64_"):
+        return usable
+    return "b64_" + base64.urlsafe_b64encode(usable.encode()).decode().rstrip("=")
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,15 +74,6 @@ class Response:
         if err is not None:
             raise err
         return codec.decode(self.body, self.headers.get(H.CONTENT_TYPE))
-
-
-async def publish_response(nc: NATS, response: Response, reply_to: str | None, store: bool) -> None:
-    """Send ``response`` to the caller (if any) and keep it by call id (without waiting for an ack)."""
-    if reply_to:
-        await nc.publish(reply_to, response.body, headers=response.headers)
-    if store:
-        await nc.publish(f"$KV.{RESULTS_BUCKET}.{result_key(response.call_id)}", response.body,
-                         headers=response.headers)
 
 
 async def fetch_response(js: JetStreamContext, call_id: str) -> Response | None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .durations import Duration
 from .errors import ConfigError
@@ -27,13 +27,25 @@ class Settings(BaseModel):
     results_ttl: Duration = 86400.0
     dlq_retention: Duration = 30 * 86400.0
     replicas: int = Field(default=1, ge=1, le=5)
+    # Callers may be answered only on reply subjects under these prefixes (none: any that is not
+    # a system or API subject, see wire.ReplyPolicy).
+    reply_prefixes: tuple[str, ...] = ()
     gateway: bool = True                      # fn.call.<name> micro endpoints
     dead_letters: bool = True                 # the advisory-driven dead-letter mover
     scheduler: bool = True                    # cron schedules
 
+    @field_validator("reply_prefixes")
+    @classmethod
+    def _check_prefixes(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for prefix in value:
+            if not prefix or prefix.startswith("$") or any(c.isspace() or c in "*>" for c in prefix):
+                raise ValueError(f"{prefix!r} is not a reply subject prefix (such as _INBOX.)")
+        return value
+
     @classmethod
     def from_env(cls, **overrides: object) -> Settings:
-        """Settings from ``NATS_URL`` / ``RUNTIME_DATA_DIR`` / ``RUNTIME_GRACE``, then ``overrides``."""
+        """Settings from ``NATS_URL`` / ``RUNTIME_DATA_DIR`` / ``RUNTIME_GRACE`` / ``RUNTIME_REPLY_PREFIX``
+        (comma-separated), then ``overrides``."""
         env: dict[str, object] = {}
         if os.environ.get("NATS_URL"):
             env["server"] = os.environ["NATS_URL"]
@@ -41,6 +53,8 @@ class Settings(BaseModel):
             env["data_dir"] = os.environ["RUNTIME_DATA_DIR"]
         if os.environ.get("RUNTIME_GRACE"):
             env["grace"] = os.environ["RUNTIME_GRACE"]
+        if os.environ.get("RUNTIME_REPLY_PREFIX"):
+            env["reply_prefixes"] = tuple(p.strip() for p in os.environ["RUNTIME_REPLY_PREFIX"].split(",") if p.strip())
         env.update({k: v for k, v in overrides.items() if v is not None})
         try:
             return cls.model_validate(env)

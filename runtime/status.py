@@ -30,11 +30,16 @@ class StatusResponder:
 
     def snapshot(self) -> dict[str, Any]:
         rt = self.runtime
+        outbox = rt.outbox
         return {
             "runtime": self.id,
-            "serving": {name: {"in_flight": w.in_flight, "completed": w.completed}
+            "serving": {name: {"in_flight": w.in_flight, "completed": w.completed, "late": w.executor.late}
                         for name, w in rt.workers.items()},
             "failing": dict(rt.failing),
+            "loop": rt.monitor.counts(),   # event-loop blocking by handlers
+            "outbox": None if outbox is None else {
+                "refused_replies": outbox.refused_replies, "kept_first": outbox.kept_first,
+                "write_failures": outbox.write_failures},
         }
 
     async def start(self) -> None:

@@ -16,6 +16,7 @@ from .executor import Executor
 from .invocation import Invocation
 from .loader import Handler
 from .manifest import FunctionManifest
+from .outbox import Outbox
 from .pool import WorkerPool
 from .streams import INVOKE_STREAM
 
@@ -27,12 +28,13 @@ WPI = b"+WPI"
 class FunctionWorker:
     """Serves one function until stopped; settings can change while it runs."""
 
-    def __init__(self, nc: NATS, js: JetStreamContext, manifest: FunctionManifest, handler: Handler) -> None:
+    def __init__(self, nc: NATS, js: JetStreamContext, manifest: FunctionManifest, handler: Handler,
+                 outbox: Outbox) -> None:
         self.nc = nc
         self.name = manifest.name
         self.threads = None if handler.is_async else ThreadPoolExecutor(
             max_workers=manifest.concurrency, thread_name_prefix=f"fn-{manifest.name}")
-        self.executor = Executor(nc, js, manifest, handler, self.threads)
+        self.executor = Executor(nc, js, manifest, handler, self.threads, outbox)
         self.pool: WorkerPool[Invocation] = WorkerPool(self._process, manifest.concurrency, name=manifest.name)
         self.feed = PullFeed(nc, INVOKE_STREAM, manifest.name, manifest.concurrency, self._sink)
         self.held: dict[str, Invocation] = {}
@@ -103,8 +105,16 @@ class FunctionWorker:
                     break
 
     async def _enforce_timeouts(self) -> None:
+        # Sleeps until the earliest deadline; idle, it sleeps until an invocation starts.
+        wake = self.executor.wake
         while True:
-            await asyncio.sleep(self.executor.expire())
+            wait = self.executor.expire()
+            wake.clear()
+            if wait is None:
+                await wake.wait()
+            elif wait > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(wake.wait(), wait)
 
     async def stop(self, grace: float) -> None:
         """Stop fetching, let held invocations finish within ``grace``, then cancel the rest."""

@@ -81,3 +81,17 @@ async def test_bad_input_is_one_line(nats_server: EmbeddedServer) -> None:
     assert bad_json.returncode == 2 and "not valid JSON" in one_line(bad_json)
     assert bad_timeout.returncode == 2 and "not a duration" in bad_timeout.stderr
     assert no_server.returncode == 1 and "cannot connect" in one_line(no_server)
+
+
+async def test_a_reused_call_id_is_reported_as_a_duplicate(runtime: RuntimeFactory,
+                                                            nats_server: EmbeddedServer) -> None:
+    await runtime(echo=fn("echo", "core:echo"))
+    first = await cli(nats_server, "invoke", "echo", '{"amount": 100}', "--call-id", "dup-1")
+    assert first.returncode == 0 and first.stderr == "", first.stderr
+    second = await cli(nats_server, "invoke", "echo", '{"amount": 999999}', "--call-id", "dup-1")
+    assert second.returncode == 0, second.stderr
+    assert json.loads(second.stdout) == {"amount": 100}, "the first call's outcome, not a second run"
+    assert "'dup-1' was already used" in second.stderr and len(second.stderr.strip().splitlines()) == 1
+    submitted = await cli(nats_server, "invoke", "echo", '{"amount": 5}', "--call-id", "dup-1", "--async", "--json")
+    assert json.loads(submitted.stdout)["duplicate"] is True
+    assert "was not stored" in submitted.stderr

@@ -7,13 +7,14 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from ..errors import FnRuntimeError, InvocationError
+from ..errors import ConnectionLost, FnRuntimeError, InvocationError
 from . import common, deploy, dlq, invoke, schedules, serve
 
 RET_OK = 0
 RET_ERROR = 1          # a runtime error: bad manifest, cannot connect, …
 RET_USAGE = 2          # argparse's own code for bad arguments
 RET_FAILED = 3         # the invocation ran and failed
+RET_CONNECTION_LOST = 5  # serve: the NATS connection closed for good; a supervisor should restart it
 RET_INTERRUPTED = 130
 
 COMMANDS = [serve, deploy, schedules, dlq, invoke]
@@ -41,6 +42,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         common.error(f"{exc.described} (code {exc.code})")
         return RET_FAILED
+    except ConnectionLost as exc:
+        common.error(str(exc))
+        return RET_CONNECTION_LOST
     except (FnRuntimeError, OSError, TimeoutError) as exc:
         if args.debug:
             raise

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import os
 import sys
 from collections.abc import AsyncIterator, Sequence
@@ -33,6 +34,16 @@ def add_json_option(parser: argparse.ArgumentParser) -> None:
 
 def error(message: str) -> None:
     print(f"runtime: error: {message}", file=sys.stderr)
+
+
+def show_warnings(logger: str) -> None:
+    """Print ``logger``'s warnings as one line each on stderr (commands other than serve log nothing else)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("runtime: warning: %(message)s"))
+    target = logging.getLogger(logger)
+    target.addHandler(handler)
+    target.setLevel(logging.WARNING)
+    target.propagate = False
 
 
 def describe(exc: BaseException) -> str:

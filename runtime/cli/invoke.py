@@ -75,6 +75,7 @@ def cmd_invoke(args: argparse.Namespace) -> int:
         common.error(str(exc))
         return RET_USAGE
     call_id = args.call_id or NUID().next().decode()
+    common.show_warnings("runtime.client")   # e.g. a call id already used
 
     async def main() -> Call | Any:
         async with common.connection(args) as (nc, _), Client(nc) as fn:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..app import serve as serve_forever
-from ..loader import ensure_on_path, load_handler
+from ..loader import load_handler
 from ..logs import configure
 from ..loop import run
 from ..manifest import ManifestSet
@@ -30,14 +30,17 @@ def register(sub: Any) -> None:
                    help="how long dead letters are kept, e.g. 7d (default 30d)")
     p.add_argument("--results-ttl", default=None, metavar="DURATION",
                    help="how long final outcomes are kept in fn_results (default 24h)")
+    p.add_argument("--reply-prefix", action="append", default=[], metavar="PREFIX",
+                   help="answer callers only on reply subjects starting with PREFIX, e.g. _INBOX. (repeatable; "
+                        "$RUNTIME_REPLY_PREFIX, comma-separated); subjects starting with $ are never answered")
     p.add_argument("--log-level", default=os.environ.get("RUNTIME_LOG_LEVEL", "INFO"))
     p.set_defaults(func=cmd_serve)
 
 
-def check_handlers(manifests: ManifestSet) -> None:
-    """Import every handler before anything starts, so a broken one fails the command."""
+def check_handlers(manifests: ManifestSet, root: Path) -> None:
+    """Import every handler before anything starts, so a broken one fails the command (one line)."""
     for manifest in manifests.functions.values():
-        load_handler(manifest.handler)
+        load_handler(manifest.handler, root=root)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -45,9 +48,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = Settings.from_env(server=args.server, port=args.port, data_dir=args.data_dir,
                                  nats_conf=args.nats_conf, grace=args.grace,
                                  dlq_retention=args.dlq_retention, results_ttl=args.results_ttl,
-                                 manifests=tuple(Path(p) for p in args.manifests))
-    ensure_on_path(settings.project_root)
-    check_handlers(ManifestSet.load(settings.manifests))
+                                 manifests=tuple(Path(p) for p in args.manifests),
+                                 reply_prefixes=tuple(args.reply_prefix) or None)
+    check_handlers(ManifestSet.load(settings.manifests), settings.project_root)
 
     async def main() -> None:
         await serve_forever(settings, asyncio.Event())

@@ -1,0 +1,169 @@
+"""Final outcomes leave the runtime here: answered to the caller, stored once by call id.
+
+Three promises live in this module:
+
+- the runtime answers only on reply subjects it may publish to (``wire.ReplyPolicy``), so a
+  crafted ``Fn-Reply-To`` cannot make it act with its own rights;
+- a call's stored outcome is written once (``Nats-Expected-Last-Subject-Sequence``): a later
+  message reusing the call id cannot replace it; only a replay, which first clears the stored
+  outcome, can;
+- a write JetStream refuses for a passing reason (store full, no quorum, timeout) is retried
+  with a growing delay while the invocation keeps its message, so nothing is acked before its
+  outcome is kept and nothing burns its deliveries meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from nats.aio.client import Client as NATS
+from nats.errors import ConnectionClosedError, MaxPayloadError
+from nats.errors import Error as NatsError
+from nats.js import JetStreamContext
+from nats.js.errors import BadRequestError, NotFoundError
+
+from . import headers as H
+from .results import Response, result_key
+from .streams import RESULTS_BUCKET
+from .wire import ReplyPolicy, WireLimits
+
+log = logging.getLogger("runtime.outbox")
+
+T = TypeVar("T")
+
+WRONG_LAST_SEQUENCE = 10071   # JetStream: the subject's last sequence is not the expected one
+RETRY_DELAYS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)   # then the last one repeats
+_GONE = ("DEL", "PURGE")
+# Failures that retrying cannot fix: the connection is gone, or the request itself is wrong.
+_PERMANENT = (ConnectionClosedError, MaxPayloadError, BadRequestError)
+# Failures that pass: a full store (503), no JetStream quorum or responders, timeouts, reconnects.
+_PASSING = (NatsError, TimeoutError, OSError)
+
+
+class Throttle:
+    """Lets a log line through at most once per ``interval`` seconds per key; counts the rest."""
+
+    def __init__(self, interval: float = 10.0) -> None:
+        self.interval = interval
+        self._last: dict[str, float] = {}
+        self.suppressed = 0
+
+    def allow(self, key: str) -> bool:
+        now = time.monotonic()
+        if now - self._last.get(key, -self.interval) < self.interval:
+            self.suppressed += 1
+            return False
+        self._last[key] = now
+        return True
+
+
+class Outbox:
+    """Answers callers and stores outcomes for one runtime connection."""
+
+    def __init__(self, nc: NATS, js: JetStreamContext, replies: ReplyPolicy | None = None) -> None:
+        self.nc = nc
+        self.js = js
+        self.replies = replies or ReplyPolicy()
+        self.limits = WireLimits(nc.max_payload)
+        self.throttle = Throttle()
+        self.refused_replies = 0
+        self.kept_first = 0       # outcomes not stored because the call id already had one
+        self.write_failures = 0   # writes JetStream refused and that were tried again
+
+    # ------------------------------------------------------------------ replies
+
+    def reply_subject(self, subject: str | None, call_id: str = "") -> str | None:
+        """``subject`` if the runtime may answer on it; None (with a warning) if not."""
+        if not subject:
+            return None
+        problem = self.replies.problem(subject)
+        if problem is None:
+            return subject
+        self.refused_replies += 1
+        if self.throttle.allow("reply"):
+            log.warning("not answering call %s on reply subject %r: %s (its outcome is still stored)",
+                        call_id[:64], subject[:80], problem)
+        return None
+
+    async def answer(self, subject: str | None, response: Response) -> None:
+        """Send ``response`` to the caller's reply subject, if it is one the runtime may use."""
+        reply = self.reply_subject(subject, response.call_id)
+        if reply is None:
+            return
+        if not self.limits.fits(reply, response.body, response.headers):
+            if self.throttle.allow("answer-size"):
+                log.warning("the answer to call %s does not fit a message; it is only stored", response.call_id)
+            return
+        try:
+            await self.nc.publish(reply, response.body, headers=response.headers)
+        except Exception as exc:  # the caller misses the answer; the outcome is still stored
+            log.warning("could not answer call %s: %s", response.call_id, exc)
+
+    # ------------------------------------------------------------------ the result store
+
+    async def store(self, response: Response, *, patient: bool = True) -> bool:
+        """Keep ``response`` as the call's outcome unless one is stored; False if one was.
+
+        ``patient``: retry until JetStream takes it (see ``persist``); otherwise one attempt.
+        """
+        subject = f"$KV.{RESULTS_BUCKET}.{result_key(response.call_id)}"
+        expected = "0"
+        while True:
+            write = functools.partial(self.js.publish, subject, response.body,
+                                      headers={**response.headers, H.EXPECTED_LAST_SUBJECT_SEQ: expected})
+            try:
+                if patient:
+                    await self.persist(f"outcome of call {response.call_id}", write)
+                else:
+                    await write()
+                return True
+            except BadRequestError as exc:
+                if exc.err_code != WRONG_LAST_SEQUENCE:
+                    raise
+            # An outcome exists; a deleted or purged one (a replay cleared it) may be replaced.
+            try:
+                current = await self.js.get_msg(f"KV_{RESULTS_BUCKET}", subject=subject, direct=True)
+            except NotFoundError:
+                expected = "0"   # expired meanwhile
+                continue
+            if (current.headers or {}).get("KV-Operation") in _GONE and str(current.seq) != expected:
+                expected = str(current.seq)
+                continue
+            self.kept_first += 1
+            if self.throttle.allow("kept-first"):
+                log.warning("call id %s already has a stored outcome; keeping the first one", response.call_id)
+            return False
+
+    async def deliver(self, response: Response, reply_to: str | None, store: bool, *, patient: bool = True) -> None:
+        """Answer the caller at once, then keep the outcome (``patient``: waiting until JetStream has it)."""
+        await self.answer(reply_to, response)
+        if store:
+            await self.store(response, patient=patient)
+
+    # ------------------------------------------------------------------ retrying writes
+
+    async def persist(self, what: str, write: Callable[[], Awaitable[T]]) -> T:
+        """Run ``write`` until JetStream takes it, waiting longer after each refusal.
+
+        Permanent failures (a closed connection, a malformed request) are raised at once.
+        """
+        attempt = 0
+        while True:
+            try:
+                return await write()
+            except _PERMANENT:
+                raise
+            except _PASSING as exc:
+                self.write_failures += 1
+                delay = RETRY_DELAYS[min(attempt, len(RETRY_DELAYS) - 1)]
+                attempt += 1
+                if self.throttle.allow("persist"):
+                    log.error("could not write the %s (%s); trying again in %gs (%d writes waiting so far, "
+                              "the invocation keeps its message meanwhile)", what, exc or type(exc).__name__,
+                              delay, self.write_failures)
+                await asyncio.sleep(delay)

@@ -1,0 +1,115 @@
+"""What the server accepts, checked before the runtime publishes anything.
+
+nats-server closes a connection that sends a message over ``max_payload`` (headers count, not
+only the body) or a protocol line over ``max_control_line``, and nats-py then gives up on it.
+One such message built from untrusted input (a call id, a reply subject, a result) would
+disable a runtime, so every message the runtime builds from such input is measured here first.
+Reply subjects come from the network too: answering one publishes with the runtime's rights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterable, Mapping
+
+MAX_CONTROL_LINE = 4096   # nats-server's default max_control_line
+MAX_SUBJECT = 1024        # a reply subject longer than this is refused (inboxes are ~30 characters)
+MAX_CALL_ID = 256         # longer call ids are replaced by a digest (see call_id_for)
+HASHED_PREFIX = "h_"
+# Room a publish's protocol line needs besides its subjects: "HPUB  <hdr> <total>\r\n".
+_CONTROL_OVERHEAD = 48
+_HEADER_LINE = len("NATS/1.0\r\n") + len("\r\n")
+_BAD_CHARS = re.compile(r"[\x00-\x20\x7f]")
+
+
+class WireLimits:
+    """The limits of one connection's server."""
+
+    __slots__ = ("max_payload",)
+
+    def __init__(self, max_payload: int) -> None:
+        self.max_payload = max_payload
+
+    def fits(self, subject: str, body: bytes, headers: Mapping[str, str] | None = None, reply: str = "") -> bool:
+        """Whether the server takes this message without closing the connection."""
+        return (message_size(body, headers) <= self.max_payload
+                and len(subject) + len(reply) + _CONTROL_OVERHEAD <= MAX_CONTROL_LINE)
+
+    def room_for_body(self, headers: Mapping[str, str] | None = None) -> int:
+        """The largest body that fits beside ``headers``."""
+        return self.max_payload - header_size(headers)
+
+
+def header_size(headers: Mapping[str, str] | None) -> int:
+    """Bytes the headers take on the wire (they count against ``max_payload``)."""
+    if not headers:
+        return 0
+    return _HEADER_LINE + sum(len(k.encode()) + len(v.encode()) + 4 for k, v in headers.items())
+
+
+def message_size(body: bytes, headers: Mapping[str, str] | None = None) -> int:
+    return len(body) + header_size(headers)
+
+
+def subject_problem(subject: str) -> str | None:
+    """Why ``subject`` cannot be published to, or None if it can."""
+    if not subject:
+        return "it is empty"
+    if len(subject) > MAX_SUBJECT:
+        return f"it is longer than {MAX_SUBJECT} characters"
+    if _BAD_CHARS.search(subject):
+        return "it contains whitespace or control characters"
+    tokens = subject.split(".")
+    if any(not t for t in tokens):
+        return "it has an empty token"
+    if any(t in ("*", ">") for t in tokens):
+        return "it contains a wildcard"
+    return None
+
+
+class ReplyPolicy:
+    """Which reply subjects the runtime answers on behalf of a caller.
+
+    Never a system or API subject (anything starting with ``$``: ``$JS.API.STREAM.PURGE.FN`` as
+    a reply subject would make the runtime purge its own stream); when ``prefixes`` are given,
+    only subjects under one of them (``_INBOX.``, say).
+    """
+
+    def __init__(self, prefixes: Iterable[str] = ()) -> None:
+        self.prefixes = tuple(prefixes)
+
+    def problem(self, subject: str) -> str | None:
+        """Why the runtime refuses to answer on ``subject``, or None if it may."""
+        syntax = subject_problem(subject)
+        if syntax:
+            return syntax
+        if subject.startswith("$"):
+            return "it is a system or API subject (starts with '$')"
+        if self.prefixes and not subject.startswith(self.prefixes):
+            return f"it is outside the allowed reply prefixes ({', '.join(self.prefixes)})"
+        return None
+
+
+def call_id_for(raw: str | None) -> str | None:
+    """The call id the runtime uses for ``raw`` (from a header): itself when usable, else a digest.
+
+    Ids too long to put in a subject or a header line, or holding control characters, become
+    ``h_<sha256>``; ``results.result_key`` maps the original to the same key, so a caller that
+    asks by the original id still finds the outcome.
+    """
+    if not raw:
+        return None
+    if len(raw) <= MAX_CALL_ID and raw.isprintable():
+        return raw
+    return hashed(raw)
+
+
+def hashed(raw: str) -> str:
+    return HASHED_PREFIX + hashlib.sha256(raw.encode("utf-8", "surrogatepass")).hexdigest()[:40]
+
+
+def clip(text: str, limit: int) -> str:
+    """``text`` on one line, at most ``limit`` characters (error text goes into headers)."""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[:limit - 1] + "…"
