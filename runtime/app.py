@@ -233,6 +233,8 @@ class Runtime:
         self.components.clear()
         workers, self.workers = list(self.workers.values()), {}
         await asyncio.gather(*(w.stop(grace) for w in workers))
+        if self.outbox is not None:
+            await self.outbox.stop(min(grace, 5.0))
         if self.nc is not None and not self.nc.is_closed:
             with contextlib.suppress(Exception):
                 await self.nc.flush(timeout=5)

@@ -183,9 +183,12 @@ class Executor:
 
     async def _succeed(self, inv: Invocation, manifest: FunctionManifest, body: bytes) -> None:
         response = Response.success(inv.call_id, body, codec.CONTENT_TYPES[manifest.encoding])
-        # Acked only once the outcome is kept: a full store delays the ack, it never loses a result.
-        await self.outbox.deliver(response, inv.reply_to, manifest.store_results)
-        await self.nc.publish(inv.msg.reply, ACK)
+        await self.outbox.answer(inv.reply_to, response)
+        if manifest.store_results:
+            # Acked only once the outcome is kept: a full store delays the ack, it never loses a result.
+            await self.outbox.store_then_ack(response, inv.msg.reply)
+        else:
+            await self.nc.publish(inv.msg.reply, ACK)
 
     def _context(self, inv: Invocation, manifest: FunctionManifest, deadline: float) -> Context:
         scheduled = inv.headers.get(H.SCHEDULED_AT)

@@ -15,17 +15,23 @@ Three promises live in this module:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
+import itertools
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from nats.aio.client import Client as NATS
-from nats.errors import ConnectionClosedError, MaxPayloadError
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.errors import ConnectionClosedError, MaxPayloadError, NoRespondersError
 from nats.errors import Error as NatsError
+from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
-from nats.js.errors import BadRequestError, NotFoundError
+from nats.js.errors import APIError, BadRequestError, NotFoundError
 
 from . import headers as H
 from .results import Response, result_key
@@ -37,6 +43,8 @@ log = logging.getLogger("runtime.outbox")
 T = TypeVar("T")
 
 WRONG_LAST_SEQUENCE = 10071   # JetStream: the subject's last sequence is not the expected one
+KEEP_HELD = 0.5     # seconds between in-progress acks while a store waits for room
+ACK_TIMEOUT = 5.0   # seconds JetStream gets to acknowledge a write before it is tried again
 RETRY_DELAYS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)   # then the last one repeats
 _GONE = ("DEL", "PURGE")
 # Failures that retrying cannot fix: the connection is gone, or the request itself is wrong.
@@ -74,6 +82,14 @@ class Outbox:
         self.refused_replies = 0
         self.kept_first = 0       # outcomes not stored because the call id already had one
         self.write_failures = 0   # writes JetStream refused and that were tried again
+        self._inbox = nc.new_inbox() + "."
+        self._tokens = itertools.count(1)
+        self._waiting: dict[str, asyncio.Future[Msg]] = {}
+        self._sub: Subscription | None = None
+        self._sub_lock = asyncio.Lock()
+        # Stores in flight on the hot path: token -> (response, the invocation's ack subject, deadline).
+        self._then: dict[str, tuple[Response, str, float]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------------ replies
 
@@ -114,8 +130,8 @@ class Outbox:
         subject = f"$KV.{RESULTS_BUCKET}.{result_key(response.call_id)}"
         expected = "0"
         while True:
-            write = functools.partial(self.js.publish, subject, response.body,
-                                      headers={**response.headers, H.EXPECTED_LAST_SUBJECT_SEQ: expected})
+            write = functools.partial(self.publish_acked, subject, response.body,
+                                      {**response.headers, H.EXPECTED_LAST_SUBJECT_SEQ: expected})
             try:
                 if patient:
                     await self.persist(f"outcome of call {response.call_id}", write)
@@ -144,6 +160,116 @@ class Outbox:
         await self.answer(reply_to, response)
         if store:
             await self.store(response, patient=patient)
+
+    # ------------------------------------------------------------------ acknowledged writes
+
+    async def publish_acked(self, subject: str, body: bytes, headers: dict[str, str]) -> None:
+        """Publish through JetStream and wait for its acknowledgement; raise what it refuses.
+
+        Acknowledgements come to one wildcard inbox, matched by token: lighter than a request
+        per write, and the common acknowledgement is not even parsed.
+        """
+        await self._subscribe()
+        loop = asyncio.get_running_loop()
+        token = str(next(self._tokens))
+        waiter: asyncio.Future[Msg] = loop.create_future()
+        self._waiting[token] = waiter
+        timer = loop.call_later(ACK_TIMEOUT, self._expire, token)
+        try:
+            await self.nc.publish(subject, body, reply=self._inbox + token, headers=headers)
+            ack = await waiter
+        finally:
+            timer.cancel()
+            self._waiting.pop(token, None)
+        if not ack.data:   # a status message: no stream took the subject
+            raise NoRespondersError
+        if b'"error"' in ack.data:
+            raise APIError.from_error(json.loads(ack.data)["error"])
+
+    async def store_then_ack(self, response: Response, ack_subject: str) -> None:
+        """Store ``response`` and only then ack the invocation message on ``ack_subject``.
+
+        The hot path waits for nothing: the acknowledgement of the store triggers the ack. A
+        store JetStream refuses (full, timeout, an outcome already kept) continues in a task that
+        keeps the message held (in-progress acks) until the outcome is kept.
+        """
+        await self._subscribe()
+        token = "s" + str(next(self._tokens))
+        self._then[token] = (response, ack_subject, time.monotonic() + ACK_TIMEOUT)
+        subject = f"$KV.{RESULTS_BUCKET}.{result_key(response.call_id)}"
+        try:
+            await self.nc.publish(subject, response.body, reply=self._inbox + token,
+                                  headers={**response.headers, H.EXPECTED_LAST_SUBJECT_SEQ: "0"})
+        except Exception:
+            self._then.pop(token, None)
+            self._slow(response, ack_subject)
+
+    def _slow(self, response: Response, ack_subject: str) -> None:
+        task = asyncio.get_running_loop().create_task(self._store_and_ack(response, ack_subject))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _store_and_ack(self, response: Response, ack_subject: str) -> None:
+        async def keep_held() -> None:
+            while True:
+                await asyncio.sleep(KEEP_HELD)
+                with contextlib.suppress(Exception):
+                    await self.nc.publish(ack_subject, b"+WPI")
+
+        holder = asyncio.get_running_loop().create_task(keep_held())
+        try:
+            await self.store(response)
+        finally:
+            holder.cancel()
+        await self.nc.publish(ack_subject, b"+ACK")
+
+    async def _on_ack(self, msg: Msg) -> None:
+        token = msg.subject[len(self._inbox):]
+        then = self._then.pop(token, None)
+        if then is not None:
+            if msg.data and b'"error"' not in msg.data:
+                await self.nc.publish(then[1], b"+ACK")
+            else:
+                self._slow(then[0], then[1])
+            return
+        waiter = self._waiting.pop(token, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(msg)
+
+    async def _sweep(self) -> None:
+        # Stores whose acknowledgement never came take the slow path (which tries again).
+        while True:
+            await asyncio.sleep(ACK_TIMEOUT / 5)
+            now = time.monotonic()
+            for token in [t for t, (_, _, deadline) in self._then.items() if deadline <= now]:
+                response, ack_subject, _ = self._then.pop(token)
+                self._slow(response, ack_subject)
+
+    async def _subscribe(self) -> None:
+        if self._sub is None:
+            async with self._sub_lock:
+                if self._sub is None:
+                    self._sub = await self.nc.subscribe(self._inbox + "*", cb=self._on_ack,
+                                                        pending_msgs_limit=-1, pending_bytes_limit=-1)
+                    self._tasks.add(asyncio.get_running_loop().create_task(self._sweep(), name="outbox-sweep"))
+
+    def _expire(self, token: str) -> None:
+        waiter = self._waiting.pop(token, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(NatsTimeoutError())
+
+    async def stop(self, grace: float = 2.0) -> None:
+        """Let pending stores finish (up to ``grace``); messages not acked by then are redelivered."""
+        deadline = time.monotonic() + grace
+        while (self._then or any(not t.done() for t in self._tasks if t.get_name() != "outbox-sweep")) \
+                and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        for task in list(self._tasks):
+            task.cancel()
+        if self._sub is not None:
+            sub, self._sub = self._sub, None
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
 
     # ------------------------------------------------------------------ retrying writes
 
