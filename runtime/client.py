@@ -33,8 +33,9 @@ from . import codec
 from . import headers as H
 from .errors import FnRuntimeError, InvalidInput, InvocationTimeout, NoResult, Unavailable, UnknownFunction
 from .manifest import NAME_PATTERN
-from .results import Response, fetch_response, result_key
-from .streams import INVOKE_PREFIX, INVOKE_STREAM, MANIFESTS_BUCKET, RESULTS_BUCKET
+from .protocol import is_tombstone
+from .results import Response, fetch_response, result_subject
+from .streams import INVOKE_PREFIX, INVOKE_STREAM, MANIFESTS_BUCKET
 
 log = logging.getLogger("runtime.client")
 
@@ -42,7 +43,6 @@ DEFAULT_URL = "nats://127.0.0.1:4222"
 KNOWN_TTL = 10.0  # a function found deployed is trusted this long before it is looked up again
 TICK = 0.05       # deadlines are enforced this precisely
 _NAME = re.compile(NAME_PATTERN)
-_GONE = ("DEL", "PURGE")
 
 Encoding = Literal["json", "msgpack"]
 Waiter = asyncio.Future["Msg | None"]  # None: the deadline passed
@@ -220,13 +220,13 @@ class Client:
             arrived.put_nowait(msg)
 
         # Subscribe before reading, so an outcome stored in between is not missed.
-        sub = await self.nc.subscribe(f"$KV.{RESULTS_BUCKET}.{result_key(call_id)}", cb=on_msg)
+        sub = await self.nc.subscribe(result_subject(call_id), cb=on_msg)
         try:
             async with asyncio.timeout(wait):
                 stored = await fetch_response(self.js, call_id)
                 while stored is None:
                     msg = await arrived.get()
-                    if (msg.headers or {}).get("KV-Operation") not in _GONE:
+                    if not is_tombstone(msg.headers):
                         stored = Response(call_id, msg.data, dict(msg.headers or {}))
                 return stored
         except TimeoutError:
@@ -286,7 +286,7 @@ class Client:
         try:
             entry = await js.get_msg(f"KV_{MANIFESTS_BUCKET}", subject=f"$KV.{MANIFESTS_BUCKET}.{function}",
                                      direct=True)
-            return (entry.headers or {}).get("KV-Operation") not in _GONE
+            return not is_tombstone(entry.headers)
         except (NotFoundError, NoRespondersError):
             pass
         # Deployed without the registry: its durable consumer is what makes it run.

@@ -36,13 +36,12 @@ from .invocation import Invocation
 from .loader import Handler
 from .manifest import FunctionManifest
 from .outbox import Outbox
+from .protocol import ACK, NAK, nak_after, term
 from .results import Response
 from .wire import clip
 
 log = logging.getLogger("runtime.executor")
 
-ACK = b"+ACK"
-NAK = b"-NAK"
 MAX_ERROR = 4096   # characters of an error message kept in outcomes and dead letters
 
 
@@ -216,8 +215,7 @@ class Executor:
         self.logger.warning("attempt %d/%d of %s failed, retrying in %gs: %s", inv.delivered,
                             manifest.retry.max_deliver, inv.call_id, delay, error.message)
         await record_error(self.nc, inv.stream_seq, inv.delivered, error.described)
-        nak = NAK if delay <= 0 else b'-NAK {"delay": %d}' % int(delay * 1e9)
-        await self.nc.publish(inv.msg.reply, nak)
+        await self.nc.publish(inv.msg.reply, nak_after(delay))
 
     async def fail_for_good(self, inv: Invocation, reason: str, error: InvocationError) -> None:
         """Dead-letter the message, tell the caller, then terminate it with the reason.
@@ -238,4 +236,4 @@ class Executor:
             lambda: write_dead_letter(self.js, self.manifest.name, inv.msg.data, dead, max_payload=max_payload))
         await self.outbox.deliver(Response.failure(inv.call_id, error), inv.reply_to,
                                   self.manifest.store_results or bool(inv.reply_to))
-        await self.nc.publish(inv.msg.reply, b"+TERM " + reason.encode())
+        await self.nc.publish(inv.msg.reply, term(reason))

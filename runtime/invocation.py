@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from nats.aio.msg import Msg
 
 from . import headers as H
+from .protocol import fallback_call_id
 from .wire import call_id_for
 
 
@@ -31,7 +32,7 @@ class Invocation:
         seq = int(tokens[offset + 3])
         hdrs = msg.headers or {}
         # Headers are untrusted: an id too long or odd to use becomes a digest (see wire.call_id_for).
-        call_id = call_id_for(hdrs.get(H.CALL_ID) or hdrs.get(H.MSG_ID)) or f"{stream.lower()}-{seq}"
+        call_id = call_id_for(hdrs.get(H.CALL_ID) or hdrs.get(H.MSG_ID)) or fallback_call_id(stream, seq)
         return cls(msg=msg, function=function, stream=stream, stream_seq=seq,
                    delivered=int(tokens[offset + 2]), headers=hdrs, call_id=call_id)
 

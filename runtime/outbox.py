@@ -34,7 +34,8 @@ from nats.js import JetStreamContext
 from nats.js.errors import APIError, BadRequestError, NotFoundError
 
 from . import headers as H
-from .results import Response, result_key
+from .protocol import ACK, IN_PROGRESS, WRONG_LAST_SEQUENCE, is_tombstone
+from .results import Response, result_subject
 from .streams import RESULTS_BUCKET
 from .wire import ReplyPolicy, WireLimits
 
@@ -42,11 +43,9 @@ log = logging.getLogger("runtime.outbox")
 
 T = TypeVar("T")
 
-WRONG_LAST_SEQUENCE = 10071   # JetStream: the subject's last sequence is not the expected one
 KEEP_HELD = 0.5     # seconds between in-progress acks while a store waits for room
 ACK_TIMEOUT = 5.0   # seconds JetStream gets to acknowledge a write before it is tried again
 RETRY_DELAYS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)   # then the last one repeats
-_GONE = ("DEL", "PURGE")
 # Failures that retrying cannot fix: the connection is gone, or the request itself is wrong.
 _PERMANENT = (ConnectionClosedError, MaxPayloadError, BadRequestError)
 # Failures that pass: a full store (503), no JetStream quorum or responders, timeouts, reconnects.
@@ -127,7 +126,7 @@ class Outbox:
 
         ``patient``: retry until JetStream takes it (see ``persist``); otherwise one attempt.
         """
-        subject = f"$KV.{RESULTS_BUCKET}.{result_key(response.call_id)}"
+        subject = result_subject(response.call_id)
         expected = "0"
         while True:
             write = functools.partial(self.publish_acked, subject, response.body,
@@ -147,7 +146,7 @@ class Outbox:
             except NotFoundError:
                 expected = "0"   # expired meanwhile
                 continue
-            if (current.headers or {}).get("KV-Operation") in _GONE and str(current.seq) != expected:
+            if is_tombstone(current.headers) and str(current.seq) != expected:
                 expected = str(current.seq)
                 continue
             self.kept_first += 1
@@ -196,7 +195,7 @@ class Outbox:
         await self._subscribe()
         token = "s" + str(next(self._tokens))
         self._then[token] = (response, ack_subject, time.monotonic() + ACK_TIMEOUT)
-        subject = f"$KV.{RESULTS_BUCKET}.{result_key(response.call_id)}"
+        subject = result_subject(response.call_id)
         try:
             await self.nc.publish(subject, response.body, reply=self._inbox + token,
                                   headers={**response.headers, H.EXPECTED_LAST_SUBJECT_SEQ: "0"})
@@ -214,21 +213,21 @@ class Outbox:
             while True:
                 await asyncio.sleep(KEEP_HELD)
                 with contextlib.suppress(Exception):
-                    await self.nc.publish(ack_subject, b"+WPI")
+                    await self.nc.publish(ack_subject, IN_PROGRESS)
 
         holder = asyncio.get_running_loop().create_task(keep_held())
         try:
             await self.store(response)
         finally:
             holder.cancel()
-        await self.nc.publish(ack_subject, b"+ACK")
+        await self.nc.publish(ack_subject, ACK)
 
     async def _on_ack(self, msg: Msg) -> None:
         token = msg.subject[len(self._inbox):]
         then = self._then.pop(token, None)
         if then is not None:
             if msg.data and b'"error"' not in msg.data:
-                await self.nc.publish(then[1], b"+ACK")
+                await self.nc.publish(then[1], ACK)
             else:
                 self._slow(then[0], then[1])
             return

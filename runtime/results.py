@@ -12,6 +12,7 @@ from nats.js.errors import NotFoundError
 from . import codec
 from . import headers as H
 from .errors import InvocationError, error_from_wire
+from .protocol import is_tombstone, kv_subject
 from .streams import RESULTS_BUCKET
 from .wire import call_id_for
 
@@ -28,6 +29,11 @@ def result_key(call_id: str) -> str:
     if _KEY_OK.match(usable) and not usable.startswith("b64_"):
         return usable
     return "b64_" + base64.urlsafe_b64encode(usable.encode()).decode().rstrip("=")
+
+
+def result_subject(call_id: str) -> str:
+    """The subject ``call_id``'s outcome is stored on in ``fn_results``."""
+    return kv_subject(RESULTS_BUCKET, result_key(call_id))
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,11 +85,10 @@ class Response:
 async def fetch_response(js: JetStreamContext, call_id: str) -> Response | None:
     """The stored outcome of ``call_id``, or None if there is none (yet)."""
     try:
-        raw = await js.get_msg(f"KV_{RESULTS_BUCKET}", subject=f"$KV.{RESULTS_BUCKET}.{result_key(call_id)}",
-                               direct=True)
+        raw = await js.get_msg(f"KV_{RESULTS_BUCKET}", subject=result_subject(call_id), direct=True)
     except NotFoundError:
         return None
     hdrs = dict(raw.headers or {})
-    if hdrs.get("KV-Operation") in ("DEL", "PURGE"):
+    if is_tombstone(hdrs):
         return None
     return Response(call_id, raw.data or b"", hdrs)

@@ -18,11 +18,11 @@ from .loader import Handler
 from .manifest import FunctionManifest
 from .outbox import Outbox
 from .pool import WorkerPool
+from .protocol import IN_PROGRESS, NAK
 from .streams import INVOKE_STREAM
 
 log = logging.getLogger("runtime.worker")
 
-WPI = b"+WPI"
 
 
 class FunctionWorker:
@@ -99,7 +99,7 @@ class FunctionWorker:
             await asyncio.sleep(max(0.05, self.manifest.effective_ack_wait / 3))
             for reply in list(self.held):
                 try:
-                    await self.nc.publish(reply, WPI)
+                    await self.nc.publish(reply, IN_PROGRESS)
                 except Exception as exc:
                     log.debug("in-progress ack failed: %s", exc)
                     break
@@ -125,7 +125,7 @@ class FunctionWorker:
             await self.pool.cancel()
             for reply in list(self.held):  # queued, never started: give them back at once
                 with contextlib.suppress(Exception):
-                    await self.nc.publish(reply, b"-NAK")
+                    await self.nc.publish(reply, NAK)
             self.held.clear()
         for task in self._tasks:
             task.cancel()

@@ -25,9 +25,10 @@ from runtime.app import Runtime
 from runtime.dlq import list_dead_letters
 from runtime.results import fetch_response
 from runtime.server import EmbeddedServer, free_port
+from runtime.settings import Settings
 from runtime.streams import DLQ_STREAM, INVOKE_STREAM
 
-from .conftest import RuntimeFactory, collect, eventually
+from .conftest import ROOT, RuntimeFactory, collect, eventually
 
 MAX_PAYLOAD = 8 * 1024 * 1024
 
@@ -240,3 +241,20 @@ async def test_a_runtime_whose_connection_is_closed_for_good_exits_non_zero(
     code = await proc.wait_exit(timeout=20)
     assert code == 5, proc.output()
     assert "closed for good" in proc.output()
+
+
+async def test_handlers_run_only_once_the_runtime_has_started(
+        runtime: RuntimeFactory, nats_server: EmbeddedServer, nc: NATS, js: JetStreamContext, tmp_path: Path) -> None:
+    first = await runtime(blocker=fn("blocker", "blocks", timeout="10s"))
+    await first.stop()
+    await js.publish("fn.invoke.blocker", b'{"seconds": 2.0}')
+    rt = Runtime(Settings(project_root=ROOT, data_dir=tmp_path / "rt2", grace=5.0), nats_server.url)
+    started = time.monotonic()
+    await rt.start()
+    try:
+        # A queued call of a handler that blocks the loop for 2 s would stall a start-up that
+        # ran handlers before every component was up.
+        assert time.monotonic() - started < 1.5
+        assert rt.workers["blocker"].feed.delivered <= 1
+    finally:
+        await rt.stop()
