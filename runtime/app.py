@@ -17,13 +17,14 @@ from .errors import ConnectionLost, LoadError
 from .follower import RegistryFollower
 from .gateway import Gateway
 from .loader import Handler, ensure_on_path, load_handler_async, module_changed
-from .manifest import FunctionManifest, ManifestSet
+from .manifest import FunctionManifest, ManifestSet, Schedule
 from .mover import DeadLetterMover
 from .outbox import Outbox
 from .registry import Registry
 from .scheduler import Scheduler
 from .server import EmbeddedServer
 from .settings import Settings
+from .state import RuntimeState
 from .status import StatusResponder
 from .streams import ensure_consumer, provision_base
 from .wire import ReplyPolicy
@@ -35,13 +36,6 @@ log = logging.getLogger("runtime.app")
 class Component(Protocol):
     async def start(self) -> None: ...
     async def stop(self) -> None: ...
-
-
-class ServingWatcher(Protocol):
-    """Told when this runtime starts or stops serving a function (the gateway keeps its endpoints so)."""
-
-    async def serving(self, manifest: FunctionManifest) -> None: ...
-    async def stopped_serving(self, name: str) -> None: ...
 
 
 async def connect(url: str, name: str = "runtime", on_closed: Callable[[], None] | None = None) -> NATS:
@@ -75,22 +69,22 @@ async def connect(url: str, name: str = "runtime", on_closed: Callable[[], None]
 
 
 class Runtime:
-    """Serves functions from one NATS connection. ``async with Runtime(settings, url)``."""
+    """Serves functions from one NATS connection. ``async with Runtime(settings, url)``.
+
+    Its parts share ``self.state`` (connection, served functions, counters); the parts that act on
+    the runtime do so through explicit callbacks (the follower's ``apply``/``remove``, the
+    watchers' ``serving``/``stopped_serving``).
+    """
 
     def __init__(self, settings: Settings, url: str) -> None:
         self.settings = settings
         self.url = url
-        self.nc: NATS | None = None
-        self.js: JetStreamContext | None = None
-        self.workers: dict[str, FunctionWorker] = {}
-        self.failing: dict[str, str] = {}   # function name -> why its handler is not served here
-        self.manifests: dict[str, FunctionManifest] = {}
+        self.state = RuntimeState()
         self.components: list[Component] = []
-        self.watchers: list[ServingWatcher] = []
-        self.follower = RegistryFollower(self)
-        self.monitor = LoopMonitor(lambda: {name: w.executor.handler for name, w in self.workers.items()})
+        self.follower = RegistryFollower(self.state, apply=self.apply, remove=self.remove,
+                                         replicas=settings.replicas, on_schedules=self._set_schedules)
+        self.state.monitor = LoopMonitor(self.state.handlers)
         self.scheduler: Scheduler | None = None
-        self.outbox: Outbox | None = None
         # Set when the connection closed for good without a stop: the process must exit.
         self.lost = asyncio.Event()
         self._stopping = False
@@ -98,11 +92,42 @@ class Runtime:
         self._lock = asyncio.Lock()
         ensure_on_path(settings.project_root)
 
+    # The state's parts, as the runtime's own attributes (read-only: the state is the one place).
+
     @property
     def connection(self) -> tuple[NATS, JetStreamContext]:
-        if self.nc is None or self.js is None:
-            raise RuntimeError("the runtime is not started")
-        return self.nc, self.js
+        return self.state.connection
+
+    @property
+    def nc(self) -> NATS | None:
+        return self.state.nc
+
+    @property
+    def js(self) -> JetStreamContext | None:
+        return self.state.js
+
+    @property
+    def outbox(self) -> Outbox | None:
+        return self.state.outbox
+
+    @property
+    def monitor(self) -> LoopMonitor:
+        assert self.state.monitor is not None
+        return self.state.monitor
+
+    @property
+    def workers(self) -> dict[str, FunctionWorker]:
+        return self.state.workers
+
+    @property
+    def failing(self) -> dict[str, str]:
+        """Function name -> why its handler is not served here."""
+        return self.state.failing
+
+    @property
+    def manifests(self) -> dict[str, FunctionManifest]:
+        """Every function deployed to this runtime, served or failing."""
+        return self.state.deployed
 
     async def start(self) -> None:
         """Connect, provision and serve; a start that fails half way stops what it started."""
@@ -120,77 +145,84 @@ class Runtime:
 
     async def _start(self) -> None:
         self._stopping = False
-        self.nc = await connect(self.url, on_closed=self._on_closed)
-        self.js = self.nc.jetstream()
-        self.outbox = Outbox(self.nc, self.js, ReplyPolicy(self.settings.reply_prefixes))
+        state = self.state
+        state.nc = nc = await connect(self.url, on_closed=self._on_closed)
+        state.js = js = nc.jetstream()
+        state.outbox = Outbox(nc, js, ReplyPolicy(self.settings.reply_prefixes))
         s = self.settings
-        await provision_base(self.js, results_ttl=s.results_ttl, dlq_retention=s.dlq_retention,
+        await provision_base(js, results_ttl=s.results_ttl, dlq_retention=s.dlq_retention,
                              replicas=s.replicas)
         if s.manifests:
             # Development mode: deploy the given manifests, then follow the registry like any runtime.
-            registry = await Registry.open(self.js, s.replicas)
+            registry = await Registry.open(js, s.replicas)
             for result in await registry.deploy(ManifestSet.load(s.manifests)):
                 log.info("%s %s: %s", result.kind.lower(), result.name, result.status)
         for component in self._components():
-            await component.start()
+            # Listed first: a component whose own start fails half way is stopped with the others.
             self.components.append(component)
+            await component.start()
         # Handlers run only now: a handler that blocks the event loop cannot break the start-up.
         self._serving = True
-        for worker in list(self.workers.values()):
+        for worker in list(self.state.workers.values()):
             await worker.start()
 
     def _components(self) -> list[Component]:
         """The parts of a runtime, each with start/stop, in start order."""
         # The loop monitor comes first so that it also watches the start-up of every function.
-        components: list[Component] = [self.monitor, self.follower, StatusResponder(self)]
+        components: list[Component] = [self.monitor, self.follower, StatusResponder(self.state)]
         if self.settings.scheduler:
             self.scheduler = Scheduler(self.connection[1])
-            self.follower.schedule_sinks.append(self.scheduler.set_schedules)
             components.append(self.scheduler)
         if self.settings.dead_letters:
             components.append(DeadLetterMover(*self.connection, store_results=self._stores_results,
                                               outbox=self.outbox))
         if self.settings.gateway:
-            components.append(Gateway(self))
+            components.append(Gateway(self.state))
         return components
 
+    def _set_schedules(self, schedules: list[Schedule]) -> None:
+        # The follower tells every change; the scheduler, if this runtime runs one, fires them.
+        if self.scheduler is not None:
+            self.scheduler.set_schedules(schedules)
+
     def _stores_results(self, name: str) -> bool:
-        manifest = self.manifests.get(name)
+        manifest = self.state.deployed.get(name)
         return manifest is None or manifest.store_results
 
     async def apply(self, manifest: FunctionManifest) -> None:
         """Serve ``manifest``'s function, or apply its new settings if already served."""
-        nc, js = self.connection
+        state = self.state
+        nc, js = state.connection
         async with self._lock:
-            current = self.workers.get(manifest.name)
+            current = state.workers.get(manifest.name)
             try:
                 handler = await self._handler_for(manifest, current)
             except LoadError as exc:
-                self.failing[manifest.name] = str(exc)
-                self.manifests[manifest.name] = manifest
+                state.failing[manifest.name] = str(exc)
+                state.deployed[manifest.name] = manifest
                 log.error("cannot serve %s: %s", manifest.name, exc)
                 if current is not None:
-                    del self.workers[manifest.name]
+                    del state.workers[manifest.name]
                     await self._tell_watchers(manifest.name, None)
                     await current.stop(self.settings.grace)
                 return
-            self.failing.pop(manifest.name, None)
+            state.failing.pop(manifest.name, None)
             # The deploy created the consumer; ensuring it here also restores one deleted by hand.
             await ensure_consumer(js, manifest)
-            self.manifests[manifest.name] = manifest
+            state.deployed[manifest.name] = manifest
             if current is None:
-                assert self.outbox is not None
-                worker = FunctionWorker(nc, js, manifest, handler, self.outbox)
+                assert state.outbox is not None
+                worker = FunctionWorker(nc, js, manifest, handler, state.outbox)
                 if self._serving:
                     await worker.start()
-                self.workers[manifest.name] = worker
+                state.workers[manifest.name] = worker
             else:
                 current.update(manifest, handler)
                 log.info("updated %s", manifest.name)
             await self._tell_watchers(manifest.name, manifest)
 
     async def _tell_watchers(self, name: str, manifest: FunctionManifest | None) -> None:
-        for watcher in list(self.watchers):
+        for watcher in list(self.state.watchers):
             try:
                 if manifest is None:
                     await watcher.stopped_serving(name)
@@ -211,10 +243,11 @@ class Runtime:
 
     async def remove(self, name: str) -> None:
         """Stop serving ``name`` once its in-flight invocations finish."""
+        state = self.state
         async with self._lock:
-            worker = self.workers.pop(name, None)
-            self.manifests.pop(name, None)
-            self.failing.pop(name, None)
+            worker = state.workers.pop(name, None)
+            state.deployed.pop(name, None)
+            state.failing.pop(name, None)
             if worker is not None:
                 await self._tell_watchers(name, None)
         if worker is not None:
@@ -231,16 +264,19 @@ class Runtime:
             with contextlib.suppress(Exception):
                 await component.stop()
         self.components.clear()
-        workers, self.workers = list(self.workers.values()), {}
+        state = self.state
+        workers = list(state.workers.values())
+        state.workers.clear()
         await asyncio.gather(*(w.stop(grace) for w in workers))
-        if self.outbox is not None:
-            await self.outbox.stop(min(grace, 5.0))
-        if self.nc is not None and not self.nc.is_closed:
+        if state.outbox is not None:
+            await state.outbox.stop(min(grace, 5.0))
+        nc = state.nc
+        if nc is not None and not nc.is_closed:
             with contextlib.suppress(Exception):
-                await self.nc.flush(timeout=5)
+                await nc.flush(timeout=5)
             with contextlib.suppress(Exception):
-                await self.nc.drain()
-        self.nc = self.js = None
+                await nc.drain()
+        state.nc = state.js = None
 
     async def __aenter__(self) -> Runtime:
         await self.start()

@@ -2,15 +2,14 @@
 ``result`` reads a stored outcome by call id from any process.
 
 Every call goes through the durable ``FN`` stream (so it survives a runtime restart). The
-stream's acknowledgement and the function's answer both come back to this client's own inbox:
-one wildcard subscription serves all calls, each matched to its waiting future by the last
-subject token, and one watchdog enforces every call's deadline.
+stream's acknowledgement and the function's answer both come back to this client's own
+``ReplyInbox``: one wildcard subscription serves all calls, and one watchdog enforces every
+call's deadline.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import json
 import logging
@@ -23,7 +22,6 @@ from typing import Any, Literal
 import nats
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
 from nats.errors import NoRespondersError
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
@@ -32,6 +30,7 @@ from nats.nuid import NUID
 from . import codec
 from . import headers as H
 from .errors import FnRuntimeError, InvalidInput, InvocationTimeout, NoResult, Unavailable, UnknownFunction
+from .inbox import ReplyInbox
 from .manifest import NAME_PATTERN
 from .protocol import is_tombstone
 from .results import Response, fetch_response, result_subject
@@ -41,11 +40,9 @@ log = logging.getLogger("runtime.client")
 
 DEFAULT_URL = "nats://127.0.0.1:4222"
 KNOWN_TTL = 10.0  # a function found deployed is trusted this long before it is looked up again
-TICK = 0.05       # deadlines are enforced this precisely
 _NAME = re.compile(NAME_PATTERN)
 
 Encoding = Literal["json", "msgpack"]
-Waiter = asyncio.Future["Msg | None"]  # None: the deadline passed
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,12 +71,7 @@ class Client:
         self.ack_timeout = ack_timeout
         self._nc: NATS | None = None
         self._js: JetStreamContext | None = None
-        self._sub: Subscription | None = None
-        self._watchdog: asyncio.Task[None] | None = None
-        self._prefix = ""
-        self._cut = 0
-        self._tokens = itertools.count(1)
-        self._waiting: dict[str, tuple[Waiter, float]] = {}
+        self._inbox: ReplyInbox | None = None
         self._known: dict[str, float] = {}
         # Call ids: unique per client, then a counter (cheaper than a random id per call).
         self._id_base = NUID().next().decode() + "-"
@@ -88,7 +80,7 @@ class Client:
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        if self._sub is not None:
+        if self._inbox is not None:
             return
         if isinstance(self._server, str):
             # Only validated names and inboxes become subjects here.
@@ -96,28 +88,17 @@ class Client:
         else:
             self._nc = self._server
         self._js = self._nc.jetstream()
-        inbox = self._nc.new_inbox()
-        self._prefix = inbox + "."
-        self._cut = len(self._prefix)
-        self._sub = await self._nc.subscribe(inbox + ".*", cb=self._on_msg, pending_msgs_limit=-1,
-                                             pending_bytes_limit=-1)
-        self._watchdog = asyncio.create_task(self._expire(), name="client-deadlines")
+        inbox = ReplyInbox(self._nc, name="client-deadlines")
+        await inbox.start()
+        self._inbox = inbox
 
     async def stop(self) -> None:
-        sub, self._sub = self._sub, None
-        if self._watchdog is not None:
-            self._watchdog.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watchdog
-            self._watchdog = None
-        waiting, self._waiting = self._waiting, {}
-        for future, _ in waiting.values():
-            future.cancel()
+        inbox, self._inbox = self._inbox, None
+        if inbox is not None:
+            await inbox.stop()
         nc = self._nc
         if nc is None or nc.is_closed:
             return
-        if sub is not None:
-            await sub.unsubscribe()
         if isinstance(self._server, str):
             await nc.drain()
 
@@ -131,7 +112,7 @@ class Client:
 
     @property
     def nc(self) -> NATS:
-        if self._nc is None or self._sub is None:
+        if self._nc is None or self._inbox is None:
             raise FnRuntimeError("the client is not started: use 'async with Client(...)' or 'await start()'")
         return self._nc
 
@@ -140,6 +121,12 @@ class Client:
         self.nc  # noqa: B018 - raises when not started
         assert self._js is not None
         return self._js
+
+    @property
+    def _replies(self) -> ReplyInbox:
+        self.nc  # noqa: B018 - raises when not started
+        assert self._inbox is not None
+        return self._inbox
 
     # ------------------------------------------------------------------ calls
 
@@ -156,10 +143,9 @@ class Client:
         loop = asyncio.get_running_loop()
         call_id, body, hdrs = await self._prepare(function, payload, call_id, headers)
         deadline = loop.time() + timeout
-        reply_token = str(next(self._tokens))
-        reply: Waiter = loop.create_future()
-        self._waiting[reply_token] = (reply, deadline)
-        hdrs[H.REPLY_TO] = self._prefix + reply_token
+        inbox = self._replies
+        reply_subject, reply = inbox.expect(deadline)
+        hdrs[H.REPLY_TO] = reply_subject
         try:
             duplicate = await self._store(nc, function, body, hdrs, call_id, deadline)
             if duplicate:
@@ -172,7 +158,7 @@ class Client:
                 msg = await reply
                 response = None if msg is None else Response(call_id, msg.data, msg.headers or {})
         finally:
-            self._waiting.pop(reply_token, None)
+            inbox.forget(reply_subject)
         if response is None:
             raise InvocationTimeout(f"no outcome from {function} within {timeout:g}s; it may still run: "
                                     f"read it later with result({call_id!r})", call_id=call_id)
@@ -253,18 +239,17 @@ class Client:
                      deadline: float) -> bool:
         """Publish the invocation through JetStream; True if its call id was already stored."""
         hdrs[H.MSG_ID] = call_id
-        ack_token = str(next(self._tokens))
-        ack: Waiter = asyncio.get_running_loop().create_future()
         # The acknowledgement is bounded on its own: a missing one means the invocation may not
         # be stored, which is not the same as a slow function.
         ack_deadline = min(deadline, asyncio.get_running_loop().time() + self.ack_timeout)
-        self._waiting[ack_token] = (ack, ack_deadline)
+        inbox = self._replies
+        ack_subject, ack = inbox.expect(ack_deadline)
         try:
             # It comes to this client's inbox like the reply: no request machinery per call.
-            await nc.publish(INVOKE_PREFIX + function, body, reply=self._prefix + ack_token, headers=hdrs)
+            await nc.publish(INVOKE_PREFIX + function, body, reply=ack_subject, headers=hdrs)
             msg = await ack
         finally:
-            self._waiting.pop(ack_token, None)
+            inbox.forget(ack_subject)
         if msg is None:
             if ack_deadline < deadline:
                 raise Unavailable(f"JetStream did not acknowledge the invocation of {function} within "
@@ -297,23 +282,6 @@ class Client:
         except NoRespondersError:
             raise Unavailable("JetStream is not available on this server") from None
         return True
-
-    async def _on_msg(self, msg: Msg) -> None:
-        entry = self._waiting.pop(msg.subject[self._cut:], None)
-        if entry is not None and not entry[0].done():
-            entry[0].set_result(msg)
-
-    async def _expire(self) -> None:
-        # One watchdog for every call: cheaper than a timer per call on the hot path.
-        loop = asyncio.get_running_loop()
-        while True:
-            await asyncio.sleep(TICK)
-            now = loop.time()
-            late = [token for token, (_, deadline) in self._waiting.items() if deadline <= now]
-            for token in late:
-                future, _ = self._waiting.pop(token)
-                if not future.done():
-                    future.set_result(None)
 
 
 def read_ack(ack: Msg, function: str, call_id: str) -> bool:

@@ -5,39 +5,45 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
 
 from .errors import FnRuntimeError
 from .manifest import FunctionManifest, Schedule, ScheduleManifest
 from .registry import SCHEDULE_PREFIX, Deployment, Registry, deployed_set
-
-if TYPE_CHECKING:
-    from .app import Runtime
+from .state import RuntimeState
 
 log = logging.getLogger("runtime.follower")
 
+Apply = Callable[[FunctionManifest], Awaitable[None]]   # serve a function, or apply its new settings
+Remove = Callable[[str], Coroutine[Any, Any, None]]     # stop serving a function (it runs as a task)
 ScheduleSink = Callable[[list[Schedule]], None]
 
 
 class RegistryFollower:
-    """Watches ``fn_manifests`` and applies each change to the runtime.
+    """Watches ``fn_manifests`` and hands each change to the runtime's callbacks.
 
-    ``start()`` returns once the runtime serves everything deployed at that moment.
+    ``apply`` serves a deployed function (or applies its new settings), ``remove`` stops serving
+    an undeployed one, and ``on_schedules`` gets every schedule deployed after each change.
+    ``start()`` returns once ``apply`` has run for everything deployed at that moment.
     """
 
-    def __init__(self, runtime: Runtime) -> None:
-        self.runtime = runtime
+    def __init__(self, state: RuntimeState, *, apply: Apply, remove: Remove, replicas: int = 1,
+                 on_schedules: ScheduleSink | None = None) -> None:
+        self.state = state
+        self.apply = apply
+        self.remove = remove
+        self.replicas = replicas
+        self.on_schedules = on_schedules
         self.functions: dict[str, FunctionManifest] = {}
         self.schedules: dict[str, ScheduleManifest] = {}
-        self.schedule_sinks: list[ScheduleSink] = []
         self._watcher: Any = None
         self._task: asyncio.Task[None] | None = None
         self._removals: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
-        _, js = self.runtime.connection
-        registry = await Registry.open(js, self.runtime.settings.replicas)
+        _, js = self.state.connection
+        registry = await Registry.open(js, self.replicas)
         self._watcher = await registry.kv.watchall()
         while True:  # the current state first, up to the end-of-initial-values marker
             entry = await self._watcher.updates(timeout=10)
@@ -88,7 +94,7 @@ class RegistryFollower:
             self.functions.pop(key, None)
             log.info("%s was undeployed; stopping it once in-flight invocations finish", key)
             # Removal waits for in-flight work: keep following meanwhile.
-            task = asyncio.create_task(self.runtime.remove(key), name=f"remove-{key}")
+            task = asyncio.create_task(self.remove(key), name=f"remove-{key}")
             self._removals.add(task)
             task.add_done_callback(self._removals.discard)
             return
@@ -96,7 +102,7 @@ class RegistryFollower:
         if dep is None or not isinstance(dep.manifest, FunctionManifest):
             return
         self.functions[key] = dep.manifest
-        await self.runtime.apply(dep.manifest)
+        await self.apply(dep.manifest)
 
     @staticmethod
     def _decode(entry: Any) -> Deployment | None:
@@ -110,6 +116,5 @@ class RegistryFollower:
         return deployed_set(self.functions, self.schedules).all_schedules()
 
     def _publish_schedules(self) -> None:
-        schedules = self.current_schedules()
-        for sink in self.schedule_sinks:
-            sink(schedules)
+        if self.on_schedules is not None:
+            self.on_schedules(self.current_schedules())

@@ -10,32 +10,30 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
+import functools
 import logging
-import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
-from typing import TYPE_CHECKING
 
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.micro.request import Request
-from nats.micro.service import EndpointConfig, Service, ServiceConfig
+from nats.micro.service import EndpointConfig, ServiceConfig
 from nats.nuid import NUID
 
 from . import headers as H
 from .client import Client, read_ack
 from .errors import InvocationError, PayloadTooLarge, Unavailable, UnknownFunction
+from .inbox import ReplyInbox
 from .manifest import FunctionManifest
+from .micro import MicroService, reply_subject
 from .outbox import Outbox
 from .results import Response
+from .state import RuntimeState
 from .status import runtime_id
 from .streams import INVOKE_PREFIX
 from .wire import call_id_for
-
-if TYPE_CHECKING:
-    from .app import Runtime
 
 log = logging.getLogger("runtime.gateway")
 
@@ -64,17 +62,6 @@ def worst_case(manifest: FunctionManifest) -> float:
     return manifest.timeout * retry.max_deliver + backoff
 
 
-class _Service(Service):
-    # nats.micro adds endpoints but cannot take one away; functions come and go at run time.
-    async def remove_endpoint(self, name: str) -> None:
-        for endpoint in [e for e in self._endpoints if e._name == name]:
-            self._endpoints.remove(endpoint)
-            if endpoint._subscription is not None:
-                # Drain: requests already received still become invocations.
-                sub, endpoint._subscription = endpoint._subscription, None
-                await sub.drain()
-
-
 @dataclass(frozen=True, slots=True)
 class _Storing:
     """A request whose invocation awaits JetStream's acknowledgement."""
@@ -82,49 +69,47 @@ class _Storing:
     function: str
     reply: str
     call_id: str
-    deadline: float
 
 
 class Gateway:
-    """Keeps one micro endpoint per function this runtime serves."""
+    """Keeps one micro endpoint per function this runtime serves.
 
-    def __init__(self, runtime: Runtime) -> None:
-        self.runtime = runtime
-        self.service: _Service | None = None
+    It reads the runtime's shared ``state`` and, once started, is told through ``state.watchers``
+    when the runtime starts or stops serving a function.
+    """
+
+    def __init__(self, state: RuntimeState) -> None:
+        self.state = state
+        self.service: MicroService | None = None
         self.client: Client | None = None
         self.endpoints: set[str] = set()
         self._unknown: Subscription | None = None
-        self._ack_sub: Subscription | None = None
-        self._acks = ""
-        self._tokens = itertools.count(1)
-        self._storing: dict[str, _Storing] = {}
-        self._watchdog: asyncio.Task[None] | None = None
+        self._acks: ReplyInbox | None = None
         self._lock = asyncio.Lock()
         self._waits: set[asyncio.Task[None]] = set()
         self._nuid = NUID()
 
     async def start(self) -> None:
-        nc, _ = self.runtime.connection
+        nc, _ = self.state.connection
         self.client = Client(nc)
         await self.client.start()
-        self._acks = nc.new_inbox() + "."
-        self._ack_sub = await nc.subscribe(self._acks + "*", cb=self._on_ack, pending_msgs_limit=-1,
-                                           pending_bytes_limit=-1)
-        self._watchdog = asyncio.create_task(self._expire(), name="gateway-acks")
-        self.service = _Service(nc, ServiceConfig(
+        self._acks = ReplyInbox(nc, tick=0.1, name="gateway-acks")
+        await self._acks.start()
+        self.service = MicroService(nc, ServiceConfig(
             name=SERVICE_NAME, version=_version(), description="Python functions served from NATS JetStream",
-            metadata={"runtime": runtime_id()}, queue_group=QUEUE))
+            metadata={"runtime": runtime_id()}, queue_group=QUEUE),
+            may_answer=lambda reply: self._outbox.reply_subject(reply) is not None)
         await self.service.start()
         # Every request also reaches this catch-all group; it answers only for names no endpoint has.
         self._unknown = await nc.subscribe(CALL_PREFIX + ">", queue=UNKNOWN_QUEUE, cb=self._on_unknown)
-        self.runtime.watchers.append(self)
-        for manifest in [w.manifest for w in self.runtime.workers.values()]:
+        self.state.watchers.append(self)
+        for manifest in self.state.served():
             await self.serving(manifest)
         await nc.flush()
 
     async def stop(self) -> None:
         with contextlib.suppress(ValueError):
-            self.runtime.watchers.remove(self)
+            self.state.watchers.remove(self)
         if self._unknown is not None:
             with contextlib.suppress(Exception):
                 await self._unknown.unsubscribe()
@@ -134,13 +119,10 @@ class Gateway:
                 for name in list(self.endpoints):
                     await self.service.remove_endpoint(name)
                 await self.service.stop()
-        if self._ack_sub is not None:
+        if self._acks is not None:
             with contextlib.suppress(Exception):
-                await self._ack_sub.drain()  # type: ignore[no-untyped-call]
-        if self._watchdog is not None:
-            self._watchdog.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watchdog
+                # Acknowledgements already received are still handled.
+                await self._acks.stop(drain=True)
         for task in list(self._waits):
             task.cancel()
         await asyncio.gather(*self._waits, return_exceptions=True)
@@ -163,7 +145,7 @@ class Gateway:
                           "description": manifest.description}))
             self.endpoints.add(name)
             # Once the runtime serves a function, requests to its endpoint must find it.
-            await self.runtime.connection[0].flush()
+            await self.state.connection[0].flush()
             log.debug("endpoint %s%s added", CALL_PREFIX, name)
 
     async def stopped_serving(self, name: str) -> None:
@@ -178,28 +160,37 @@ class Gateway:
 
     def _handler(self, name: str) -> Callable[[Request], Awaitable[None]]:
         async def handle(request: Request) -> None:
-            # nats.micro hands over a Request; the reply subject is the requester's inbox.
-            await self._forward(name, request._msg)
+            # The reply subject is the requester's inbox: the function's runtime answers there.
+            try:
+                await self._forward(name, request.data, request.headers, reply_subject(request))
+            except Exception:
+                # Never raise to nats.micro: it would answer the error on the request's reply
+                # subject without the checks every answer of the runtime goes through.
+                log.exception("could not forward a call of %s", name)
 
         return handle
 
-    async def _forward(self, name: str, msg: Msg) -> None:
+    async def _forward(self, name: str, data: bytes, headers: Mapping[str, str] | None, requester: str) -> None:
         """Store the request as an invocation; its acknowledgement is handled when it comes."""
-        nc, _ = self.runtime.connection
+        nc, _ = self.state.connection
         outbox = self._outbox
-        given = msg.headers or {}
+        acks = self._ack_inbox
+        given = headers or {}
         call_id = call_id_for(given.get(H.MSG_ID)) or self._nuid.next().decode()
         # The reply subject is the requester's: a system subject there is never answered.
-        reply = outbox.reply_subject(msg.reply, call_id) or ""
+        reply = outbox.reply_subject(requester, call_id) or ""
         hdrs = {k: v for k, v in given.items() if k.lower() not in _OWN}
         hdrs[H.MSG_ID] = call_id
         if reply:
             hdrs[H.REPLY_TO] = reply
-        token = str(next(self._tokens))
         subject = INVOKE_PREFIX + name
-        if not outbox.limits.fits(subject, msg.data, hdrs, reply=self._acks + token):
+        # Not awaiting the acknowledgement here keeps requests flowing while earlier ones are stored.
+        deadline = asyncio.get_running_loop().time() + ACK_TIMEOUT
+        ack_subject = acks.on_reply(deadline, functools.partial(self._on_ack, _Storing(name, reply, call_id)))
+        if not outbox.limits.fits(subject, data, hdrs, reply=ack_subject):
+            acks.forget(ack_subject)
             room = outbox.limits.room_for_body(hdrs)
-            error = PayloadTooLarge(f"the input of {name} is {len(msg.data)} bytes; at most {room} fit in an "
+            error = PayloadTooLarge(f"the input of {name} is {len(data)} bytes; at most {room} fit in an "
                                     f"invocation (the server's max_payload is {outbox.limits.max_payload})",
                                     call_id=call_id)
             log.warning("refused a call of %s: %s", name, error.message)
@@ -209,24 +200,30 @@ class Gateway:
             with contextlib.suppress(Exception):   # best effort: the requester has its answer already
                 await outbox.store(response, patient=False)
             return
-        # Not awaiting the acknowledgement here keeps requests flowing while earlier ones are stored.
-        self._storing[token] = _Storing(name, reply, call_id, time.monotonic() + ACK_TIMEOUT)
         try:
-            await nc.publish(subject, msg.data, reply=self._acks + token, headers=hdrs)
+            await nc.publish(subject, data, reply=ack_subject, headers=hdrs)
         except Exception as exc:
-            del self._storing[token]
+            acks.forget(ack_subject)
             await self._reply_error(reply, call_id, Unavailable(
                 f"the invocation of {name} could not be stored: {exc or type(exc).__name__}"))
 
     @property
     def _outbox(self) -> Outbox:
-        if self.runtime.outbox is None:
+        if self.state.outbox is None:
             raise RuntimeError("the runtime is not started")
-        return self.runtime.outbox
+        return self.state.outbox
 
-    async def _on_ack(self, ack: Msg) -> None:
-        storing = self._storing.pop(ack.subject[len(self._acks):], None)
-        if storing is None:
+    @property
+    def _ack_inbox(self) -> ReplyInbox:
+        if self._acks is None:
+            raise RuntimeError("the gateway is not started")
+        return self._acks
+
+    async def _on_ack(self, storing: _Storing, ack: Msg | None) -> None:
+        if ack is None:
+            await self._reply_error(storing.reply, storing.call_id, Unavailable(
+                f"JetStream did not acknowledge the invocation of {storing.function} within "
+                f"{ACK_TIMEOUT:g}s (call id {storing.call_id!r} may or may not be stored)"))
             return
         try:
             duplicate = read_ack(ack, storing.function, storing.call_id)
@@ -240,19 +237,9 @@ class Gateway:
             self._waits.add(task)
             task.add_done_callback(self._waits.discard)
 
-    async def _expire(self) -> None:
-        while True:
-            await asyncio.sleep(0.1)
-            now = time.monotonic()
-            for token in [t for t, s in self._storing.items() if s.deadline <= now]:
-                storing = self._storing.pop(token)
-                await self._reply_error(storing.reply, storing.call_id, Unavailable(
-                    f"JetStream did not acknowledge the invocation of {storing.function} within "
-                    f"{ACK_TIMEOUT:g}s (call id {storing.call_id!r} may or may not be stored)"))
-
     async def _answer_duplicate(self, storing: _Storing) -> None:
         assert self.client is not None
-        manifest = self.runtime.manifests.get(storing.function)
+        manifest = self.state.deployed.get(storing.function)
         wait = max(60.0, worst_case(manifest)) if manifest is not None else 60.0
         response = await self.client.outcome(storing.call_id, wait=wait)
         if response is not None and storing.reply:
@@ -260,7 +247,7 @@ class Gateway:
 
     async def _on_unknown(self, msg: Msg) -> None:
         name = msg.subject[len(CALL_PREFIX):]
-        if name in self.runtime.manifests or not msg.reply:
+        if name in self.state.deployed or not msg.reply:
             return  # deployed: its endpoint answers (on whichever runtime serves it)
         call_id = call_id_for((msg.headers or {}).get(H.MSG_ID)) or self._nuid.next().decode()
         await self._reply_error(msg.reply, call_id, UnknownFunction(f"no function named {name[:80]!r} is deployed"))

@@ -6,14 +6,13 @@ import asyncio
 import json
 import os
 import socket
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-if TYPE_CHECKING:
-    from .app import Runtime
+from .state import RuntimeState
 
 STATUS_SUBJECT = "fn.admin.status"
 
@@ -23,30 +22,36 @@ def runtime_id() -> str:
 
 
 class StatusResponder:
-    def __init__(self, runtime: Runtime) -> None:
-        self.runtime = runtime
+    """Answers status requests with a snapshot of the runtime's shared ``state``."""
+
+    def __init__(self, state: RuntimeState) -> None:
+        self.state = state
         self.id = runtime_id()
         self._sub: Subscription | None = None
 
     def snapshot(self) -> dict[str, Any]:
-        rt = self.runtime
-        outbox = rt.outbox
+        state = self.state
+        outbox = state.outbox
+        monitor = state.monitor
         return {
             "runtime": self.id,
             "serving": {name: {"in_flight": w.in_flight, "completed": w.completed, "late": w.executor.late}
-                        for name, w in rt.workers.items()},
-            "failing": dict(rt.failing),
-            "loop": rt.monitor.counts(),   # event-loop blocking by handlers
+                        for name, w in state.workers.items()},
+            "failing": dict(state.failing),
+            "loop": None if monitor is None else monitor.counts(),   # event-loop blocking by handlers
             "outbox": None if outbox is None else {
                 "refused_replies": outbox.refused_replies, "kept_first": outbox.kept_first,
                 "write_failures": outbox.write_failures},
         }
 
     async def start(self) -> None:
-        nc, _ = self.runtime.connection
+        nc, _ = self.state.connection
 
         async def on_request(msg: Msg) -> None:
-            await msg.respond(json.dumps(self.snapshot()).encode())
+            outbox = self.state.outbox
+            # The requester names the reply subject: never answer on a system or API subject.
+            if msg.reply and outbox is not None and outbox.reply_subject(msg.reply) is not None:
+                await msg.respond(json.dumps(self.snapshot()).encode())
 
         self._sub = await nc.subscribe(STATUS_SUBJECT, cb=on_request)
 

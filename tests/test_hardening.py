@@ -134,9 +134,14 @@ async def test_reply_subjects_cannot_make_the_runtime_purge_streams(
     for call_id, n in (("deputy-1", 1), ("deputy-2", 2), ("deputy-3", 3)):
         stored = await eventually(lambda c=call_id: fetch_response(js, c), message=f"the outcome of {call_id}")
         assert stored.value() == {"n": n}, "the invocation ran and its outcome is stored"
+    # Discovery and status requests are answered on the requester's reply subject too.
+    for subject in ("$SRV.PING", "$SRV.INFO.runtime", "$SRV.STATS", "fn.admin.status"):
+        await nc.publish(subject, b"", reply=f"$JS.API.STREAM.PURGE.{INVOKE_STREAM}")
+    await nc.flush()
+    assert (await nc.request("$SRV.PING.runtime", b"", timeout=2)).data, "a real inbox is answered"
     assert (await js.stream_info(DLQ_STREAM)).state.messages == 1
     assert (await js.stream_info(INVOKE_STREAM)).state.messages == fn_before
-    assert rt.outbox is not None and rt.outbox.refused_replies == 3
+    assert rt.outbox is not None and rt.outbox.refused_replies == 3 + 4
     await still_serving(rt, nc)
 
 

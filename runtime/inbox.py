@@ -1,0 +1,128 @@
+"""Replies to many outstanding requests on one wildcard inbox, each with a deadline.
+
+Every request gets a reply subject ``<inbox>.<token>``; one subscription to ``<inbox>.*`` serves
+them all, each reply matched to its request by the last subject token, and one watchdog settles
+every request whose deadline passed. Cheaper than a subscription or a timer per request on the
+hot path. The client waits on its calls' replies and JetStream acknowledgements this way; the
+gateway takes the acknowledgements of the invocations it stores.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+from collections.abc import Awaitable, Callable
+
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+log = logging.getLogger("runtime.inbox")
+
+TICK = 0.05   # deadlines are enforced this precisely
+
+Waiter = asyncio.Future["Msg | None"]           # None: the deadline passed
+OnReply = Callable[["Msg | None"], Awaitable[None]]
+
+
+class ReplyInbox:
+    """One wildcard inbox for many requests. Deadlines are in the running loop's ``time()``."""
+
+    def __init__(self, nc: NATS, *, tick: float = TICK, name: str = "inbox-deadlines") -> None:
+        self.nc = nc
+        self.tick = tick
+        self.name = name
+        self._prefix = ""
+        self._cut = 0
+        self._tokens = itertools.count(1)
+        self._pending: dict[str, tuple[Waiter | OnReply, float]] = {}
+        self._sub: Subscription | None = None
+        self._watchdog: asyncio.Task[None] | None = None
+
+    @property
+    def started(self) -> bool:
+        return self._sub is not None
+
+    @property
+    def pending(self) -> int:
+        """Requests still waiting for their reply."""
+        return len(self._pending)
+
+    async def start(self) -> None:
+        inbox = self.nc.new_inbox()
+        self._prefix = inbox + "."
+        self._cut = len(self._prefix)
+        self._sub = await self.nc.subscribe(inbox + ".*", cb=self._on_msg, pending_msgs_limit=-1,
+                                            pending_bytes_limit=-1)
+        self._watchdog = asyncio.create_task(self._expire(), name=self.name)
+
+    async def stop(self, *, drain: bool = False) -> None:
+        """Stop matching; waiters still pending are cancelled.
+
+        With ``drain``, replies already received are handled first.
+        """
+        sub, self._sub = self._sub, None
+        if drain and sub is not None and not self.nc.is_closed:
+            with contextlib.suppress(Exception):
+                await sub.drain()  # type: ignore[no-untyped-call]
+            sub = None
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watchdog
+            self._watchdog = None
+        pending, self._pending = self._pending, {}
+        for target, _ in pending.values():
+            if isinstance(target, asyncio.Future):
+                target.cancel()
+        if sub is not None and not self.nc.is_closed:
+            await sub.unsubscribe()
+
+    def expect(self, deadline: float) -> tuple[str, Waiter]:
+        """A reply subject, and the future its reply (or None at ``deadline``) is set on."""
+        waiter: Waiter = asyncio.get_running_loop().create_future()
+        return self._add(waiter, deadline), waiter
+
+    def on_reply(self, deadline: float, callback: OnReply) -> str:
+        """A reply subject whose reply (or None at ``deadline``) is passed to ``callback``."""
+        return self._add(callback, deadline)
+
+    def forget(self, subject: str) -> None:
+        """No longer wait for a reply on ``subject`` (the caller is done with it)."""
+        self._pending.pop(subject[self._cut:], None)
+
+    def _add(self, target: Waiter | OnReply, deadline: float) -> str:
+        token = str(next(self._tokens))
+        self._pending[token] = (target, deadline)
+        return self._prefix + token
+
+    async def _on_msg(self, msg: Msg) -> None:
+        entry = self._pending.pop(msg.subject[self._cut:], None)
+        if entry is not None:
+            await self._settle(entry[0], msg)
+
+    async def _expire(self) -> None:
+        # One watchdog for every request: cheaper than a timer per request on the hot path.
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.tick)
+            now = loop.time()
+            late = [token for token, (_, deadline) in self._pending.items() if deadline <= now]
+            for token in late:
+                entry = self._pending.pop(token, None)
+                if entry is not None:
+                    await self._settle(entry[0], None)
+
+    @staticmethod
+    async def _settle(target: Waiter | OnReply, msg: Msg | None) -> None:
+        if isinstance(target, asyncio.Future):
+            if not target.done():
+                target.set_result(msg)
+        else:
+            try:
+                await target(msg)
+            except Exception:
+                # One failing callback must not stop the matching or the watchdog for the others.
+                log.exception("handling the reply on an inbox failed")

@@ -1,0 +1,59 @@
+"""What the parts of one runtime share: its connection, the functions it serves, and their counters.
+
+The runtime owns this state and changes it; the registry follower, the gateway and the status
+responder get the state (and, where they act on the runtime, an explicit callback), never the
+runtime itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+
+from .loader import Handler
+from .manifest import FunctionManifest
+
+if TYPE_CHECKING:
+    from .blocking import LoopMonitor
+    from .outbox import Outbox
+    from .worker import FunctionWorker
+
+
+class ServingWatcher(Protocol):
+    """Told when the runtime starts or stops serving a function (the gateway keeps its endpoints so)."""
+
+    async def serving(self, manifest: FunctionManifest) -> None: ...
+    async def stopped_serving(self, name: str) -> None: ...
+
+
+@dataclass(eq=False)
+class RuntimeState:
+    """The shared state of one runtime; empty until it connects."""
+
+    nc: NATS | None = None
+    js: JetStreamContext | None = None
+    outbox: Outbox | None = None
+    monitor: LoopMonitor | None = None   # event-loop blocking by handlers, for the status
+    workers: dict[str, FunctionWorker] = field(default_factory=dict)   # the functions served here
+    # Every function deployed to this runtime, served or failing: a request for one of them is not
+    # for an unknown function.
+    deployed: dict[str, FunctionManifest] = field(default_factory=dict)
+    failing: dict[str, str] = field(default_factory=dict)   # function name -> why it is not served here
+    watchers: list[ServingWatcher] = field(default_factory=list)
+
+    @property
+    def connection(self) -> tuple[NATS, JetStreamContext]:
+        if self.nc is None or self.js is None:
+            raise RuntimeError("the runtime is not started")
+        return self.nc, self.js
+
+    def served(self) -> list[FunctionManifest]:
+        """The manifests of the functions served here now."""
+        return [worker.manifest for worker in self.workers.values()]
+
+    def handlers(self) -> dict[str, Handler]:
+        """Function name -> the handler served for it (what the loop monitor looks for on the stack)."""
+        return {name: worker.executor.handler for name, worker in self.workers.items()}
