@@ -5,13 +5,15 @@ from __future__ import annotations
 import logging
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from . import codec
+from . import headers as H
 from .errors import FnRuntimeError
 from .manifest import NAME_PATTERN
+from .streams import INVOKE_PREFIX
 from .wire import WireLimits, subject_problem
 
 if TYPE_CHECKING:
@@ -41,12 +43,7 @@ class Context:
     js: JetStreamContext
     scheduled_at: datetime | None = None
     schedule: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
     limits: WireLimits | None = None
-
-    @property
-    def invocation_id(self) -> str:
-        return self.call_id
 
     @property
     def remaining(self) -> float:
@@ -61,10 +58,11 @@ class Context:
         """Queue an invocation of another function; returns its stream sequence."""
         if not re.match(NAME_PATTERN, function):
             raise FnRuntimeError(f"{function!r} is not a function name")
-        headers = {"Nats-Msg-Id": msg_id} if msg_id else None
+        headers = {H.MSG_ID: msg_id} if msg_id else None
         body = codec.encode(payload)
-        self._check(f"fn.invoke.{function}", body, headers)
-        ack = await self.js.publish(f"fn.invoke.{function}", body, headers=headers)
+        subject = f"{INVOKE_PREFIX}{function}"
+        self._check(subject, body, headers)
+        ack = await self.js.publish(subject, body, headers=headers)
         return int(ack.seq)
 
     async def publish(self, subject: str, payload: Any, headers: dict[str, str] | None = None) -> None:

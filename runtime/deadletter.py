@@ -13,7 +13,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -25,15 +24,14 @@ from nats.js.errors import NotFoundError
 
 from . import headers as H
 from .errors import FnRuntimeError
+from .protocol import kv_stream, kv_subject
 from .streams import DLQ_BODIES_BUCKET, DLQ_PREFIX, ERRORS_BUCKET
+from .wire import STATUS_LINE, header_line, header_size, sendable_header_name
 
 log = logging.getLogger("runtime.deadletter")
 
-REASONS = ("max_deliver", "rejected", "invalid_input", "timeout", "undeployed")
+REASONS = ("max_deliver", "rejected", "invalid_input", "timeout")
 WORKER_LOST = "worker lost: the attempt ended without a result (process crash or lost connection)"
-# Headers of the original message that must not be replayed into another stream.
-_DROP = {"Nats-Msg-Id", "Nats-Expected-Stream", "Nats-Expected-Last-Msg-Id", "Nats-Expected-Last-Sequence",
-         "Nats-Expected-Last-Subject-Sequence", "Nats-Rollup", "Nats-TTL", "Status", "Description"}
 
 
 # What a dead letter adds to the original headers; the call id stays, it names the call.
@@ -60,9 +58,9 @@ def now_rfc3339() -> str:
 
 def dead_letter_headers(original: dict[str, str], *, function: str, subject: str, seq: int, deliveries: int,
                         reason: str, error: str, call_id: str | None) -> dict[str, str]:
-    hdrs = {k: v for k, v in original.items() if k not in _DROP}
-    if original.get("Nats-Msg-Id") and not call_id:
-        call_id = original["Nats-Msg-Id"]
+    hdrs = {k: v for k, v in original.items() if k not in H.NOT_CARRIED_OVER}
+    if original.get(H.MSG_ID) and not call_id:
+        call_id = original[H.MSG_ID]
     hdrs.update({
         H.MSG_ID: dead_letter_id(seq),
         H.FUNCTION: function,
@@ -84,26 +82,12 @@ def original_headers(dead: Mapping[str, str]) -> dict[str, str]:
             if k not in DEAD_LETTER_HEADERS and not (k == H.MSG_ID and v.startswith("dlq:"))}
 
 
-# ------------------------------------------------------------------ sizes on the wire
-
-_HEADER_KEY = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # what nats-py agrees to send as a header name
-_NEWLINES = str.maketrans({"\r": " ", "\n": " "})
-_STATUS_LINE = b"NATS/1.0\r\n"
-
-
-def _line(key: str, value: str) -> bytes:
-    # Spelled as nats-py spells it: names and values stripped, line breaks in values as spaces.
-    return b"%s: %s\r\n" % (key.strip().encode(), value.strip().translate(_NEWLINES).encode())
+# ------------------------------------------------------------------ sizes and the stored header block
 
 
 def encode_headers(headers: Mapping[str, str]) -> bytes:
     """The header block as it travels: ``NATS/1.0``, one ``name: value`` line each, an empty line."""
-    return _STATUS_LINE + b"".join(_line(k, v) for k, v in headers.items() if k.strip()) + b"\r\n"
-
-
-def header_size(headers: Mapping[str, str]) -> int:
-    """Bytes ``headers`` add to a message; the server counts them against ``max_payload``."""
-    return len(encode_headers(headers)) if headers else 0
+    return STATUS_LINE + b"".join(header_line(k, v) for k, v in headers.items() if k.strip()) + b"\r\n"
 
 
 def decode_headers(block: bytes) -> dict[str, str]:
@@ -136,7 +120,7 @@ def fit_dead_letter(body: bytes, headers: Mapping[str, str], max_payload: int) -
     nats-py would refuse to send are always left out that way.
     """
     hdrs = dict(headers)
-    unsendable = [k for k in hdrs if not _HEADER_KEY.fullmatch(k.strip())]
+    unsendable = [k for k in hdrs if not sendable_header_name(k)]
     if not unsendable and header_size(hdrs) + len(body) <= max_payload:
         return Fit(body, hdrs)
     ref = hdrs.get(H.MSG_ID)
@@ -148,14 +132,14 @@ def fit_dead_letter(body: bytes, headers: Mapping[str, str], max_payload: int) -
     hdrs.update({H.BODY_REF: ref, H.BODY_SIZE: str(len(body))})
     dropped = list(unsendable)
     # Sizes line by line: a letter may carry thousands of headers.
-    size = len(_STATUS_LINE) + 2 + sum(len(_line(k, v)) for k, v in hdrs.items())
+    size = len(STATUS_LINE) + 2 + sum(len(header_line(k, v)) for k, v in hdrs.items())
 
     def fits() -> bool:
         hdrs.pop(H.DROPPED_HEADERS, None)
         names = _dropped_value(dropped)
         if names:
             hdrs[H.DROPPED_HEADERS] = names
-        return size + (len(_line(H.DROPPED_HEADERS, names)) if names else 0) <= max_payload
+        return size + (len(header_line(H.DROPPED_HEADERS, names)) if names else 0) <= max_payload
 
     def fitted() -> Fit:
         return Fit(b"", hdrs, ref, tuple(dropped))
@@ -165,15 +149,15 @@ def fit_dead_letter(body: bytes, headers: Mapping[str, str], max_payload: int) -
     error = hdrs.get(H.ERROR, "")
     if len(error) > SHORT_ERROR_LENGTH:
         short = error[:SHORT_ERROR_LENGTH - 1] + "…"
-        size += len(_line(H.ERROR, short)) - len(_line(H.ERROR, error))
+        size += len(header_line(H.ERROR, short)) - len(header_line(H.ERROR, error))
         hdrs[H.ERROR] = short
         if fits():
             return fitted()
     kept = {H.MSG_ID, *DEAD_LETTER_HEADERS}
     droppable = sorted((k for k in hdrs if k not in kept),
-                       key=lambda k: (k == H.CALL_ID, -len(_line(k, hdrs[k]))))
+                       key=lambda k: (k == H.CALL_ID, -len(header_line(k, hdrs[k]))))
     for key in droppable:
-        size -= len(_line(key, hdrs.pop(key)))
+        size -= len(header_line(key, hdrs.pop(key)))
         dropped.append(key)
         if fits():
             return fitted()
@@ -245,13 +229,14 @@ async def delete_original(js: JetStreamContext, name: str) -> bool:
 async def record_error(nc: NATS, stream_seq: int, attempt: int, error: str) -> None:
     """Remember an attempt's error by stream sequence, so a dead letter can name it later."""
     payload = json.dumps({"attempt": attempt, "error": error}).encode()
-    await nc.publish(f"$KV.{ERRORS_BUCKET}.{stream_seq}", payload)
+    await nc.publish(kv_subject(ERRORS_BUCKET, str(stream_seq)), payload)
 
 
 async def last_error(js: JetStreamContext, stream_seq: int, deliveries: int) -> str:
     """The error recorded for the last attempt, or ``worker lost`` if that attempt left none."""
     try:
-        raw = await js.get_msg(f"KV_{ERRORS_BUCKET}", subject=f"$KV.{ERRORS_BUCKET}.{stream_seq}", direct=True)
+        raw = await js.get_msg(kv_stream(ERRORS_BUCKET), subject=kv_subject(ERRORS_BUCKET, str(stream_seq)),
+                               direct=True)
     except NotFoundError:
         return WORKER_LOST
     try:

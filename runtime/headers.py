@@ -8,7 +8,6 @@ EXPECTED_LAST_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
 REPLY_TO = "Fn-Reply-To"
 CALL_ID = "Fn-Call-Id"
 FUNCTION = "Fn-Function"
-ATTEMPT = "Fn-Attempt"
 SCHEDULE = "Fn-Schedule"
 SCHEDULED_AT = "Fn-Scheduled-At"
 SERVICE_ERROR = "Nats-Service-Error"
@@ -25,3 +24,15 @@ BODY_REF = "Fn-Body-Ref"
 BODY_SIZE = "Fn-Body-Size"
 DROPPED_HEADERS = "Fn-Dropped-Headers"
 MSG_SIZE = "Nats-Msg-Size"  # what JetStream puts in place of the body for a headers-only consumer
+
+# set by the server on what it delivers
+STATUS = "Status"                     # a status message (heartbeat, end of a pull) instead of a delivery
+DESCRIPTION = "Description"
+PENDING_MESSAGES = "Nats-Pending-Messages"   # what a pull left undelivered
+
+# Publish conditions and stream directives: they concern the stream a message was first
+# published to, never one it is copied to later (a dead letter, a replay).
+NOT_CARRIED_OVER = frozenset({
+    MSG_ID, "Nats-Expected-Stream", "Nats-Expected-Last-Msg-Id", "Nats-Expected-Last-Sequence",
+    EXPECTED_LAST_SUBJECT_SEQ, "Nats-Rollup", "Nats-TTL", STATUS, DESCRIPTION,
+})

@@ -12,8 +12,8 @@ ack the advisory. A message already gone from ``FN`` was terminated by a runtime
 wrote its dead letter itself, or was moved before: the advisory is just acknowledged.
 
 An advisory the server could not store (the store was full) is lost, and its message would
-stay in ``FN`` for good, delivered no more. So the mover also sweeps ``FN``, on start-up and
-then every ``sweep_interval`` seconds, for such messages and moves them the same way.
+stay in ``FN`` for good, delivered no more. So the mover also sweeps ``FN`` (``sweep.py``), on
+start-up and then every ``sweep_interval`` seconds, for such messages and moves them the same way.
 """
 
 from __future__ import annotations
@@ -38,19 +38,16 @@ from . import headers as H
 from .deadletter import REASONS, WORKER_LOST, dead_letter_headers, last_error, write_dead_letter
 from .errors import FunctionError, InvalidInput, InvocationError, InvocationTimeout, Rejected
 from .outbox import Outbox
+from .protocol import ADVISORY_MAX_DELIVERIES, ADVISORY_TERMINATED, NO_MESSAGE_FOUND, fallback_call_id
 from .results import Response
 from .streams import DLQ_STREAM, EVENTS_STREAM, INVOKE_STREAM
+from .sweep import SWEEP_LIMIT, sweep_exhausted
 from .wire import call_id_for
 
 log = logging.getLogger("runtime.mover")
 
 MOVER_CONSUMER = "dlq-mover"
-MAX_DELIVERIES = "io.nats.jetstream.advisory.v1.max_deliver"
-TERMINATED = "io.nats.jetstream.advisory.v1.terminated"
-_NO_MESSAGE = 10057  # JetStream's "no message found" on delete
-_LIST_PAGE = 256     # consumers per JetStream list reply
 SWEEP_INTERVAL = 30.0
-SWEEP_LIMIT = 256    # messages a sweep handles; one that reaches it is followed by another at once
 _TIMESTAMP = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?Z$")
 
 
@@ -70,17 +67,18 @@ class Advisory:
         """The advisory in ``data``, or None if it is not one the mover acts on."""
         try:
             raw: dict[str, Any] = json.loads(data)
-            if raw.get("type") not in (MAX_DELIVERIES, TERMINATED) or raw.get("stream") != INVOKE_STREAM:
+            if (raw.get("type") not in (ADVISORY_MAX_DELIVERIES, ADVISORY_TERMINATED)
+                    or raw.get("stream") != INVOKE_STREAM):
                 return None
             return cls(type=str(raw["type"]), function=str(raw["consumer"]), stream_seq=int(raw["stream_seq"]),
                        deliveries=int(raw.get("deliveries") or 1), reason=str(raw.get("reason") or ""),
                        timestamp=_milliseconds(str(raw.get("timestamp") or "")))
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, AttributeError):  # AttributeError: JSON that is not an object
             return None
 
     @property
     def dead_letter_reason(self) -> str:
-        if self.type == MAX_DELIVERIES:
+        if self.type == ADVISORY_MAX_DELIVERIES:
             return "max_deliver"
         return self.reason if self.reason in REASONS else "rejected"
 
@@ -107,31 +105,6 @@ def failure_of(reason: str, error: str) -> InvocationError:
     if reason == "rejected":
         return Rejected(message, type=type_ or None)
     return FunctionError(error, type=type_ or None)
-
-
-def filter_subject(config: ConsumerConfig) -> str | None:
-    """The one subject a function consumer takes from ``FN``; None for any other consumer."""
-    subjects = [config.filter_subject] if config.filter_subject else list(config.filter_subjects or [])
-    return subjects[0] if len(subjects) == 1 else None
-
-
-def exhausted_up_to(info: ConsumerInfo) -> int:
-    """The ``FN`` sequence up to which a message of this consumer still in ``FN`` has no delivery left.
-
-    ``FN`` keeps a message until it is acknowledged or terminated, so one the consumer has
-    delivered and that is still there is either pending (being worked on, or waiting for its
-    redelivery) or out of deliveries. Nothing below the ack floor is pending, and nothing
-    delivered is when nothing is pending at all. The server leaves the ack floor below a
-    message that ran out of deliveries until an acknowledgement finds nothing pending, so the
-    floor alone misses the message after which nothing else was sent.
-    """
-    config = info.config
-    if not config.durable_name or filter_subject(config) is None or (config.max_deliver or -1) < 1:
-        return 0
-    floor = info.ack_floor.stream_seq if info.ack_floor else 0
-    if info.num_ack_pending:
-        return floor
-    return max(floor, info.delivered.stream_seq if info.delivered else 0)
 
 
 class DeadLetterMover:
@@ -252,47 +225,23 @@ class DeadLetterMover:
         info = await self.js.consumer_info(EVENTS_STREAM, MOVER_CONSUMER)
         return bool(info.num_pending or info.num_ack_pending)
 
-    async def _consumers(self) -> list[ConsumerInfo]:
-        infos: list[ConsumerInfo] = []
-        while True:
-            page = await self.js.consumers_info(INVOKE_STREAM, offset=len(infos) or None)
-            infos.extend(page)
-            if len(page) < _LIST_PAGE:
-                return infos
-
     async def sweep(self) -> int:
         """Move the messages of ``FN`` that ran out of deliveries with no advisory to say so.
 
         Returns how many it handled, at most ``sweep_limit``.
         """
-        handled = 0
-        # What FN holds of a function is undelivered, pending, or out of deliveries; a function
-        # with nothing of the last kind costs no more than this one request.
-        state = (await self.js.stream_info(INVOKE_STREAM, subjects_filter=">")).state
-        held = state.subjects or {}
-        for info in await self._consumers():
-            subject, bound = filter_subject(info.config), exhausted_up_to(info)
-            accounted = (info.num_pending or 0) + (info.num_ack_pending or 0)
-            exact = subject is not None and not {"*", ">"} & set(subject.split("."))
-            if exact and held.get(subject or "", 0) <= accounted:
-                continue
-            seq = 1
-            while subject and seq <= bound and handled < self.sweep_limit and self._running:
-                try:
-                    original = await self.js.get_msg(INVOKE_STREAM, seq, subject=subject, next=True)
-                except NotFoundError:
-                    break
-                if original.seq is None or original.seq > bound:
-                    break
-                advisory = Advisory(type=MAX_DELIVERIES, function=info.name, stream_seq=original.seq,
-                                    deliveries=info.config.max_deliver or 1)
-                await self.move(advisory, original)
-                handled += 1
-                seq = original.seq + 1
+        handled = await sweep_exhausted(self.js, self._move_exhausted, limit=self.sweep_limit,
+                                        running=lambda: self._running)
         if handled:
             log.warning("swept %d message(s) of %s that ran out of deliveries with no advisory to say so",
                         handled, INVOKE_STREAM)
         return handled
+
+    async def _move_exhausted(self, consumer: ConsumerInfo, original: RawStreamMsg) -> None:
+        # What the lost advisory would have said.
+        advisory = Advisory(type=ADVISORY_MAX_DELIVERIES, function=consumer.name, stream_seq=original.seq or 0,
+                            deliveries=consumer.config.max_deliver or 1)
+        await self.move(advisory, original)
 
     # -------------------------------------------------------------- moving
 
@@ -315,7 +264,7 @@ class DeadLetterMover:
             except NotFoundError:
                 return False
         hdrs = dict(original.headers or {})
-        call_id = call_id_for(hdrs.get(H.CALL_ID) or hdrs.get(H.MSG_ID)) or f"{INVOKE_STREAM.lower()}-{seq}"
+        call_id = call_id_for(hdrs.get(H.CALL_ID) or hdrs.get(H.MSG_ID)) or fallback_call_id(INVOKE_STREAM, seq)
         error = await last_error(self.js, seq, advisory.deliveries)
         dead = dead_letter_headers(hdrs, function=advisory.function, subject=original.subject or "", seq=seq,
                                    deliveries=advisory.deliveries, reason=advisory.dead_letter_reason,
@@ -338,7 +287,7 @@ class DeadLetterMover:
         try:
             await self.js.delete_msg(INVOKE_STREAM, seq)
         except ServerError as exc:
-            if exc.err_code != _NO_MESSAGE:
+            if exc.err_code != NO_MESSAGE_FOUND:
                 raise
             return False  # gone meanwhile: moved by another mover
         self.moved += 1

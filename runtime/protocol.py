@@ -1,17 +1,25 @@
 """The JetStream protocol details the runtime speaks, in one place: ack verbs, KV markers, error codes.
 
-Header names are in ``headers.py``; what the server accepts (sizes, subjects) in ``wire.py``.
+Header names are in ``headers.py``; what the server accepts (sizes, subjects) in ``wire.py``;
+the runtime's own stream names and subject prefixes in ``streams.py``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from nats.js.kv import KeyValue
+
+DEFAULT_URL = "nats://127.0.0.1:4222"
 
 # ------------------------------------------------------------------ acknowledgements of a delivered message
 
 ACK = b"+ACK"
 NAK = b"-NAK"
 IN_PROGRESS = b"+WPI"
+ACK_PREFIX = "$JS.ACK."   # the reply subject of every message a consumer delivers
 
 
 def nak_after(delay: float) -> bytes:
@@ -24,6 +32,28 @@ def term(reason: str) -> bytes:
     return b"+TERM " + reason.encode()
 
 
+# ------------------------------------------------------------------ pull requests
+
+def pull_subject(stream: str, consumer: str) -> str:
+    """Where a pull request for ``consumer`` of ``stream`` is published."""
+    return f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"
+
+
+# Status lines the server answers a pull request with (``Status`` and ``Description`` headers).
+STATUS_HEARTBEAT = "100"
+STATUS_CONFLICT = "409"   # ended early: "Message Size Exceeds MaxBytes", "Consumer Deleted", ...
+
+
+def purge_subject(stream: str) -> str:
+    return f"$JS.API.STREAM.PURGE.{stream}"
+
+
+# ------------------------------------------------------------------ consumer advisories
+
+ADVISORY_MAX_DELIVERIES = "io.nats.jetstream.advisory.v1.max_deliver"
+ADVISORY_TERMINATED = "io.nats.jetstream.advisory.v1.terminated"
+
+
 # ------------------------------------------------------------------ key-value markers
 
 KV_OPERATION = "KV-Operation"
@@ -33,6 +63,16 @@ KV_GONE = ("DEL", "PURGE")   # a deleted or purged key: its last message is a ma
 def is_tombstone(headers: Mapping[str, str] | None) -> bool:
     """Whether a KV message (by its headers) marks a deleted or purged key."""
     return (headers or {}).get(KV_OPERATION) in KV_GONE
+
+
+def entry_value(entry: KeyValue.Entry) -> bytes | None:
+    """A KV entry's value as nats-py reads it; None for the marker of a deleted or purged key."""
+    return None if entry.operation in KV_GONE else entry.value
+
+
+def kv_stream(bucket: str) -> str:
+    """The stream behind a key-value bucket."""
+    return f"KV_{bucket}"
 
 
 def kv_subject(bucket: str, key: str) -> str:

@@ -21,6 +21,7 @@ from nats.js.kv import KeyValue
 from .documents import load_json_object
 from .errors import FnRuntimeError
 from .manifest import FunctionManifest, Manifest, ManifestSet, ScheduleManifest, parse_manifest
+from .protocol import entry_value
 from .streams import MANIFESTS_BUCKET, ensure_consumer, ensure_kv, ensure_stream, invoke_stream_config
 
 SCHEDULE_PREFIX = "schedule."
@@ -124,9 +125,8 @@ class Registry:
             entry = await self.kv.get(key)
         except (KeyNotFoundError, NotFoundError):
             return None
-        if entry.value is None or entry.operation in ("DEL", "PURGE"):
-            return None
-        return Deployment.decode(entry.value, entry.revision or 0, key)
+        value = entry_value(entry)
+        return None if value is None else Deployment.decode(value, entry.revision or 0, key)
 
     async def all(self) -> dict[str, Deployment]:
         try:
@@ -175,8 +175,8 @@ class Registry:
             entries = await self.kv.history(key)
         except NoKeysError:
             return []
-        return [None if e.operation in ("DEL", "PURGE") or e.value is None
-                else Deployment.decode(e.value, e.revision or 0, key) for e in entries]
+        return [None if (value := entry_value(e)) is None else Deployment.decode(value, e.revision or 0, key)
+                for e in entries]
 
     async def rollback(self, name: str) -> DeployResult:
         """Restore the revision before the current one (or the last one, after an undeploy)."""

@@ -12,7 +12,7 @@ from nats.js.errors import NotFoundError
 from . import codec
 from . import headers as H
 from .errors import InvocationError, error_from_wire
-from .protocol import is_tombstone, kv_subject
+from .protocol import is_tombstone, kv_stream, kv_subject
 from .streams import RESULTS_BUCKET
 from .wire import call_id_for
 
@@ -85,7 +85,7 @@ class Response:
 async def fetch_response(js: JetStreamContext, call_id: str) -> Response | None:
     """The stored outcome of ``call_id``, or None if there is none (yet)."""
     try:
-        raw = await js.get_msg(f"KV_{RESULTS_BUCKET}", subject=result_subject(call_id), direct=True)
+        raw = await js.get_msg(kv_stream(RESULTS_BUCKET), subject=result_subject(call_id), direct=True)
     except NotFoundError:
         return None
     hdrs = dict(raw.headers or {})

@@ -24,6 +24,7 @@ from . import codec
 from . import headers as H
 from .crontab import cron, due_ticks, format_tick
 from .manifest import Schedule
+from .protocol import entry_value
 from .streams import CRON_BUCKET, DUPLICATE_WINDOW, INVOKE_PREFIX
 
 log = logging.getLogger("runtime.scheduler")
@@ -74,9 +75,10 @@ async def read_record(kv: KeyValue, name: str) -> tuple[CronRecord | None, int]:
         entry = await kv.get(name)
     except KeyNotFoundError:
         return None, 0
-    if not entry.value:
+    value = entry_value(entry)
+    if not value:
         return None, entry.revision or 0
-    return CronRecord.model_validate_json(entry.value), entry.revision or 0
+    return CronRecord.model_validate_json(value), entry.revision or 0
 
 
 async def change_record(kv: KeyValue, name: str,

@@ -17,6 +17,7 @@ from nats.js.api import (
 from nats.js.errors import BadRequestError, NotFoundError
 
 from .manifest import FunctionManifest
+from .protocol import STREAM_NAME_IN_USE, kv_stream, kv_subject
 
 log = logging.getLogger("runtime.streams")
 
@@ -69,7 +70,7 @@ async def ensure_stream(js: JetStreamContext, config: StreamConfig, update: bool
             log.info("created stream %s", config.name)
             return
         except BadRequestError as exc:
-            if exc.err_code != 10058:  # created meanwhile by another runtime
+            if exc.err_code != STREAM_NAME_IN_USE:  # created meanwhile by another runtime
                 raise
             info = await js.stream_info(config.name)
     if not update:
@@ -99,14 +100,6 @@ def consumer_config(manifest: FunctionManifest) -> ConsumerConfig:
 async def ensure_consumer(js: JetStreamContext, manifest: FunctionManifest) -> None:
     """Create the function's consumer, or update its settings in place."""
     await js.add_consumer(INVOKE_STREAM, consumer_config(manifest))
-
-
-async def delete_consumer(js: JetStreamContext, name: str) -> bool:
-    try:
-        await js.delete_consumer(INVOKE_STREAM, name)
-    except NotFoundError:
-        return False
-    return True
 
 
 # ------------------------------------------------------------------ other streams and buckets
@@ -157,8 +150,8 @@ def kv_stream_config(bucket: str, history: int = 1, ttl: float | None = None,
                      replicas: int = 1) -> StreamConfig:
     """The stream behind a key-value bucket, shaped as nats-py's ``create_key_value`` makes it."""
     return StreamConfig(
-        name=f"KV_{bucket}",
-        subjects=[f"$KV.{bucket}.>"],
+        name=kv_stream(bucket),
+        subjects=[kv_subject(bucket, ">")],
         retention=RetentionPolicy.LIMITS,
         storage=StorageType.FILE,
         max_msgs_per_subject=history,

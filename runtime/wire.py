@@ -19,8 +19,10 @@ MAX_CALL_ID = 256         # longer call ids are replaced by a digest (see call_i
 HASHED_PREFIX = "h_"
 # Room a publish's protocol line needs besides its subjects: "HPUB  <hdr> <total>\r\n".
 _CONTROL_OVERHEAD = 48
-_HEADER_LINE = len("NATS/1.0\r\n") + len("\r\n")
 _BAD_CHARS = re.compile(r"[\x00-\x20\x7f]")
+STATUS_LINE = b"NATS/1.0\r\n"   # opens every header block; an empty line closes it
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # what nats-py agrees to send as a header name
+_NEWLINES = str.maketrans({"\r": " ", "\n": " "})
 
 
 class WireLimits:
@@ -41,11 +43,24 @@ class WireLimits:
         return self.max_payload - header_size(headers)
 
 
+def header_line(name: str, value: str) -> bytes:
+    """One header as nats-py sends it: name and value stripped, line breaks in the value as spaces."""
+    return b"%s: %s\r\n" % (name.strip().encode(), value.strip().translate(_NEWLINES).encode())
+
+
+def sendable_header_name(name: str) -> bool:
+    """Whether nats-py sends a header of this name (it refuses the whole message otherwise)."""
+    return bool(_HEADER_NAME.fullmatch(name.strip()))
+
+
 def header_size(headers: Mapping[str, str] | None) -> int:
-    """Bytes the headers take on the wire (they count against ``max_payload``)."""
+    """Bytes ``headers`` add to a message, exactly as nats-py sends them; they count against ``max_payload``.
+
+    nats-py skips a header whose name is empty once stripped.
+    """
     if not headers:
         return 0
-    return _HEADER_LINE + sum(len(k.encode()) + len(v.encode()) + 4 for k, v in headers.items())
+    return len(STATUS_LINE) + 2 + sum(len(header_line(k, v)) for k, v in headers.items() if k.strip())
 
 
 def message_size(body: bytes, headers: Mapping[str, str] | None = None) -> int:

@@ -24,7 +24,6 @@ from .streams import INVOKE_STREAM
 log = logging.getLogger("runtime.worker")
 
 
-
 class FunctionWorker:
     """Serves one function until stopped; settings can change while it runs."""
 
@@ -32,8 +31,10 @@ class FunctionWorker:
                  outbox: Outbox) -> None:
         self.nc = nc
         self.name = manifest.name
-        self.threads = None if handler.is_async else ThreadPoolExecutor(
-            max_workers=manifest.concurrency, thread_name_prefix=f"fn-{manifest.name}")
+        self.threads: ThreadPoolExecutor | None = None
+        self._thread_count = 0   # the size of ``threads``
+        if not handler.is_async:
+            self._new_threads(manifest.concurrency)
         self.executor = Executor(nc, js, manifest, handler, self.threads, outbox)
         self.pool: WorkerPool[Invocation] = WorkerPool(self._process, manifest.concurrency, name=manifest.name)
         self.feed = PullFeed(nc, INVOKE_STREAM, manifest.name, manifest.concurrency, self._sink)
@@ -62,11 +63,17 @@ class FunctionWorker:
         self.executor.handler = handler
         self.pool.resize(manifest.concurrency)
         self.feed.resize(manifest.concurrency)
-        if self.threads is not None:
-            self.threads._max_workers = max(self.threads._max_workers, manifest.concurrency)
-        elif not handler.is_async:
-            self.threads = ThreadPoolExecutor(max_workers=manifest.concurrency)
-            self.executor.threads = self.threads
+        if not handler.is_async and (self.threads is None or self._thread_count != manifest.concurrency):
+            old = self.threads
+            self.executor.threads = self._new_threads(manifest.concurrency)
+            if old is not None:
+                old.shutdown(wait=False)   # its running calls finish; later ones go to the new pool
+
+    def _new_threads(self, count: int) -> ThreadPoolExecutor:
+        # A pool cannot be resized through its public API: a new size is a new pool.
+        self.threads = ThreadPoolExecutor(max_workers=count, thread_name_prefix=f"fn-{self.name}")
+        self._thread_count = count
+        return self.threads
 
     def _sink(self, msg: Msg) -> None:
         try:

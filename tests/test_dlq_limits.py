@@ -30,12 +30,11 @@ from runtime.deadletter import (
     decode_headers,
     encode_headers,
     fit_dead_letter,
-    header_size,
     original_headers,
     write_dead_letter,
 )
 from runtime.dlq import DeadLetterScan, Listing, get_dead_letter, list_dead_letters, purge
-from runtime.mover import DeadLetterMover, exhausted_up_to
+from runtime.mover import DeadLetterMover
 from runtime.server import EmbeddedServer, free_port
 from runtime.streams import (
     ADVISORY_SUBJECTS,
@@ -49,6 +48,8 @@ from runtime.streams import (
     invoke_stream_config,
     provision_base,
 )
+from runtime.sweep import exhausted_up_to
+from runtime.wire import header_size
 
 from .conftest import ROOT, RuntimeFactory, collect, eventually
 

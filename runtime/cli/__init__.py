@@ -9,13 +9,7 @@ from collections.abc import Sequence
 
 from ..errors import ConnectionLost, FnRuntimeError, InvocationError
 from . import common, deploy, dlq, invoke, schedules, serve
-
-RET_OK = 0
-RET_ERROR = 1          # a runtime error: bad manifest, cannot connect, …
-RET_USAGE = 2          # argparse's own code for bad arguments
-RET_FAILED = 3         # the invocation ran and failed
-RET_CONNECTION_LOST = 5  # serve: the NATS connection closed for good; a supervisor should restart it
-RET_INTERRUPTED = 130
+from .codes import RET_CONNECTION_LOST, RET_ERROR, RET_FAILED, RET_INTERRUPTED
 
 COMMANDS = [serve, deploy, schedules, dlq, invoke]
 

@@ -15,6 +15,7 @@ from ..registry import Registry
 from ..status import gather_status
 from ..streams import INVOKE_STREAM
 from . import common
+from .codes import RET_OK
 
 
 def register(sub: Any) -> None:
@@ -53,7 +54,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     for r in [] if args.json else results:
         detail = f" ({', '.join(r['changed'])})" if r["changed"] else ""
         print(f"{r['kind'].lower()} {r['name']}: {r['status']}{detail} [revision {r['revision']}]")
-    return 0
+    return RET_OK
 
 
 def cmd_undeploy(args: argparse.Namespace) -> int:
@@ -66,7 +67,7 @@ def cmd_undeploy(args: argparse.Namespace) -> int:
         common.print_json({"name": args.name, "key": key, "status": "undeployed"})
     else:
         print(f"{args.name}: undeployed (queued messages are kept until it is deployed again)")
-    return 0
+    return RET_OK
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
@@ -80,7 +81,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     else:
         detail = f" ({', '.join(result['changed'])})" if result["changed"] else ""
         print(f"{result['name']}: rolled back{detail} [revision {result['revision']}]")
-    return 0
+    return RET_OK
 
 
 async def _listing(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -115,11 +116,11 @@ def cmd_ls(args: argparse.Namespace) -> int:
     rows = run(_listing(args))
     if args.json:
         common.print_json(rows)
-        return 0
+        return RET_OK
     common.print_table(["name", "kind", "rev", "deployed at", "status", "runtimes", "queued", "in flight", "settings"],
                        [[r["name"], r["kind"].lower(), r["revision"], r["deployed_at"], r["status"], r["runtimes"],
                          r["queued"], r["in_flight"], r["settings"]] for r in rows])
     for r in rows:
         for runtime, error in r["failing"].items():
             print(f"  {r['name']} failing on {runtime}: {error}")
-    return 0
+    return RET_OK

@@ -11,9 +11,9 @@ from typing import Any
 from .. import dlq
 from ..loop import run
 from . import common
+from .codes import RET_ERROR, RET_OK
 
 ERROR_WIDTH = 60
-RET_NOT_FOUND = 1
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -26,7 +26,7 @@ def _plain_errors(cmd: Command) -> Command:
             return cmd(args)
         except (dlq.DeadLetterNotFound, dlq.BodyMissing, dlq.ReplayTooLarge, dlq.ListingStalled) as exc:
             common.error(str(exc))
-            return RET_NOT_FOUND
+            return RET_ERROR
     return wrapper
 
 
@@ -111,7 +111,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
                             for d in letters])
     if listing.shortfall:
         print(f"runtime: warning: {listing.shortfall}", file=sys.stderr)
-    return 0
+    return RET_OK
 
 
 @_plain_errors
@@ -123,7 +123,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     letter = run(main())
     if args.json:
         common.print_json(letter.to_json())
-        return 0
+        return RET_OK
     print(f"dead letter {letter.seq} of {letter.function}")
     for name, value in letter.headers.items():
         print(f"{name}: {value}")
@@ -134,7 +134,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     else:
         print(f"({letter.size} bytes, not UTF-8; base64 below)")
         print(body["body_base64"])
-    return 0
+    return RET_OK
 
 
 @_plain_errors
@@ -149,12 +149,12 @@ def cmd_replay(args: argparse.Namespace) -> int:
     if args.json:
         common.print_json([{"seq": letter.seq, "function": letter.function, "call_id": letter.call_id,
                             "invocation_seq": new_seq} for letter, new_seq in replayed])
-        return 0
+        return RET_OK
     for letter, new_seq in replayed:
         print(f"replayed dead letter {letter.seq} of {letter.function} (call {letter.call_id}) "
               f"as message {new_seq}")
     print(f"{len(replayed)} dead letter(s) replayed")
-    return 0
+    return RET_OK
 
 
 @_plain_errors
@@ -168,4 +168,4 @@ def cmd_purge(args: argparse.Namespace) -> int:
         common.print_json({"purged": count})
     else:
         print(f"{count} dead letter(s) purged")
-    return 0
+    return RET_OK

@@ -15,12 +15,7 @@ from ..durations import parse_duration
 from ..errors import InvocationError, NoResult
 from ..loop import run
 from . import common
-
-# The codes of runtime.cli, plus one for an outcome that is not stored (yet).
-RET_OK = 0
-RET_USAGE = 2
-RET_FAILED = 3
-RET_NO_RESULT = 4
+from .codes import RET_FAILED, RET_NO_RESULT, RET_OK, RET_USAGE
 
 
 def _duration(value: str) -> float:

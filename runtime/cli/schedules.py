@@ -18,6 +18,7 @@ from ..registry import Registry, as_manifest_set
 from ..scheduler import CronRecord, read_records
 from ..streams import CRON_BUCKET
 from . import common
+from .codes import RET_OK
 
 
 def register(sub: Any) -> None:
@@ -95,14 +96,14 @@ def cmd_schedules(args: argparse.Namespace) -> int:
     listing = entries(manifests, records, datetime.now(UTC))
     if args.json:
         common.print_json([e.to_json() for e in listing])
-        return 0
+        return RET_OK
     if not listing:
         print("no schedules")
-        return 0
+        return RET_OK
     never = "never" if online else "-"
     rows = [[e.name, e.function, e.cron, e.timezone,
              _when(e.local(e.next), "%Y-%m-%d %H:%M:%S %Z") if e.enabled else "disabled",
              _when(e.next), _when(e.last) if e.last else never]
             for e in listing]
     common.print_table(["name", "function", "cron", "timezone", "next (local)", "next (utc)", "last fire"], rows)
-    return 0
+    return RET_OK

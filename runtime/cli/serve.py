@@ -14,6 +14,7 @@ from ..logs import configure
 from ..loop import run
 from ..manifest import ManifestSet
 from ..settings import Settings
+from .codes import RET_OK
 
 
 def register(sub: Any) -> None:
@@ -56,4 +57,4 @@ def cmd_serve(args: argparse.Namespace) -> int:
         await serve_forever(settings, asyncio.Event())
 
     run(main())
-    return 0
+    return RET_OK

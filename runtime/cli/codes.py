@@ -1,0 +1,11 @@
+"""The exit codes of the ``runtime`` command, named once for every subcommand."""
+
+from __future__ import annotations
+
+RET_OK = 0
+RET_ERROR = 1            # a runtime error: bad manifest, cannot connect, no such dead letter, …
+RET_USAGE = 2            # argparse's own code for bad arguments
+RET_FAILED = 3           # the invocation ran and failed
+RET_NO_RESULT = 4        # result: the call's outcome is not stored (yet)
+RET_CONNECTION_LOST = 5  # serve: the NATS connection closed for good; a supervisor should restart it
+RET_INTERRUPTED = 130
