@@ -13,7 +13,8 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -22,6 +23,41 @@ from nats.aio.subscription import Subscription
 log = logging.getLogger("runtime.consumer")
 
 Sink = Callable[[Msg], None]
+
+
+def wanted(slots: int, held: int, outstanding: int) -> int:
+    """How many messages to ask for now: free slots not yet asked for, in batches.
+
+    While requests are outstanding, a new one waits until a quarter of the slots (at least
+    one) is free, so a busy feed sends a few large pull requests rather than one per release.
+    """
+    want = slots - held - outstanding
+    if want <= 0 or (outstanding and want < max(1, slots // 4)):
+        return 0
+    return want
+
+
+@dataclass(frozen=True, slots=True)
+class StatusEffect:
+    """What a status message on the pull inbox (one without a reply subject) changes."""
+
+    outstanding: int            # messages still asked for after it
+    pull: bool                  # whether to top the requests up again
+    consumer_deleted: bool = False
+
+
+def read_status(headers: Mapping[str, str] | None, outstanding: int) -> StatusEffect:
+    """The effect of a status message with ``headers`` while ``outstanding`` messages are asked for."""
+    headers = headers or {}
+    status = headers.get("Status", "")
+    if status == "100":  # idle heartbeat
+        return StatusEffect(outstanding, pull=False)
+    # 404/408/409: a request ended; it reports how many of its messages it did not deliver.
+    left = headers.get("Nats-Pending-Messages")
+    outstanding = max(0, outstanding - int(left)) if left else 0
+    if status == "409" and "Consumer Deleted" in headers.get("Description", ""):
+        return StatusEffect(outstanding, pull=False, consumer_deleted=True)
+    return StatusEffect(outstanding, pull=True)
 
 
 class PullFeed:
@@ -80,11 +116,7 @@ class PullFeed:
         self.schedule_pull()
 
     def _wanted(self) -> int:
-        """How many messages to ask for now: free slots not yet asked for, in batches."""
-        want = self.slots - self.held - self.outstanding
-        if want <= 0 or (self.outstanding and want < max(1, self.slots // 4)):
-            return 0
-        return want
+        return wanted(self.slots, self.held, self.outstanding)
 
     def schedule_pull(self) -> None:
         # Coalesce all releases of one event-loop turn into a single pull request.
@@ -118,17 +150,12 @@ class PullFeed:
             self.delivered += 1
             self.sink(msg)
             return
-        headers = msg.headers or {}
-        status = headers.get("Status", "")
-        if status == "100":  # idle heartbeat
-            return
-        # 404/408/409: a request ended; it reports how many of its messages it did not deliver.
-        left = headers.get("Nats-Pending-Messages")
-        self.outstanding = max(0, self.outstanding - int(left)) if left else 0
-        if status == "409" and "Consumer Deleted" in headers.get("Description", ""):
+        effect = read_status(msg.headers, self.outstanding)
+        self.outstanding = effect.outstanding
+        if effect.consumer_deleted:
             log.warning("consumer %s was deleted", self.consumer)
-            return
-        self.schedule_pull()
+        if effect.pull:
+            self.schedule_pull()
 
     async def _watch(self) -> None:
         # Pull requests die silently with a reconnect or a server restart; missed
