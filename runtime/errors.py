@@ -1,8 +1,17 @@
-"""One error tree for the whole package, plus the control-flow exceptions handlers raise."""
+"""One error tree for the whole package, the control-flow exceptions handlers raise, and how errors are put
+into words: :func:`describe` for any error, :func:`validation_problems` for what pydantic found."""
 
 from __future__ import annotations
 
 from typing import Any, ClassVar
+
+from pydantic import ValidationError
+
+from .wire import clip
+
+MAX_ERROR = 4096    # characters of an error message kept in outcomes, dead letters and error lines
+MAX_PROBLEMS = 20   # validation problems listed in one message; the count says how many more there were
+_LONG_FIELD = 60    # characters of one field name shown (an unknown key may be arbitrarily long)
 
 
 class FnRuntimeError(Exception):
@@ -19,8 +28,7 @@ class ManifestError(FnRuntimeError):
     def __init__(self, path: str, problems: list[tuple[str, str]]) -> None:
         self.path = path
         self.problems = problems
-        detail = "; ".join(f"{field}: {msg}" if field else msg for field, msg in problems)
-        super().__init__(f"{path}: {detail}")
+        super().__init__(f"{path}: {format_problems(problems)}")
 
 
 class LoadError(FnRuntimeError):
@@ -52,8 +60,8 @@ class InvocationError(FnRuntimeError):
 
     @property
     def described(self) -> str:
-        """``type: message``, without repeating a type the message already starts with."""
-        return self.message if self.message.startswith(self.type) else f"{self.type}: {self.message}"
+        """``type: message`` on one line (see :func:`describe`)."""
+        return describe(self)
 
     def to_wire(self) -> dict[str, Any]:
         return {"error": {"type": self.type, "message": self.message, "code": self.code}}
@@ -152,3 +160,63 @@ class Reject(FnRuntimeError):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+# ------------------------------------------------------------ describing errors in one line
+
+
+def describe(exc: BaseException, limit: int = MAX_ERROR) -> str:
+    """``type: message`` of an error, on one line and at most about ``limit`` characters.
+
+    The type is the class name, or an :class:`InvocationError`'s own ``type``. A message that
+    already starts with the type (``ValueError: boom`` kept from an earlier attempt) or names it
+    the way nats-py does (``nats: APIError: ...``) is not prefixed again; an error without a
+    message is its type alone. Error text travels in headers and log lines, hence one line.
+    """
+    if isinstance(exc, InvocationError):
+        kind, text = exc.type, exc.message
+    else:
+        kind, text = type(exc).__name__, str(exc)
+    text = clip(text, limit)
+    if not text:
+        return kind
+    return text if text.startswith(kind) or f"{kind}:" in text else f"{kind}: {text}"
+
+
+def validation_problems(exc: ValidationError, root: str = "") -> list[tuple[str, str]]:
+    """``(field, problem)`` for what pydantic found, the way manifests, settings and inputs report it.
+
+    Fields read ``retry.backoff[1]``; ``root`` names a problem of the whole document (such as
+    input that is not JSON). Beyond :data:`MAX_PROBLEMS` a first line says how many there were.
+    """
+    found = exc.errors()
+    problems = []
+    if len(found) > MAX_PROBLEMS:
+        problems.append(("", f"{len(found)} problems, the first {MAX_PROBLEMS} follow"))
+    for err in found[:MAX_PROBLEMS]:
+        message = "unknown field" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
+        problems.append((_field(err["loc"]) or root, message))
+    return problems
+
+
+def format_problems(problems: list[tuple[str, str]]) -> str:
+    """``field: problem; field: problem``; a problem of no particular field is its message alone."""
+    return "; ".join(f"{field}: {message}" if field else message for field, message in problems)
+
+
+def validation_message(exc: BaseException, root: str = "input") -> str:
+    """One bounded line saying why a value did not validate; any other error is described."""
+    if isinstance(exc, ValidationError):
+        return clip(format_problems(validation_problems(exc, root)), MAX_ERROR)
+    return describe(exc)
+
+
+def _field(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            text = str(part) if len(str(part)) <= _LONG_FIELD else str(part)[:_LONG_FIELD] + "..."
+            out += f".{text}" if out else text
+    return out

@@ -1,8 +1,9 @@
-"""Run one invocation: decode → call under a timeout → settle (ack, retry later, or fail for good).
+"""Run one invocation: decode → call under a timeout → carry out the policy's decision.
 
 Whatever the handler does (raise ``SystemExit``, return something that cannot be encoded or
 does not fit in a message, block the event loop past its deadline), the attempt ends in one
-of the same three outcomes; nothing a handler does may stop the runtime.
+of the three decisions of :mod:`runtime.policy`; nothing a handler does may stop the runtime.
+This module does the I/O: acks, negative acks with a delay, dead letters and answers.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import asyncio
 import functools
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import Executor as ThreadExecutor
 from datetime import datetime
 from typing import Any
@@ -22,48 +24,17 @@ from . import codec
 from . import headers as H
 from .context import Context
 from .deadletter import dead_letter_headers, record_error, write_dead_letter
-from .errors import (
-    FunctionError,
-    InvalidInput,
-    InvocationError,
-    InvocationTimeout,
-    Reject,
-    Rejected,
-    ResultTooLarge,
-    Retry,
-)
+from .errors import InvocationError
 from .invocation import Invocation
 from .loader import Handler
 from .manifest import FunctionManifest
 from .outbox import Outbox
+from .policy import Ack, AttemptEnd, Overran, RetryAfter, Undecodable, decide, encode_result
 from .protocol import ACK, NAK, nak_after, term
 from .results import Response
-from .wire import clip
+from .wire import WireLimits
 
 log = logging.getLogger("runtime.executor")
-
-MAX_ERROR = 4096   # characters of an error message kept in outcomes and dead letters
-
-
-def describe(exc: BaseException) -> str:
-    """``Type: message`` of an exception, on one line and bounded (it travels in headers)."""
-    text = clip(str(exc), MAX_ERROR)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-def _validation_message(exc: Exception) -> str:
-    errors = getattr(exc, "errors", None)
-    if callable(errors):
-        try:
-            parts = [f"{'.'.join(str(p) for p in e['loc']) or 'input'}: {e['msg']}" for e in errors()]
-            return clip("; ".join(parts), MAX_ERROR)
-        except Exception:
-            pass
-    return describe(exc)
-
-
-class _Late(Exception):
-    """The handler returned after its deadline (it kept the event loop from enforcing it)."""
 
 
 class Executor:
@@ -107,78 +78,29 @@ class Executor:
             self.wake.set()
 
     async def run(self, inv: Invocation) -> None:
+        # One snapshot for the whole attempt: a deploy meanwhile applies to later invocations.
         manifest, handler = self.manifest, self.handler
-        try:
-            event = handler.decoder.decode(inv.msg.data, inv.content_type)
-        except Exception as exc:
-            error = InvalidInput(_validation_message(exc), type=type(exc).__name__, call_id=inv.call_id)
-            await self.fail_for_good(inv, "invalid_input", error)
-            return
         task = asyncio.current_task()
         assert task is not None
-        started = time.monotonic()
-        deadline = started + manifest.timeout
-        self._watch(task, deadline, inv)
         try:
-            try:
-                result = await self._call(handler, inv, manifest, event, deadline)
-            finally:
-                self._deadlines.pop(task, None)
-            if time.monotonic() > deadline:
-                raise _Late
-            body = self._encode(result, manifest, inv)
-        except Retry as exc:
-            await self._failed_attempt(inv, manifest, FunctionError(exc.reason, type="Retry"), exc.delay)
-        except Reject as exc:
-            await self.fail_for_good(inv, "rejected", Rejected(exc.reason, type="Reject"))
+            outcome, body = await attempt(inv, manifest, handler, lambda deadline: self._watch(task, deadline, inv),
+                                          self.nc, self.js, self.outbox.limits, self.threads)
         except asyncio.CancelledError:
-            if not inv.timed_out:
-                # Shut down before the attempt finished: hand it back for another runtime at once.
-                await self.nc.publish(inv.msg.reply, NAK)
-                raise
-            task.uncancel()
-            message = f"attempt exceeded the timeout of {manifest.timeout:g}s"
-            await self._failed_attempt(inv, manifest, InvocationTimeout(message, type="InvocationTimeout"))
-        except _Late:
+            # Shut down before the attempt finished: hand it back for another runtime at once.
+            await self.nc.publish(inv.msg.reply, NAK)
+            raise
+        finally:
+            self._deadlines.pop(task, None)
+        if isinstance(outcome, Overran) and outcome.took is not None:
             self.late += 1
-            took = time.monotonic() - started
-            message = (f"attempt took {took:.1f}s, past the timeout of {manifest.timeout:g}s, without yielding "
-                       f"to the event loop (a blocking call in an async handler?)")
-            await self._failed_attempt(inv, manifest, InvocationTimeout(message, type="InvocationTimeout"))
-        except InvocationError as exc:   # raised by the runtime itself, e.g. a result too large
-            await self._failed_attempt(inv, manifest, exc)
-        except BaseException as exc:  # SystemExit and the like from a handler fail the attempt, never the runtime
-            await self._failed_attempt(inv, manifest, FunctionError(describe(exc), type=type(exc).__name__))
-        else:
+        # The policy decides; what follows only carries the decision out.
+        decision = decide(outcome, inv.delivered, manifest)
+        if isinstance(decision, Ack):
             await self._succeed(inv, manifest, body)
-
-    async def _call(self, handler: Handler, inv: Invocation, manifest: FunctionManifest, event: Any,
-                    deadline: float) -> Any:
-        args = (event, self._context(inv, manifest, deadline)) if handler.takes_ctx else (event,)
-        if handler.is_async:
-            return await handler.func(*args)
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.threads, functools.partial(handler.func, *args))
-
-    def _encode(self, result: Any, manifest: FunctionManifest, inv: Invocation) -> bytes:
-        """The result as a message body; a result that cannot be sent fails the attempt with the reason."""
-        try:
-            body = codec.encode(result, manifest.encoding)
-        except Exception as exc:
-            raise FunctionError(f"the result cannot be encoded as {manifest.encoding}: {describe(exc)}",
-                                type=type(exc).__name__, call_id=inv.call_id) from None
-        room = self.outbox.limits.room_for_body(self._success_headers(inv, manifest))
-        if len(body) > room:
-            raise ResultTooLarge(f"the result is {len(body)} bytes; at most {room} fit in a message "
-                                 f"(the server's max_payload is {self.outbox.limits.max_payload})",
-                                 call_id=inv.call_id)
-        return body
-
-    @staticmethod
-    def _success_headers(inv: Invocation, manifest: FunctionManifest) -> dict[str, str]:
-        # What Response.success and the store add, plus the write-once header.
-        return {H.CALL_ID: inv.call_id, H.CONTENT_TYPE: codec.CONTENT_TYPES[manifest.encoding],
-                H.EXPECTED_LAST_SUBJECT_SEQ: "18446744073709551615"}
+        elif isinstance(decision, RetryAfter):
+            await self._retry(inv, manifest, decision)
+        else:
+            await self.fail_for_good(inv, decision.reason, decision.error, manifest)
 
     async def _succeed(self, inv: Invocation, manifest: FunctionManifest, body: bytes) -> None:
         response = Response.success(inv.call_id, body, codec.CONTENT_TYPES[manifest.encoding])
@@ -189,51 +111,89 @@ class Executor:
         else:
             await self.nc.publish(inv.msg.reply, ACK)
 
-    def _context(self, inv: Invocation, manifest: FunctionManifest, deadline: float) -> Context:
-        scheduled = inv.headers.get(H.SCHEDULED_AT)
-        scheduled_at = None
-        if scheduled:
-            try:
-                scheduled_at = datetime.fromisoformat(scheduled.replace("Z", "+00:00"))
-            except ValueError:
-                scheduled_at = None
-        logger = logging.LoggerAdapter(self.logger, {"call_id": inv.call_id, "attempt": inv.delivered})
-        return Context(function=manifest.name, call_id=inv.call_id, attempt=inv.delivered,
-                       max_attempts=manifest.retry.max_deliver, deadline=deadline, subject=inv.msg.subject,
-                       stream_seq=inv.stream_seq, headers=inv.headers, logger=logger, nc=self.nc,
-                       js=self.js, scheduled_at=scheduled_at, schedule=inv.headers.get(H.SCHEDULE),
-                       limits=self.outbox.limits)
-
-    async def _failed_attempt(self, inv: Invocation, manifest: FunctionManifest, error: InvocationError,
-                              delay: float | None = None) -> None:
-        if inv.delivered >= manifest.retry.max_deliver:
-            reason = "timeout" if isinstance(error, InvocationTimeout) else "max_deliver"
-            await self.fail_for_good(inv, reason, error)
-            return
-        if delay is None:
-            delay = manifest.retry.delay_before(inv.delivered + 1)
+    async def _retry(self, inv: Invocation, manifest: FunctionManifest, decision: RetryAfter) -> None:
         self.logger.warning("attempt %d/%d of %s failed, retrying in %gs: %s", inv.delivered,
-                            manifest.retry.max_deliver, inv.call_id, delay, error.message)
-        await record_error(self.nc, inv.stream_seq, inv.delivered, error.described)
-        await self.nc.publish(inv.msg.reply, nak_after(delay))
+                            manifest.retry.max_deliver, inv.call_id, decision.delay, decision.error.message)
+        await record_error(self.nc, inv.stream_seq, inv.delivered, decision.error.described)
+        await self.nc.publish(inv.msg.reply, nak_after(decision.delay))
 
-    async def fail_for_good(self, inv: Invocation, reason: str, error: InvocationError) -> None:
+    async def fail_for_good(self, inv: Invocation, reason: str, error: InvocationError,
+                            manifest: FunctionManifest | None = None) -> None:
         """Dead-letter the message, tell the caller, then terminate it with the reason.
 
-        A dead letter JetStream cannot take yet (a full store) is retried while the message is
-        held, so the message never runs out of deliveries waiting for room.
+        ``manifest`` is the one the attempt ran with (default: the current one). A dead letter
+        JetStream cannot take yet (a full store) is retried while the message is held, so the
+        message never runs out of deliveries waiting for room.
         """
+        manifest = manifest or self.manifest
         error.call_id = inv.call_id
         described = error.described
         self.logger.warning("%s failed for good after %d attempt(s) (%s): %s", inv.call_id, inv.delivered,
                             reason, described)
-        dead = dead_letter_headers(inv.headers, function=self.manifest.name, subject=inv.msg.subject,
+        dead = dead_letter_headers(inv.headers, function=manifest.name, subject=inv.msg.subject,
                                    seq=inv.stream_seq, deliveries=inv.delivered, reason=reason,
                                    error=described, call_id=inv.call_id)
         max_payload = self.outbox.limits.max_payload
         await self.outbox.persist(
             f"dead letter of call {inv.call_id}",
-            lambda: write_dead_letter(self.js, self.manifest.name, inv.msg.data, dead, max_payload=max_payload))
+            lambda: write_dead_letter(self.js, manifest.name, inv.msg.data, dead, max_payload=max_payload))
         await self.outbox.deliver(Response.failure(inv.call_id, error), inv.reply_to,
-                                  self.manifest.store_results or bool(inv.reply_to))
+                                  manifest.store_results or bool(inv.reply_to))
         await self.nc.publish(inv.msg.reply, term(reason))
+
+
+async def attempt(inv: Invocation, manifest: FunctionManifest, handler: Handler, watch: Callable[[float], None],
+                  nc: NATS, js: JetStreamContext, limits: WireLimits,
+                  threads: ThreadExecutor | None) -> tuple[AttemptEnd, bytes]:
+    """Decode the input, call the handler with it and encode its result.
+
+    Returns what the attempt came to (for :func:`runtime.policy.decide`) and the result's body.
+    ``watch(deadline)`` is told the attempt's deadline (a ``time.monotonic()`` instant) once the
+    handler is about to run; whoever enforces it sets ``inv.timed_out`` and cancels the task.
+    Any other cancellation (a shutdown) propagates.
+    """
+    try:
+        event = handler.decoder.decode(inv.msg.data, inv.content_type)
+    except Exception as exc:
+        return Undecodable(exc), b""
+    started = time.monotonic()
+    deadline = started + manifest.timeout
+    watch(deadline)
+    try:
+        args = (event, make_context(inv, manifest, deadline, nc, js, limits)) if handler.takes_ctx else (event,)
+        if handler.is_async:
+            result = await handler.func(*args)
+        else:
+            loop = asyncio.get_running_loop()
+            result = await loop.run_in_executor(threads, functools.partial(handler.func, *args))
+        took = time.monotonic() - started
+        if took > manifest.timeout:
+            return Overran(manifest.timeout, took), b""
+        return None, encode_result(result, manifest, inv.call_id, limits)
+    except asyncio.CancelledError:
+        if not inv.timed_out:
+            raise
+        task = asyncio.current_task()
+        assert task is not None
+        task.uncancel()
+        return Overran(manifest.timeout), b""
+    except BaseException as exc:  # SystemExit and the like from a handler fail the attempt, never the runtime
+        return exc, b""
+
+
+def make_context(inv: Invocation, manifest: FunctionManifest, deadline: float, nc: NATS, js: JetStreamContext,
+                 limits: WireLimits) -> Context:
+    """The ``ctx`` a handler gets for one attempt."""
+    scheduled = inv.headers.get(H.SCHEDULED_AT)
+    scheduled_at = None
+    if scheduled:
+        try:
+            scheduled_at = datetime.fromisoformat(scheduled.replace("Z", "+00:00"))
+        except ValueError:
+            scheduled_at = None
+    logger = logging.LoggerAdapter(logging.getLogger(f"runtime.fn.{manifest.name}"),
+                                   {"call_id": inv.call_id, "attempt": inv.delivered})
+    return Context(function=manifest.name, call_id=inv.call_id, attempt=inv.delivered,
+                   max_attempts=manifest.retry.max_deliver, deadline=deadline, subject=inv.msg.subject,
+                   stream_seq=inv.stream_seq, headers=inv.headers, logger=logger, nc=nc, js=js,
+                   scheduled_at=scheduled_at, schedule=inv.headers.get(H.SCHEDULE), limits=limits)

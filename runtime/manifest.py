@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from . import codec
 from .documents import read_yaml_file, short
 from .durations import Duration
-from .errors import ManifestError
+from .errors import ManifestError, validation_problems
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]*$"
 HANDLER_PATTERN = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
@@ -199,35 +199,6 @@ class Schedule(ScheduleSpec):
         return cls(function=function, source=source, **data)
 
 
-def _location(loc: tuple[int | str, ...]) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            text = str(part) if len(str(part)) <= 60 else str(part)[:60] + "..."
-            out += f".{text}" if out else text
-    return out
-
-
-MAX_PROBLEMS = 20
-
-
-def _problems(exc: ValidationError) -> list[tuple[str, str]]:
-    problems = []
-    errors = exc.errors()
-    if len(errors) > MAX_PROBLEMS:
-        problems.append(("", f"{len(errors)} problems, the first {MAX_PROBLEMS} follow"))
-    for err in errors[:MAX_PROBLEMS]:
-        msg = err["msg"]
-        if msg.startswith("Value error, "):
-            msg = msg[len("Value error, "):]
-        if err["type"] == "extra_forbidden":
-            msg = "unknown field"
-        problems.append((_location(err["loc"]), msg))
-    return problems
-
-
 def parse_manifest(data: Any, source: str) -> Manifest:
     """Validate one manifest document; ``source`` names it in errors."""
     if not isinstance(data, dict):
@@ -243,7 +214,7 @@ def parse_manifest(data: Any, source: str) -> Manifest:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise ManifestError(source, _problems(exc)) from None
+        raise ManifestError(source, validation_problems(exc)) from None
 
 
 def load_manifest(path: Path) -> Manifest:

@@ -8,7 +8,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .durations import Duration
-from .errors import ConfigError
+from .errors import ConfigError, format_problems, validation_problems
 
 
 class Settings(BaseModel):
@@ -59,9 +59,7 @@ class Settings(BaseModel):
         try:
             return cls.model_validate(env)
         except ValidationError as exc:
-            problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg'].removeprefix('Value error, ')}"
-                                 for e in exc.errors())
-            raise ConfigError(f"invalid settings: {problems}") from None
+            raise ConfigError(f"invalid settings: {format_problems(validation_problems(exc))}") from None
 
     def default_conf(self) -> Path | None:
         if self.nats_conf is not None:

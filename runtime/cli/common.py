@@ -14,7 +14,8 @@ from typing import Any
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
-from ..errors import ConfigError
+from .. import errors
+from ..errors import ConfigError, LoadError, ManifestError, ServerError
 
 DEFAULT_URL = "nats://127.0.0.1:4222"
 
@@ -47,15 +48,14 @@ def show_warnings(logger: str) -> None:
 
 
 def describe(exc: BaseException) -> str:
+    """An error as one line for the terminal: the package's own errors already say what failed."""
     text = str(exc).strip()
-    name = type(exc).__name__
-    if not text:
-        return name
-    if name in ("ManifestError", "LoadError", "ServerError", "ConfigError"):
+    if text and isinstance(exc, ManifestError | LoadError | ServerError | ConfigError):
         return text
-    if "nats: no servers available" in text or name in ("NoServersError", "ConnectionRefusedError"):
+    if text and ("nats: no servers available" in text
+                 or type(exc).__name__ in ("NoServersError", "ConnectionRefusedError")):
         return f"cannot connect to the NATS server ({text})"
-    return f"{name}: {text}" if name not in text else text
+    return errors.describe(exc)
 
 
 def print_json(data: Any) -> None:
