@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import itertools
 import json
 import logging
 import time
@@ -26,7 +25,6 @@ from typing import TypeVar
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
 from nats.errors import ConnectionClosedError, MaxPayloadError, NoRespondersError
 from nats.errors import Error as NatsError
 from nats.errors import TimeoutError as NatsTimeoutError
@@ -34,7 +32,8 @@ from nats.js import JetStreamContext
 from nats.js.errors import APIError, BadRequestError, NotFoundError
 
 from . import headers as H
-from .protocol import ACK, IN_PROGRESS, WRONG_LAST_SEQUENCE, is_tombstone
+from .inbox import ReplyInbox
+from .protocol import ACK, IN_PROGRESS, WRONG_LAST_SEQUENCE, is_tombstone, kv_stream
 from .results import Response, result_subject
 from .streams import RESULTS_BUCKET
 from .wire import ReplyPolicy, WireLimits
@@ -81,14 +80,10 @@ class Outbox:
         self.refused_replies = 0
         self.kept_first = 0       # outcomes not stored because the call id already had one
         self.write_failures = 0   # writes JetStream refused and that were tried again
-        self._inbox = nc.new_inbox() + "."
-        self._tokens = itertools.count(1)
-        self._waiting: dict[str, asyncio.Future[Msg]] = {}
-        self._sub: Subscription | None = None
-        self._sub_lock = asyncio.Lock()
-        # Stores in flight on the hot path: token -> (response, the invocation's ack subject, deadline).
-        self._then: dict[str, tuple[Response, str, float]] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        # JetStream's acknowledgements of writes; a write not acknowledged in time is tried again.
+        self.inbox = ReplyInbox(nc, tick=0.5, name="outbox-acks")
+        self._start_lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[None]] = set()   # stores waiting for room
 
     # ------------------------------------------------------------------ replies
 
@@ -142,7 +137,7 @@ class Outbox:
                     raise
             # An outcome exists; a deleted or purged one (a replay cleared it) may be replaced.
             try:
-                current = await self.js.get_msg(f"KV_{RESULTS_BUCKET}", subject=subject, direct=True)
+                current = await self.js.get_msg(kv_stream(RESULTS_BUCKET), subject=subject, direct=True)
             except NotFoundError:
                 expected = "0"   # expired meanwhile
                 continue
@@ -162,24 +157,28 @@ class Outbox:
 
     # ------------------------------------------------------------------ acknowledged writes
 
+    async def _acks(self) -> ReplyInbox:
+        """The inbox JetStream acknowledges this outbox's writes on, started on first use."""
+        if not self.inbox.started:
+            async with self._start_lock:
+                if not self.inbox.started:
+                    await self.inbox.start()
+        return self.inbox
+
     async def publish_acked(self, subject: str, body: bytes, headers: dict[str, str]) -> None:
         """Publish through JetStream and wait for its acknowledgement; raise what it refuses.
 
-        Acknowledgements come to one wildcard inbox, matched by token: lighter than a request
-        per write, and the common acknowledgement is not even parsed.
+        The common acknowledgement is not even parsed.
         """
-        await self._subscribe()
-        loop = asyncio.get_running_loop()
-        token = str(next(self._tokens))
-        waiter: asyncio.Future[Msg] = loop.create_future()
-        self._waiting[token] = waiter
-        timer = loop.call_later(ACK_TIMEOUT, self._expire, token)
+        inbox = await self._acks()
+        reply, waiter = inbox.expect(asyncio.get_running_loop().time() + ACK_TIMEOUT)
         try:
-            await self.nc.publish(subject, body, reply=self._inbox + token, headers=headers)
+            await self.nc.publish(subject, body, reply=reply, headers=headers)
             ack = await waiter
         finally:
-            timer.cancel()
-            self._waiting.pop(token, None)
+            inbox.forget(reply)
+        if ack is None:
+            raise NatsTimeoutError
         if not ack.data:   # a status message: no stream took the subject
             raise NoRespondersError
         if b'"error"' in ack.data:
@@ -192,15 +191,20 @@ class Outbox:
         store JetStream refuses (full, timeout, an outcome already kept) continues in a task that
         keeps the message held (in-progress acks) until the outcome is kept.
         """
-        await self._subscribe()
-        token = "s" + str(next(self._tokens))
-        self._then[token] = (response, ack_subject, time.monotonic() + ACK_TIMEOUT)
-        subject = result_subject(response.call_id)
+        inbox = await self._acks()
+
+        async def stored(ack: Msg | None) -> None:
+            if ack is not None and ack.data and b'"error"' not in ack.data:
+                await self.nc.publish(ack_subject, ACK)
+            else:
+                self._slow(response, ack_subject)
+
+        reply = inbox.on_reply(asyncio.get_running_loop().time() + ACK_TIMEOUT, stored)
         try:
-            await self.nc.publish(subject, response.body, reply=self._inbox + token,
+            await self.nc.publish(result_subject(response.call_id), response.body, reply=reply,
                                   headers={**response.headers, H.EXPECTED_LAST_SUBJECT_SEQ: "0"})
         except Exception:
-            self._then.pop(token, None)
+            inbox.forget(reply)
             self._slow(response, ack_subject)
 
     def _slow(self, response: Response, ack_subject: str) -> None:
@@ -222,53 +226,14 @@ class Outbox:
             holder.cancel()
         await self.nc.publish(ack_subject, ACK)
 
-    async def _on_ack(self, msg: Msg) -> None:
-        token = msg.subject[len(self._inbox):]
-        then = self._then.pop(token, None)
-        if then is not None:
-            if msg.data and b'"error"' not in msg.data:
-                await self.nc.publish(then[1], ACK)
-            else:
-                self._slow(then[0], then[1])
-            return
-        waiter = self._waiting.pop(token, None)
-        if waiter is not None and not waiter.done():
-            waiter.set_result(msg)
-
-    async def _sweep(self) -> None:
-        # Stores whose acknowledgement never came take the slow path (which tries again).
-        while True:
-            await asyncio.sleep(ACK_TIMEOUT / 5)
-            now = time.monotonic()
-            for token in [t for t, (_, _, deadline) in self._then.items() if deadline <= now]:
-                response, ack_subject, _ = self._then.pop(token)
-                self._slow(response, ack_subject)
-
-    async def _subscribe(self) -> None:
-        if self._sub is None:
-            async with self._sub_lock:
-                if self._sub is None:
-                    self._sub = await self.nc.subscribe(self._inbox + "*", cb=self._on_ack,
-                                                        pending_msgs_limit=-1, pending_bytes_limit=-1)
-                    self._tasks.add(asyncio.get_running_loop().create_task(self._sweep(), name="outbox-sweep"))
-
-    def _expire(self, token: str) -> None:
-        waiter = self._waiting.pop(token, None)
-        if waiter is not None and not waiter.done():
-            waiter.set_exception(NatsTimeoutError())
-
     async def stop(self, grace: float = 2.0) -> None:
         """Let pending stores finish (up to ``grace``); messages not acked by then are redelivered."""
         deadline = time.monotonic() + grace
-        while (self._then or any(not t.done() for t in self._tasks if t.get_name() != "outbox-sweep")) \
-                and time.monotonic() < deadline:
+        while (self.inbox.pending or any(not t.done() for t in self._tasks)) and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
         for task in list(self._tasks):
             task.cancel()
-        if self._sub is not None:
-            sub, self._sub = self._sub, None
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
+        await self.inbox.stop()
 
     # ------------------------------------------------------------------ retrying writes
 
