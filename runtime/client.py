@@ -32,13 +32,12 @@ from . import headers as H
 from .errors import FnRuntimeError, InvalidInput, InvocationTimeout, NoResult, Unavailable, UnknownFunction
 from .inbox import ReplyInbox
 from .manifest import NAME_PATTERN
-from .protocol import is_tombstone
+from .protocol import DEFAULT_URL, is_tombstone
 from .results import Response, fetch_response, result_subject
 from .streams import INVOKE_PREFIX, INVOKE_STREAM, MANIFESTS_BUCKET
 
 log = logging.getLogger("runtime.client")
 
-DEFAULT_URL = "nats://127.0.0.1:4222"
 KNOWN_TTL = 10.0  # a function found deployed is trusted this long before it is looked up again
 _NAME = re.compile(NAME_PATTERN)
 

@@ -20,6 +20,9 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from . import headers as H
+from .protocol import STATUS_CONFLICT, STATUS_HEARTBEAT, pull_subject
+
 log = logging.getLogger("runtime.consumer")
 
 Sink = Callable[[Msg], None]
@@ -49,13 +52,13 @@ class StatusEffect:
 def read_status(headers: Mapping[str, str] | None, outstanding: int) -> StatusEffect:
     """The effect of a status message with ``headers`` while ``outstanding`` messages are asked for."""
     headers = headers or {}
-    status = headers.get("Status", "")
-    if status == "100":  # idle heartbeat
+    status = headers.get(H.STATUS, "")
+    if status == STATUS_HEARTBEAT:  # idle heartbeat
         return StatusEffect(outstanding, pull=False)
     # 404/408/409: a request ended; it reports how many of its messages it did not deliver.
-    left = headers.get("Nats-Pending-Messages")
+    left = headers.get(H.PENDING_MESSAGES)
     outstanding = max(0, outstanding - int(left)) if left else 0
-    if status == "409" and "Consumer Deleted" in headers.get("Description", ""):
+    if status == STATUS_CONFLICT and "Consumer Deleted" in headers.get(H.DESCRIPTION, ""):
         return StatusEffect(outstanding, pull=False, consumer_deleted=True)
     return StatusEffect(outstanding, pull=True)
 
@@ -74,7 +77,7 @@ class PullFeed:
         self.held = 0          # delivered to the sink and not yet released
         self.outstanding = 0   # asked for and not yet delivered or expired
         self.delivered = 0
-        self._api = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"
+        self._api = pull_subject(stream, consumer)
         self._inbox = ""
         self._sub: Subscription | None = None
         self._pulling = False

@@ -10,6 +10,7 @@ from typing import Any
 
 from .errors import FnRuntimeError
 from .manifest import FunctionManifest, Schedule, ScheduleManifest
+from .protocol import entry_value
 from .registry import SCHEDULE_PREFIX, Deployment, Registry, deployed_set
 from .state import RuntimeState
 
@@ -80,7 +81,7 @@ class RegistryFollower:
 
     async def _handle(self, entry: Any) -> None:
         key: str = entry.key
-        deleted = entry.operation in ("DEL", "PURGE") or entry.value is None
+        deleted = entry_value(entry) is None
         if key.startswith(SCHEDULE_PREFIX):
             name = key[len(SCHEDULE_PREFIX):]
             if deleted:

@@ -9,9 +9,10 @@ import os
 import signal
 from collections.abc import Iterator
 
+from .exitcodes import RET_INTERRUPTED
+
 log = logging.getLogger("runtime.signals")
 
-EXIT_INTERRUPTED = 130
 
 
 @contextlib.contextmanager
@@ -24,7 +25,7 @@ def capture_signals(stop: asyncio.Event, enabled: bool = True) -> Iterator[None]
     def on_signal(signum: int) -> None:
         if stop.is_set():
             log.warning("second %s: exiting now", signal.Signals(signum).name)
-            os._exit(EXIT_INTERRUPTED)
+            os._exit(RET_INTERRUPTED)
         log.info("%s received: finishing in-flight work (send again to exit at once)",
                  signal.Signals(signum).name)
         stop.set()

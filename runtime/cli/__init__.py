@@ -8,8 +8,8 @@ import sys
 from collections.abc import Sequence
 
 from ..errors import ConnectionLost, FnRuntimeError, InvocationError
+from ..exitcodes import RET_CONNECTION_LOST, RET_ERROR, RET_FAILED, RET_INTERRUPTED
 from . import common, deploy, dlq, invoke, schedules, serve
-from .codes import RET_CONNECTION_LOST, RET_ERROR, RET_FAILED, RET_INTERRUPTED
 
 COMMANDS = [serve, deploy, schedules, dlq, invoke]
 

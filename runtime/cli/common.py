@@ -16,8 +16,7 @@ from nats.js import JetStreamContext
 
 from .. import errors
 from ..errors import ConfigError, LoadError, ManifestError, ServerError
-
-DEFAULT_URL = "nats://127.0.0.1:4222"
+from ..protocol import DEFAULT_URL
 
 
 def add_server_option(parser: argparse.ArgumentParser) -> None:

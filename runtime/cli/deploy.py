@@ -8,6 +8,7 @@ from typing import Any
 
 from nats.js.errors import NotFoundError
 
+from ..exitcodes import RET_OK
 from ..loader import load_handler_async
 from ..loop import run
 from ..manifest import ManifestSet
@@ -15,7 +16,6 @@ from ..registry import Registry
 from ..status import gather_status
 from ..streams import INVOKE_STREAM
 from . import common
-from .codes import RET_OK
 
 
 def register(sub: Any) -> None:

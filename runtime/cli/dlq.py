@@ -9,9 +9,9 @@ from collections.abc import Callable
 from typing import Any
 
 from .. import dlq
+from ..exitcodes import RET_ERROR, RET_OK
 from ..loop import run
 from . import common
-from .codes import RET_ERROR, RET_OK
 
 ERROR_WIDTH = 60
 

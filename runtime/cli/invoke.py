@@ -13,9 +13,9 @@ from nats.nuid import NUID
 from ..client import Call, Client
 from ..durations import parse_duration
 from ..errors import InvocationError, NoResult
+from ..exitcodes import RET_FAILED, RET_NO_RESULT, RET_OK, RET_USAGE
 from ..loop import run
 from . import common
-from .codes import RET_FAILED, RET_NO_RESULT, RET_OK, RET_USAGE
 
 
 def _duration(value: str) -> float:

@@ -12,13 +12,13 @@ from zoneinfo import ZoneInfo
 from nats.js.errors import BucketNotFoundError
 
 from ..crontab import format_tick, next_tick
+from ..exitcodes import RET_OK
 from ..loop import run
 from ..manifest import ManifestSet
 from ..registry import Registry, as_manifest_set
 from ..scheduler import CronRecord, read_records
 from ..streams import CRON_BUCKET
 from . import common
-from .codes import RET_OK
 
 
 def register(sub: Any) -> None:

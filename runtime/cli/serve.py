@@ -9,12 +9,12 @@ from pathlib import Path
 from typing import Any
 
 from ..app import serve as serve_forever
+from ..exitcodes import RET_OK
 from ..loader import load_handler
 from ..logs import configure
 from ..loop import run
 from ..manifest import ManifestSet
 from ..settings import Settings
-from .codes import RET_OK
 
 
 def register(sub: Any) -> None:

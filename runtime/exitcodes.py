@@ -1,4 +1,4 @@
-"""The exit codes of the ``runtime`` command, named once for every subcommand."""
+"""The exit codes of the ``runtime`` command, named once for every subcommand and for ``serve``'s signals."""
 
 from __future__ import annotations
 
