@@ -212,7 +212,7 @@ class Client:
                 while stored is None:
                     msg = await arrived.get()
                     if not is_tombstone(msg.headers):
-                        stored = Response(call_id, msg.data, dict(msg.headers or {}))
+                        stored = Response.stored(call_id, msg.data, msg.headers)
                 return stored
         except TimeoutError:
             return None

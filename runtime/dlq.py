@@ -9,7 +9,7 @@ from typing import Any
 
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
-from nats.js.errors import NotFoundError, ServerError
+from nats.js.errors import APIError, NotFoundError
 
 from . import headers as H
 from .deadletter import delete_original, load_original
@@ -22,7 +22,7 @@ from .dlqlist import (
     list_dead_letters,
 )
 from .errors import FnRuntimeError
-from .protocol import NO_MESSAGE_FOUND, purge_subject
+from .protocol import NO_MESSAGE_FOUND, SEQUENCE_NOT_FOUND, STREAM_NOT_FOUND, purge_subject
 from .results import result_key
 from .streams import DLQ_BODIES_BUCKET, DLQ_PREFIX, DLQ_STREAM, INVOKE_PREFIX, RESULTS_BUCKET
 from .wire import header_size
@@ -51,11 +51,20 @@ class ReplayTooLarge(FnRuntimeError):
 # ------------------------------------------------------------------ one letter
 
 
+def _gone(exc: APIError) -> bool:
+    """Whether a get or delete failed because the message is not there (rather than the stream)."""
+    if exc.err_code == STREAM_NOT_FOUND:
+        return False
+    return exc.err_code in (NO_MESSAGE_FOUND, SEQUENCE_NOT_FOUND) or isinstance(exc, NotFoundError)
+
+
 async def get_dead_letter(js: JetStreamContext, seq: int) -> DeadLetter:
     """The dead letter with sequence ``seq``, with its full body and headers (from its object if referenced)."""
     try:
         raw = await js.get_msg(DLQ_STREAM, seq)
-    except NotFoundError:
+    except NotFoundError as exc:
+        if not _gone(exc):
+            raise  # no FN_DLQ at all: not the same as no such letter
         raise DeadLetterNotFound(f"no dead letter with sequence {seq}") from None
     hdrs = dict(raw.headers or {})
     ref = hdrs.get(H.BODY_REF)
@@ -73,8 +82,9 @@ async def get_dead_letter(js: JetStreamContext, seq: int) -> DeadLetter:
 async def delete_dead_letter(js: JetStreamContext, seq: int) -> None:
     try:
         await js.delete_msg(DLQ_STREAM, seq)
-    except ServerError as exc:
-        if exc.err_code == NO_MESSAGE_FOUND:
+    except APIError as exc:
+        # Which code says "gone" depends on how it went: deleted before, or never stored.
+        if _gone(exc):
             raise DeadLetterNotFound(f"no dead letter with sequence {seq}") from None
         raise
 
@@ -143,7 +153,9 @@ async def purge(nc: NATS, js: JetStreamContext, seq: int | None = None, function
     if seq is not None:
         try:
             raw = await js.get_msg(DLQ_STREAM, seq)
-        except NotFoundError:
+        except NotFoundError as exc:
+            if not _gone(exc):
+                raise
             raise DeadLetterNotFound(f"no dead letter with sequence {seq}") from None
         await delete_dead_letter(js, seq)
         await _drop_body(js, DeadLetter.from_stored(seq, raw.subject or "", raw.headers, None))

@@ -45,12 +45,15 @@ class ServerError(FnRuntimeError):
 class InvocationError(FnRuntimeError):
     """Raised to a caller when an invocation ended in failure.
 
-    Carries the wire error: a ``type`` (the failing exception's class name or a category),
-    a human ``message`` and the NATS micro error ``code``.
+    Carries the wire error: a ``type``, a human ``message`` (never prefixed with the type) and the
+    NATS micro error ``code``. The ``type`` is the error class's name for the runtime's own errors
+    (``InvalidInput``, ``Rejected``, ``UnknownFunction``, ``PayloadTooLarge``, ``Unavailable``,
+    ``InvocationTimeout``, ``ResultTooLarge``) and the exception's class name for an error the
+    function raised (``ValueError``).
     """
 
     code: ClassVar[int] = 500
-    kind: ClassVar[str] = "error"
+    kind: ClassVar[str] = "InvocationError"
 
     def __init__(self, message: str, *, type: str | None = None, call_id: str | None = None) -> None:
         super().__init__(message)
@@ -71,28 +74,28 @@ class InvalidInput(InvocationError):
     """Raised when the input cannot be decoded or does not validate."""
 
     code = 400
-    kind = "invalid_input"
+    kind = "InvalidInput"
 
 
 class Rejected(InvocationError):
     """Raised to a caller when the function rejected its input with ``Reject``."""
 
     code = 422
-    kind = "rejected"
+    kind = "Rejected"
 
 
 class UnknownFunction(InvocationError):
     """Raised when no function of that name is deployed."""
 
     code = 404
-    kind = "unknown_function"
+    kind = "UnknownFunction"
 
 
 class FunctionError(InvocationError):
     """Raised when the function raised on its last attempt."""
 
     code = 500
-    kind = "function_error"
+    kind = "FunctionError"
 
 
 class ResultTooLarge(FunctionError):
@@ -105,21 +108,21 @@ class PayloadTooLarge(InvocationError):
     """Raised when an input does not fit in one message once the runtime's headers are added."""
 
     code = 413
-    kind = "payload_too_large"
+    kind = "PayloadTooLarge"
 
 
 class Unavailable(InvocationError):
     """Raised when the invocation could not be stored."""
 
     code = 503
-    kind = "unavailable"
+    kind = "Unavailable"
 
 
 class InvocationTimeout(InvocationError):
     """Raised when an attempt exceeded its timeout, or a caller stopped waiting."""
 
     code = 504
-    kind = "timeout"
+    kind = "InvocationTimeout"
 
 
 class ConnectionLost(FnRuntimeError):

@@ -139,6 +139,8 @@ class Executor:
             lambda: write_dead_letter(self.js, manifest.name, inv.msg.data, dead, max_payload=max_payload))
         await self.outbox.deliver(Response.failure(inv.call_id, error), inv.reply_to,
                                   manifest.store_results or bool(inv.reply_to))
+        if H.ENDPOINT in inv.headers:
+            self.outbox.endpoint_failed(manifest.name, error)
         await self.nc.publish(inv.msg.reply, term(reason))
 
 

@@ -93,7 +93,11 @@ class RegistryFollower:
             return
         if deleted:
             self.functions.pop(key, None)
-            log.info("%s was undeployed; stopping it once in-flight invocations finish", key)
+            if key in self.state.workers:
+                log.info("%s was undeployed; stopping it once in-flight invocations finish", key)
+            else:
+                # Also the tombstone of a function undeployed before this runtime started.
+                log.info("%s is no longer deployed (this runtime was not serving it)", key)
             # Removal waits for in-flight work: keep following meanwhile.
             task = asyncio.create_task(self.remove(key), name=f"remove-{key}")
             self._removals.add(task)

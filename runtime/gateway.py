@@ -3,7 +3,13 @@
 An endpoint does not run the function: it stores the request as a durable invocation whose
 ``Fn-Reply-To`` is the requester's reply subject, and whichever runtime runs it answers the
 requester directly. The endpoint itself answers only when the call cannot go ahead: 404 for
-an unknown function, 503 when the invocation could not be stored.
+an unknown function, 413 for an input too large, 503 when the invocation could not be stored.
+
+An endpoint's STATS count the requests it received and, as errors, every failure answered for
+them: the endpoint's own 413/503 (and a 404 for a name it serves), a duplicate request answered
+with a stored failure, and the final failure of a call it stored, counted by the runtime that
+ran the call (the invocation's ``Fn-Endpoint`` header says it came through an endpoint). Each
+runtime reports its own counts; summed over the fleet they cover every call once.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from nats.nuid import NUID
 
 from . import headers as H
 from .client import Client, read_ack
-from .errors import InvocationError, PayloadTooLarge, Unavailable, UnknownFunction
+from .errors import InvocationError, PayloadTooLarge, Unavailable, UnknownFunction, describe
 from .inbox import ReplyInbox
 from .manifest import FunctionManifest
 from .micro import MicroService, reply_subject
@@ -45,7 +51,7 @@ QUEUE = "q"  # the micro default: one runtime of the fleet takes each request
 UNKNOWN_QUEUE = "fn-unknown"
 ACK_TIMEOUT = 5.0
 # Headers the gateway sets itself; a requester's own values are not passed on.
-_OWN = {H.REPLY_TO.lower(), H.CALL_ID.lower(), H.MSG_ID.lower()}
+_OWN = {H.REPLY_TO.lower(), H.CALL_ID.lower(), H.MSG_ID.lower(), H.ENDPOINT.lower()}
 
 
 def _version() -> str:
@@ -100,6 +106,7 @@ class Gateway:
             metadata={"runtime": runtime_id()}, queue_group=QUEUE),
             may_answer=lambda reply: self._outbox.reply_subject(reply) is not None)
         await self.service.start()
+        self._outbox.on_endpoint_failure = self.count_error
         # Every request also reaches this catch-all group; it answers only for names no endpoint has.
         self._unknown = await nc.subscribe(CALL_PREFIX + ">", queue=UNKNOWN_QUEUE, cb=self._on_unknown)
         self.state.watchers.append(self)
@@ -110,6 +117,8 @@ class Gateway:
     async def stop(self) -> None:
         with contextlib.suppress(ValueError):
             self.state.watchers.remove(self)
+        if self.state.outbox is not None and self.state.outbox.on_endpoint_failure == self.count_error:
+            self.state.outbox.on_endpoint_failure = None
         if self._unknown is not None:
             with contextlib.suppress(Exception):
                 await self._unknown.unsubscribe()
@@ -181,6 +190,7 @@ class Gateway:
         reply = outbox.reply_subject(requester, call_id) or ""
         hdrs = {k: v for k, v in given.items() if k.lower() not in _OWN}
         hdrs[H.MSG_ID] = call_id
+        hdrs[H.ENDPOINT] = CALL_PREFIX + name
         if reply:
             hdrs[H.REPLY_TO] = reply
         subject = INVOKE_PREFIX + name
@@ -194,6 +204,7 @@ class Gateway:
                                     f"invocation (the server's max_payload is {outbox.limits.max_payload})",
                                     call_id=call_id)
             log.warning("refused a call of %s: %s", name, error.message)
+            self.count_error(name, error)
             # Kept by call id as well, so the refused call can be looked up like any other.
             response = Response.failure(call_id, error)
             await outbox.answer(reply, response)
@@ -204,7 +215,7 @@ class Gateway:
             await nc.publish(subject, data, reply=ack_subject, headers=hdrs)
         except Exception as exc:
             acks.forget(ack_subject)
-            await self._reply_error(reply, call_id, Unavailable(
+            await self._reply_error(name, reply, call_id, Unavailable(
                 f"the invocation of {name} could not be stored: {exc or type(exc).__name__}"))
 
     @property
@@ -221,7 +232,7 @@ class Gateway:
 
     async def _on_ack(self, storing: _Storing, ack: Msg | None) -> None:
         if ack is None:
-            await self._reply_error(storing.reply, storing.call_id, Unavailable(
+            await self._reply_error(storing.function, storing.reply, storing.call_id, Unavailable(
                 f"JetStream did not acknowledge the invocation of {storing.function} within "
                 f"{ACK_TIMEOUT:g}s (call id {storing.call_id!r} may or may not be stored)"))
             return
@@ -229,7 +240,7 @@ class Gateway:
             duplicate = read_ack(ack, storing.function, storing.call_id)
         except Unavailable as exc:
             log.warning("could not store a call of %s: %s", storing.function, exc.message)
-            await self._reply_error(storing.reply, storing.call_id, exc)
+            await self._reply_error(storing.function, storing.reply, storing.call_id, exc)
             return
         if duplicate and storing.reply:
             # The stored invocation answers its first requester; this one gets the stored outcome.
@@ -244,14 +255,29 @@ class Gateway:
         response = await self.client.outcome(storing.call_id, wait=wait)
         if response is not None and storing.reply:
             await self._outbox.answer(storing.reply, response)
+            error = response.error
+            if error is not None:
+                self.count_error(storing.function, error)
 
     async def _on_unknown(self, msg: Msg) -> None:
         name = msg.subject[len(CALL_PREFIX):]
         if name in self.state.deployed or not msg.reply:
             return  # deployed: its endpoint answers (on whichever runtime serves it)
         call_id = call_id_for((msg.headers or {}).get(H.MSG_ID)) or self._nuid.next().decode()
-        await self._reply_error(msg.reply, call_id, UnknownFunction(f"no function named {name[:80]!r} is deployed"))
+        await self._reply_error(name, msg.reply, call_id,
+                                UnknownFunction(f"no function named {name[:80]!r} is deployed"))
 
-    async def _reply_error(self, reply: str, call_id: str, error: InvocationError) -> None:
+    async def _reply_error(self, function: str, reply: str, call_id: str, error: InvocationError) -> None:
+        # Counted whether or not it can be answered: the call failed at the endpoint either way.
+        self.count_error(function, error)
         if reply:
             await self._outbox.answer(reply, Response.failure(call_id, error))
+
+    def count_error(self, function: str, error: InvocationError) -> None:
+        """Count a failure answered for ``function``'s endpoint in its STATS (if this runtime has one).
+
+        ``last_error`` reads ``<code>:<type>: <message>``, after the ``code:description`` of the
+        micro errors other NATS clients report.
+        """
+        if self.service is not None and function in self.endpoints:
+            self.service.record_error(function, f"{error.code}:{describe(error, 256)}")

@@ -12,6 +12,7 @@ SCHEDULE = "Fn-Schedule"
 SCHEDULED_AT = "Fn-Scheduled-At"
 SERVICE_ERROR = "Nats-Service-Error"
 SERVICE_ERROR_CODE = "Nats-Service-Error-Code"
+ENDPOINT = "Fn-Endpoint"   # set by the gateway: the invocation came through this micro endpoint
 
 # dead letters
 ORIGINAL_SUBJECT = "Fn-Original-Subject"

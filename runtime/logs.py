@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import sys
 
+LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
 
 def configure(level: str | int = "INFO") -> None:
     handler = logging.StreamHandler(sys.stderr)

@@ -41,6 +41,19 @@ class MicroService(Service):
         if self.may_answer(msg.reply):
             await super()._handle_stats_request(msg)
 
+    def record_error(self, name: str, error: str) -> bool:
+        """Count an error answered for endpoint ``name`` in its STATS; False if there is no such endpoint.
+
+        nats.micro counts only exceptions its handler raises, but the gateway's handler returns once
+        the call is stored: its failures are answered later (by whichever runtime runs it).
+        """
+        for endpoint in self._endpoints:
+            if endpoint._name == name:
+                endpoint._num_errors += 1
+                endpoint._last_error = error
+                return True
+        return False
+
     async def remove_endpoint(self, name: str) -> None:
         """Stop serving endpoint ``name``; requests it already received are still handled."""
         for endpoint in [e for e in self._endpoints if e._name == name]:

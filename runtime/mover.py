@@ -104,7 +104,7 @@ def failure_of(reason: str, error: str) -> InvocationError:
         return InvalidInput(message, type=type_ or None)
     if reason == "rejected":
         return Rejected(message, type=type_ or None)
-    return FunctionError(error, type=type_ or None)
+    return FunctionError(message, type=type_ or None)
 
 
 class DeadLetterMover:

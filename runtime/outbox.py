@@ -32,6 +32,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import APIError, BadRequestError, NotFoundError
 
 from . import headers as H
+from .errors import InvocationError
 from .inbox import ReplyInbox
 from .protocol import ACK, IN_PROGRESS, WRONG_LAST_SEQUENCE, is_tombstone, kv_stream
 from .results import Response, result_subject
@@ -84,6 +85,9 @@ class Outbox:
         self.inbox = ReplyInbox(nc, tick=0.5, name="outbox-acks")
         self._start_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()   # stores waiting for room
+        # Told of every final failure of a call that came through a micro endpoint (the gateway
+        # counts it in that endpoint's STATS); None when this runtime serves no endpoints.
+        self.on_endpoint_failure: Callable[[str, InvocationError], None] | None = None
 
     # ------------------------------------------------------------------ replies
 
@@ -99,6 +103,11 @@ class Outbox:
             log.warning("not answering call %s on reply subject %r: %s (its outcome is still stored)",
                         call_id[:64], subject[:80], problem)
         return None
+
+    def endpoint_failed(self, function: str, error: InvocationError) -> None:
+        """A call of ``function`` that came through its micro endpoint failed for good."""
+        if self.on_endpoint_failure is not None:
+            self.on_endpoint_failure(function, error)
 
     async def answer(self, subject: str | None, response: Response) -> None:
         """Send ``response`` to the caller's reply subject, if it is one the runtime may use."""

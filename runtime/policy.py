@@ -22,6 +22,7 @@ from typing import Any, Literal
 from . import codec
 from . import headers as H
 from .errors import (
+    MAX_ERROR,
     FunctionError,
     InvalidInput,
     InvocationError,
@@ -34,7 +35,7 @@ from .errors import (
     validation_message,
 )
 from .manifest import FunctionManifest
-from .wire import WireLimits
+from .wire import WireLimits, clip
 
 Reason = Literal["max_deliver", "rejected", "invalid_input", "timeout"]
 # Bytes a stored result's headers take at the most: a call id is at most 256 characters (see
@@ -94,7 +95,7 @@ class Overran:
         else:
             message = (f"attempt took {self.took:.1f}s, past the timeout of {self.timeout:g}s, without yielding "
                        f"to the event loop (a blocking call in an async handler?)")
-        return InvocationTimeout(message, type="InvocationTimeout")
+        return InvocationTimeout(message)
 
 
 AttemptEnd = BaseException | Undecodable | Overran | None
@@ -110,9 +111,9 @@ def decide(outcome: AttemptEnd, attempt: int, manifest: FunctionManifest) -> Dec
     if isinstance(outcome, Undecodable):
         # Retrying cannot make bad input good: no delivery is spent on it.
         cause = outcome.cause
-        return DeadLetter("invalid_input", InvalidInput(validation_message(cause), type=type(cause).__name__))
+        return DeadLetter("invalid_input", InvalidInput(validation_message(cause)))
     if isinstance(outcome, Reject):
-        return DeadLetter("rejected", Rejected(outcome.reason, type="Reject"))
+        return DeadLetter("rejected", Rejected(outcome.reason))
     if isinstance(outcome, Retry):
         return failed(FunctionError(outcome.reason, type="Retry"), attempt, manifest, outcome.delay)
     return failed(attempt_error(outcome), attempt, manifest)
@@ -127,12 +128,13 @@ def failed(error: InvocationError, attempt: int, manifest: FunctionManifest,
 
 
 def attempt_error(outcome: BaseException | Overran) -> InvocationError:
-    """The error a failed attempt reports: the runtime's own as it is, anything else by type and message."""
+    """The error a failed attempt reports: the runtime's own as it is, anything else by its class name
+    and its own message (the wire keeps the two apart; ``describe`` joins them for one-line text)."""
     if isinstance(outcome, Overran):
         return outcome.error()
     if isinstance(outcome, InvocationError):
         return outcome
-    return FunctionError(describe(outcome), type=type(outcome).__name__)
+    return FunctionError(clip(str(outcome), MAX_ERROR), type=type(outcome).__name__)
 
 
 # ------------------------------------------------------------------ results that cannot be sent

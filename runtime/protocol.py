@@ -83,6 +83,8 @@ def kv_subject(bucket: str, key: str) -> str:
 
 STREAM_NAME_IN_USE = 10058     # creating a stream that exists (another runtime created it meanwhile)
 NO_MESSAGE_FOUND = 10057       # deleting a message that is gone
+SEQUENCE_NOT_FOUND = 10043     # deleting a message that was deleted already
+STREAM_NOT_FOUND = 10059       # a stream (or a bucket's stream) that does not exist
 WRONG_LAST_SEQUENCE = 10071    # Nats-Expected-Last-Subject-Sequence did not match
 
 

@@ -105,6 +105,17 @@ class DeployResult:
     changed: list[str] = field(default_factory=list)
 
 
+@dataclass
+class Undeployed:
+    """What one undeploy removed."""
+
+    name: str
+    kind: str                       # Function | Schedule
+    key: str
+    own_schedules: list[str] = field(default_factory=list)   # declared in the function's manifest
+    schedules: list[str] = field(default_factory=list)       # standalone schedules removed with it (--force)
+
+
 class Registry:
     """Read and write deployments."""
 
@@ -161,12 +172,31 @@ class Registry:
             results.append(DeployResult(manifest.name, manifest.kind, status, revision, changed))
         return results
 
-    async def undeploy(self, name: str) -> str:
-        """Remove a function (or a standalone schedule); returns the key removed."""
-        for key in (name, SCHEDULE_PREFIX + name):
-            if await self.get(key) is not None:
+    async def undeploy(self, name: str, *, force: bool = False) -> Undeployed:
+        """Remove a function (or a standalone schedule).
+
+        A function that standalone schedules still target is refused, naming them, unless
+        ``force``, which removes those schedules first: a schedule must never outlive its function
+        in the registry, where ``ls`` would show it while no runtime runs it.
+        """
+        function = await self.get(name)
+        if function is not None and isinstance(function.manifest, FunctionManifest):
+            targeting = sorted(key for key, dep in (await self.all()).items()
+                               if isinstance(dep.manifest, ScheduleManifest) and dep.manifest.function == name)
+            names = [key[len(SCHEDULE_PREFIX):] for key in targeting]
+            if targeting and not force:
+                what, them = ("schedules", "them") if len(names) > 1 else ("schedule", "it")
+                raise RegistryError(f"function {name!r} is still the target of {what} {', '.join(names)}; "
+                                    f"undeploy {them} first, or use --force to undeploy {them} too")
+            for key in targeting:
                 await self.kv.delete(key)
-                return key
+            await self.kv.delete(name)
+            own = [s.name for s in function.manifest.schedules]
+            return Undeployed(name, "Function", name, own_schedules=own, schedules=names)
+        schedule = await self.get(SCHEDULE_PREFIX + name)
+        if schedule is not None:
+            await self.kv.delete(SCHEDULE_PREFIX + name)
+            return Undeployed(name, "Schedule", SCHEDULE_PREFIX + name)
         raise RegistryError(f"nothing named {name!r} is deployed")
 
     async def history(self, key: str) -> list[Deployment | None]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from nats.js import JetStreamContext
@@ -11,12 +12,14 @@ from nats.js.errors import NotFoundError
 
 from . import codec
 from . import headers as H
-from .errors import InvocationError, error_from_wire
+from .errors import InvocationError, describe, error_from_wire
 from .protocol import is_tombstone, kv_stream, kv_subject
 from .streams import RESULTS_BUCKET
-from .wire import call_id_for
+from .wire import call_id_for, clip
 
 _KEY_OK = re.compile(r"^[-_=A-Za-z0-9]+$")
+# Every answer carries these and nothing else: the last two on failure only.
+REPLY_HEADERS = frozenset({H.CALL_ID, H.CONTENT_TYPE, H.SERVICE_ERROR, H.SERVICE_ERROR_CODE})
 
 
 def result_key(call_id: str) -> str:
@@ -46,15 +49,26 @@ class Response:
 
     @classmethod
     def success(cls, call_id: str, body: bytes, content_type: str) -> Response:
-        # JSON is the default content type; leaving it out keeps the hot path lean.
-        if content_type == codec.JSON:
-            return cls(call_id, body, {H.CALL_ID: call_id})
         return cls(call_id, body, {H.CALL_ID: call_id, H.CONTENT_TYPE: content_type})
 
     @classmethod
+    def stored(cls, call_id: str, body: bytes, headers: Mapping[str, str] | None) -> Response:
+        """A response read back from ``fn_results``, with only the headers of the wire contract.
+
+        The stored message also carries what JetStream adds when it is read (``Nats-Stream``,
+        ``Nats-Sequence``...) and the write-once condition; none of it is the caller's business.
+        """
+        hdrs = {name: value for name, value in (headers or {}).items() if name in REPLY_HEADERS}
+        # Outcomes stored before every success named its content type are JSON.
+        hdrs.setdefault(H.CONTENT_TYPE, codec.JSON)
+        hdrs[H.CALL_ID] = hdrs.get(H.CALL_ID) or call_id
+        return cls(call_id, body, hdrs)
+
+    @classmethod
     def failure(cls, call_id: str, error: InvocationError) -> Response:
-        # Header values cannot hold line breaks.
-        message = " ".join(error.message.split())[:1024] or error.type
+        # The header stands alone (what `nats req` shows), so it names the type; the body keeps
+        # type and message apart. Header values cannot hold line breaks.
+        message = clip(describe(error), 1024)
         hdrs = {H.CALL_ID: call_id, H.CONTENT_TYPE: codec.JSON, H.SERVICE_ERROR: message,
                 H.SERVICE_ERROR_CODE: str(error.code)}
         return cls(call_id, codec.encode(error.to_wire()), hdrs)
@@ -91,4 +105,4 @@ async def fetch_response(js: JetStreamContext, call_id: str) -> Response | None:
     hdrs = dict(raw.headers or {})
     if is_tombstone(hdrs):
         return None
-    return Response(call_id, raw.data or b"", hdrs)
+    return Response.stored(call_id, raw.data or b"", hdrs)

@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
+from typing import Any
 
 from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError
@@ -39,6 +40,15 @@ STOP_TIMEOUT = 5.0
 
 def now() -> datetime:
     return datetime.now(UTC)
+
+
+def tick_payload(schedule: Schedule) -> Any:
+    """The body of every tick: ``payload``, or ``{}`` when the schedule has none.
+
+    ``null`` would fail any function whose input is a model or a mapping, on every tick; an empty
+    object validates against any model whose fields all have defaults.
+    """
+    return {} if schedule.payload is None else schedule.payload
 
 
 class CronRecord(BaseModel):
@@ -264,7 +274,7 @@ class Scheduler:
         stamp = format_tick(tick)
         headers = {H.SCHEDULE: schedule.name, H.SCHEDULED_AT: stamp, H.MSG_ID: f"cron:{schedule.name}:{stamp}",
                    H.CONTENT_TYPE: codec.JSON}
-        body = codec.encode(schedule.payload)
+        body = codec.encode(tick_payload(schedule))
         subject = f"{INVOKE_PREFIX}{schedule.function}"
         delay, first_try = 0.1, time.monotonic()
         while True:

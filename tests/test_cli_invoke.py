@@ -45,7 +45,7 @@ async def test_failed_invocation_is_a_nonzero_exit(runtime: RuntimeFactory, nats
     assert one_line(human) == "runtime: error: ValueError: boom 1 (code 500)"
     assert scripted.returncode == 3
     out = json.loads(scripted.stdout)
-    assert out["status"] == "failed" and out["error"] == {"type": "ValueError", "message": "ValueError: boom 2",
+    assert out["status"] == "failed" and out["error"] == {"type": "ValueError", "message": "boom 2",
                                                           "code": 500}
     unknown = await cli(nats_server, "invoke", "nothing", "{}")
     assert unknown.returncode == 3 and "(code 404)" in one_line(unknown)

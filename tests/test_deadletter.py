@@ -78,7 +78,7 @@ async def test_always_raising_function_leaves_one_dead_letter(runtime: RuntimeFa
     assert abs(datetime.now(UTC) - failed_at) < timedelta(seconds=30)
     result = await fetch_response(js, "fails-1")
     assert result is not None and result.error is not None
-    assert result.error.message == h["Fn-Error"], "the stored result and the dead letter agree"
+    assert result.error.described == h["Fn-Error"], "the stored result and the dead letter agree"
 
 
 async def test_poison_payloads_and_reject_are_dead_lettered_after_one_delivery(
@@ -99,7 +99,7 @@ async def test_poison_payloads_and_reject_are_dead_lettered_after_one_delivery(
     schema = letters["bad-schema"]
     assert schema.reason == "invalid_input"
     assert "name: Field required" in schema.error and "age: Input should be a valid integer" in schema.error
-    assert (letters["nope"].reason, letters["nope"].error) == ("rejected", "Reject: not today")
+    assert (letters["nope"].reason, letters["nope"].error) == ("rejected", "Rejected: not today")
     assert letters["nope"].function == "nope"
 
 
@@ -239,4 +239,5 @@ async def test_a_mover_that_died_mid_move_leaves_no_duplicate_and_loses_nothing(
     movers = [c for rt in runtimes for c in rt.components if isinstance(c, DeadLetterMover)]
     assert sum(m.moved for m in movers) == 100, "each advisory handled once (20 originals were gone already)"
     [reply] = await eventually(lambda: replies, message="the caller's failure reply")
-    assert json.loads(reply.data)["error"]["message"] == "ValueError: first try", "it says what the letter says"
+    assert json.loads(reply.data)["error"] == {"type": "ValueError", "message": "first try", "code": 500}, \
+        "it says what the letter says"

@@ -68,9 +68,9 @@ async def test_a_5000_character_msg_id_is_served_and_its_outcome_found_by_that_i
     await js.publish("fn.invoke.echo", b'{"n": 1}', headers={"Nats-Msg-Id": long_id})
     await js.publish("fn.invoke.echo", b'not json', headers={"Nats-Msg-Id": "y" * 5000})
     async with Client(nc) as fn:
-        assert await fn.result(long_id, wait=5) == {"n": 1}
+        assert await fn.result(long_id, wait=15) == {"n": 1}
         with pytest.raises(InvalidInput):
-            await fn.result("y" * 5000, wait=5)
+            await fn.result("y" * 5000, wait=15)
     [letter] = await eventually(lambda: list_dead_letters(nc, js), message="the invalid call dead-lettered")
     assert letter.reason == "invalid_input" and letter.call_id is not None and len(letter.call_id) < 100
     await still_serving(rt, nc)

@@ -208,12 +208,14 @@ async def test_modules_that_exit_at_import_neither_stop_a_runtime_nor_the_deploy
     assert proc.proc.poll() is None, proc.output()
 
     # Deployed from a host where they exit: one error line, the CLI's error code, nothing deployed.
+    dirs = {name: _manifests(tmp_path, name) for name in BAD_MODULES}
     results = await asyncio.gather(*(
-        _cli("deploy", str(_manifests(tmp_path, name)), "--server", nats_server.url, env=explode)
-        for name in BAD_MODULES))
+        _cli("deploy", str(dirs[name]), "--server", nats_server.url, env=explode) for name in BAD_MODULES))
     for name, (code, out, err) in zip(BAD_MODULES, results, strict=True):
         reason = BAD_MODULES[name][1]
-        assert (code, out, err) == (1, "", f"runtime: error: cannot import module {name!r}: {reason}\n")
+        source = dirs[name] / f"{name}.yaml"   # the error names the manifest whose handler failed
+        assert (code, out, err) == (1, "", f"runtime: error: {source}: handler: cannot import module {name!r}: "
+                                           f"{reason}\n")
     assert proc.proc.poll() is None, proc.output()
 
 

@@ -54,7 +54,7 @@ async def test_the_follower_hands_every_change_to_its_callbacks(nc: NATS, js: Je
     await follower.start()
     try:
         assert applied == ["ping"] and schedules == [["tick"]]   # all deployed, before start returns
-        await registry.undeploy("ping")
+        await registry.undeploy("ping", force=True)   # "tick" targets it
         await eventually(lambda: removed == ["ping"])
     finally:
         await follower.stop()

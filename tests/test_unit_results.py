@@ -68,9 +68,9 @@ def test_result_subject_is_the_key_in_the_results_bucket() -> None:
 # ------------------------------------------------------------------ responses
 
 
-def test_a_json_success_carries_no_content_type_header() -> None:
+def test_a_json_success_names_its_content_type() -> None:
     resp = Response.success("c1", b'{"ok": true}', "application/json")
-    assert resp.headers == {"Fn-Call-Id": "c1"}
+    assert resp.headers == {"Fn-Call-Id": "c1", "Content-Type": "application/json"}
     assert resp.error is None and resp.value() == {"ok": True}
 
 
@@ -82,7 +82,7 @@ def test_a_msgpack_success_names_its_content_type() -> None:
 
 @pytest.mark.parametrize(("error", "code"), [
     (FunctionError("boom", type="ValueError"), 500),
-    (InvalidInput("age must be a number", type="ValidationError"), 400),
+    (InvalidInput("age must be a number"), 400),
     (Rejected("not today"), 422),
 ])
 def test_a_failure_round_trips_to_the_same_typed_error(error: InvocationError, code: int) -> None:
@@ -97,7 +97,7 @@ def test_a_failure_round_trips_to_the_same_typed_error(error: InvocationError, c
 def test_a_failure_header_is_one_line_of_at_most_1024_characters() -> None:
     resp = Response.failure("c1", FunctionError("line one\r\nline two\t" + "z" * 2000))
     header = resp.headers["Nats-Service-Error"]
-    assert header.startswith("line one line two z") and len(header) == 1024 and "\n" not in header
+    assert header.startswith("FunctionError: line one line two z") and len(header) == 1024 and "\n" not in header
     # The body keeps the whole message.
     assert json.loads(resp.body)["error"]["message"].startswith("line one\r\nline two")
 
@@ -110,3 +110,11 @@ def test_a_failure_with_a_body_that_is_not_an_object_uses_the_headers() -> None:
     resp = Response("c1", b"[1, 2]", {"Nats-Service-Error-Code": "400", "Nats-Service-Error": "bad input"})
     err = resp.error
     assert isinstance(err, InvalidInput) and err.message == "bad input"
+
+
+def test_a_stored_response_keeps_only_the_reply_headers() -> None:
+    stored = Response.stored("c1", b"{}", {
+        "Fn-Call-Id": "c1", "Nats-Expected-Last-Subject-Sequence": "0", "Nats-Stream": "KV_fn_results",
+        "Nats-Subject": "$KV.fn_results.c1", "Nats-Sequence": "7", "Nats-Time-Stamp": "2026-01-01T00:00:00Z"})
+    # Outcomes stored before successes named their content type are JSON.
+    assert stored.headers == {"Fn-Call-Id": "c1", "Content-Type": "application/json"}

@@ -5,22 +5,59 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
 
 from ..errors import ConnectionLost, FnRuntimeError, InvocationError
 from ..exitcodes import RET_CONNECTION_LOST, RET_ERROR, RET_FAILED, RET_INTERRUPTED
 from . import common, deploy, dlq, invoke, schedules, serve
 
 COMMANDS = [serve, deploy, schedules, dlq, invoke]
+DISTRIBUTION = "nats-fn-runtime"
+DEBUG_HELP = "show tracebacks and debug logs"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="runtime", description="Run Python functions from NATS JetStream.")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+def package_version() -> str:
+    try:
+        return version(DISTRIBUTION)
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
+
+
+class CommandParser(argparse.ArgumentParser):
+    """An argument parser that remembers its subcommands' parsers (argparse keeps them to itself)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.subcommand_actions: list[argparse.Action] = []
+
+    def add_subparsers(self, **kwargs: Any) -> Any:
+        action = super().add_subparsers(**kwargs)  # its parsers are of this class too
+        self.subcommand_actions.append(action)
+        return action
+
+
+def build_parser() -> CommandParser:
+    parser = CommandParser(prog="runtime", description="Run Python functions from NATS JetStream.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in COMMANDS:
         module.register(sub)
+    for command in subcommands(parser):
+        # Accepted where users type it, at the end too; SUPPRESS keeps an earlier --debug.
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     return parser
+
+
+def subcommands(parser: CommandParser) -> Iterator[CommandParser]:
+    """Every parser that runs a command (``dlq ls``, not ``dlq``), depth first."""
+    for action in parser.subcommand_actions:
+        assert isinstance(action.choices, dict)
+        for child in dict.fromkeys(action.choices.values()):  # aliases map to the same parser
+            nested = list(subcommands(child))
+            yield from nested or [child]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -42,13 +79,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FnRuntimeError, OSError, TimeoutError) as exc:
         if args.debug:
             raise
-        common.error(common.describe(exc))
+        common.error(common.describe(exc, common.url_of(args)))
         return RET_ERROR
     except Exception as exc:
         if args.debug:
             raise
         logging.getLogger("runtime.cli").debug("unexpected error", exc_info=True)
-        common.error(common.describe(exc))
+        common.error(common.describe(exc, common.url_of(args)))
         return RET_ERROR
 
 

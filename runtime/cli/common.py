@@ -12,11 +12,14 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from nats.aio.client import Client as NATS
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeout
 from nats.js import JetStreamContext
+from nats.js.errors import APIError, NoStreamResponseError, NotFoundError, ServiceUnavailableError
 
 from .. import errors
 from ..errors import ConfigError, LoadError, ManifestError, ServerError
-from ..protocol import DEFAULT_URL
+from ..protocol import DEFAULT_URL, STREAM_NOT_FOUND
 
 
 def add_server_option(parser: argparse.ArgumentParser) -> None:
@@ -46,15 +49,49 @@ def show_warnings(logger: str) -> None:
     target.propagate = False
 
 
-def describe(exc: BaseException) -> str:
-    """An error as one line for the terminal: the package's own errors already say what failed."""
+def describe(exc: BaseException, url: str | None = None) -> str:
+    """An error as one line for the terminal: the package's own errors already say what failed.
+
+    nats-py's errors (``nats: NotFoundError: code=404 err_code=10059 ...``) are said in the
+    user's terms: what is missing on which server, and what to do about it.
+    """
     text = str(exc).strip()
     if text and isinstance(exc, ManifestError | LoadError | ServerError | ConfigError):
         return text
     if text and ("nats: no servers available" in text
                  or type(exc).__name__ in ("NoServersError", "ConnectionRefusedError")):
         return f"cannot connect to the NATS server ({text})"
-    return errors.describe(exc)
+    return describe_nats(exc, url) or errors.describe(exc)
+
+
+def describe_nats(exc: BaseException, url: str | None = None) -> str | None:
+    """One line for an error nats-py raised on a JetStream request; None for any other error."""
+    server = f"the NATS server at {url}" if url else "the NATS server"
+    if isinstance(exc, ServiceUnavailableError):
+        return (f"JetStream is not enabled on {server}: start nats-server with -js "
+                "(or let 'runtime serve' start one)")
+    if isinstance(exc, NotFoundError) and exc.err_code == STREAM_NOT_FOUND:
+        return (f"the runtime's streams do not exist on {server}: "
+                "run 'runtime serve' against it first")
+    if isinstance(exc, NoRespondersError | NoStreamResponseError):
+        # A direct get from a stream that does not exist, or JetStream is off: nobody answers.
+        return (f"nothing answered on {server}: is JetStream enabled there, and has "
+                "'runtime serve' run against it?")
+    if isinstance(exc, NatsTimeout):
+        return f"{server} did not answer in time; try again"
+    if isinstance(exc, APIError):
+        what = exc.description or type(exc).__name__
+        return f"{server} refused the request: {what} (error {exc.err_code or exc.code})"
+    return None
+
+
+def url_of(args: argparse.Namespace) -> str | None:
+    """The server a command talks to, for error messages; None for ``serve`` on its embedded server."""
+    if not hasattr(args, "server"):
+        return None
+    if args.command == "serve":
+        return str(args.server or os.environ.get("NATS_URL") or "") or None
+    return server_url(args)
 
 
 def print_json(data: Any) -> None:

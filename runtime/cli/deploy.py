@@ -8,11 +8,12 @@ from typing import Any
 
 from nats.js.errors import NotFoundError
 
+from ..errors import LoadError, ManifestError
 from ..exitcodes import RET_OK
 from ..loader import load_handler_async
 from ..loop import run
-from ..manifest import ManifestSet
-from ..registry import Registry
+from ..manifest import ManifestSet, manifest_files
+from ..registry import Registry, Undeployed
 from ..status import gather_status
 from ..streams import INVOKE_STREAM
 from . import common
@@ -21,15 +22,21 @@ from . import common
 def register(sub: Any) -> None:
     commands = [
         ("deploy", "validate manifests and deploy them to every running runtime", cmd_deploy,
-         ("paths", {"nargs": "+", "metavar": "FILE_OR_DIR"})),
-        ("undeploy", "stop serving a function (its queued messages are kept)", cmd_undeploy, ("name", {})),
+         ("paths", {"nargs": "+", "metavar": "FILE_OR_DIR",
+                    "help": "manifest files, or directories of *.yaml / *.yml manifests"})),
+        ("undeploy", "stop serving a function (its queued messages are kept) or remove a schedule", cmd_undeploy,
+         ("name", {"metavar": "NAME", "help": "a function or a standalone schedule"})),
         ("ls", "list deployed functions", cmd_ls, None),
-        ("rollback", "restore the previous revision of a function or schedule", cmd_rollback, ("name", {})),
+        ("rollback", "restore the previous revision of a function or schedule", cmd_rollback,
+         ("name", {"metavar": "NAME", "help": "a function or a standalone schedule"})),
     ]
     for name, help_text, func, positional in commands:
         p = sub.add_parser(name, help=help_text)
         if positional is not None:
             p.add_argument(positional[0], **positional[1])
+        if name == "undeploy":
+            p.add_argument("--force", action="store_true",
+                           help="also undeploy the standalone schedules that target the function")
         common.add_server_option(p)
         common.add_json_option(p)
         p.set_defaults(func=func)
@@ -37,6 +44,9 @@ def register(sub: Any) -> None:
 
 def cmd_deploy(args: argparse.Namespace) -> int:
     root = Path.cwd()
+    if not manifest_files(args.paths):
+        # Deploying nothing is a mistyped path far more often than an intent: say so before connecting.
+        raise ManifestError(", ".join(args.paths), [("", "no manifests found (*.yaml or *.yml files)")])
 
     async def main() -> list[dict[str, Any]]:
         async with common.connection(args) as (_, js):
@@ -44,8 +54,13 @@ def cmd_deploy(args: argparse.Namespace) -> int:
             known = {d.manifest.name for d in (await registry.all()).values() if d.manifest.kind == "Function"}
             manifests = ManifestSet.load(args.paths, known_functions=known)
             for manifest in manifests.functions.values():
-                # The same checks a runtime makes; a module that exits at import is one error line.
-                await load_handler_async(manifest.handler, root=root)
+                # The same checks a runtime makes; a module that exits at import is one error line
+                # that names the manifest, as a bad field would.
+                try:
+                    await load_handler_async(manifest.handler, root=root)
+                except LoadError as exc:
+                    source = manifests.sources.get(f"Function:{manifest.name}", manifest.name)
+                    raise ManifestError(source, [("handler", str(exc))]) from None
             return [vars(r) for r in await registry.deploy(manifests)]
 
     results = run(main())
@@ -58,15 +73,22 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
 
 def cmd_undeploy(args: argparse.Namespace) -> int:
-    async def main() -> str:
+    async def main() -> Undeployed:
         async with common.connection(args) as (_, js):
-            return await (await Registry.open(js)).undeploy(args.name)
+            return await (await Registry.open(js)).undeploy(args.name, force=args.force)
 
-    key = run(main())
+    done = run(main())
     if args.json:
-        common.print_json({"name": args.name, "key": key, "status": "undeployed"})
-    else:
-        print(f"{args.name}: undeployed (queued messages are kept until it is deployed again)")
+        common.print_json({**vars(done), "status": "undeployed"})
+        return RET_OK
+    for schedule in done.schedules:
+        print(f"schedule {schedule}: undeployed (it targeted {done.name})")
+    if done.kind == "Schedule":
+        print(f"schedule {done.name}: undeployed (it fires no more; its function stays deployed)")
+        return RET_OK
+    own = f", with its schedule{'s' * (len(done.own_schedules) > 1)} {', '.join(done.own_schedules)}" \
+        if done.own_schedules else ""
+    print(f"function {done.name}: undeployed{own} (queued messages are kept until it is deployed again)")
     return RET_OK
 
 
@@ -87,6 +109,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 async def _listing(args: argparse.Namespace) -> list[dict[str, Any]]:
     async with common.connection(args) as (nc, js):
         deployments = await (await Registry.open(js)).all()
+        functions = {d.manifest.name for d in deployments.values() if d.manifest.kind == "Function"}
         statuses = await gather_status(nc)
         rows = []
         for dep in sorted(deployments.values(), key=lambda d: (d.manifest.kind, d.manifest.name)):
@@ -107,9 +130,16 @@ async def _listing(args: argparse.Namespace) -> list[dict[str, Any]]:
                            status="failing" if failing else ("serving" if serving else "idle"), failing=failing)
             else:
                 row.update(settings=f"cron={m.cron!r} -> {m.function}", queued="", in_flight="", runtimes="",
-                           status="enabled" if m.enabled else "disabled", failing={})
+                           status=_schedule_status(m.enabled, m.function in functions), failing={})
             rows.append(row)
         return rows
+
+
+def _schedule_status(enabled: bool, target_deployed: bool) -> str:
+    # Runtimes do not run a schedule whose function is not deployed (one left from older versions).
+    if not target_deployed:
+        return "no function"
+    return "enabled" if enabled else "disabled"
 
 
 def cmd_ls(args: argparse.Namespace) -> int:

@@ -65,7 +65,7 @@ def register(sub: Any) -> None:
     p.set_defaults(func=cmd_ls)
 
     p = dsub.add_parser("show", help="show one dead letter: headers and body")
-    p.add_argument("seq", type=_seq)
+    p.add_argument("seq", type=_seq, help="the dead letter's sequence number (see 'runtime dlq ls')")
     common.add_server_option(p)
     common.add_json_option(p)
     p.set_defaults(func=cmd_show)

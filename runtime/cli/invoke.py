@@ -12,7 +12,7 @@ from nats.nuid import NUID
 
 from ..client import Call, Client
 from ..durations import parse_duration
-from ..errors import InvocationError, NoResult
+from ..errors import InvocationError, InvocationTimeout, NoResult
 from ..exitcodes import RET_FAILED, RET_NO_RESULT, RET_OK, RET_USAGE
 from ..loop import run
 from . import common
@@ -31,7 +31,7 @@ def _duration(value: str) -> float:
 
 def register(sub: Any) -> None:
     p = sub.add_parser("invoke", help="call a function and print its result")
-    p.add_argument("name", help="the function")
+    p.add_argument("name", help="the function's name")
     p.add_argument("payload", nargs="?", default=None,
                    help="the input as JSON text, or - to read it from stdin (default: null)")
     p.add_argument("--async", dest="submit", action="store_true",
@@ -44,7 +44,7 @@ def register(sub: Any) -> None:
     p.set_defaults(func=cmd_invoke)
 
     p = sub.add_parser("result", help="print the stored outcome of a call")
-    p.add_argument("call_id", metavar="CALL_ID")
+    p.add_argument("call_id", metavar="CALL_ID", help="the call id 'runtime invoke' printed or was given")
     p.add_argument("--wait", "-w", type=_duration, default=0.0, metavar="DURATION",
                    help="wait this long for the outcome if it is not stored yet (default: do not wait)")
     common.add_server_option(p)
@@ -128,9 +128,19 @@ def _succeeded(args: argparse.Namespace, call_id: str, value: Any) -> int:
 
 
 def _failed(args: argparse.Namespace, exc: InvocationError) -> int:
+    exc = _for_the_shell(exc)
     if args.json:
         common.print_json({"call_id": exc.call_id, "status": "failed",
                            "error": {"type": exc.type, "message": exc.message, "code": exc.code}})
     else:
         common.error(f"{exc.described} (code {exc.code})")
     return RET_FAILED
+
+
+def _for_the_shell(exc: InvocationError) -> InvocationError:
+    """A caller's timeout names the Python call to read the outcome later; here the command is the way."""
+    python = f"result({exc.call_id!r})"
+    if not isinstance(exc, InvocationTimeout) or not exc.call_id or python not in exc.message:
+        return exc
+    return InvocationTimeout(exc.message.replace(python, f"runtime result {exc.call_id}"),
+                             type=exc.type, call_id=exc.call_id)

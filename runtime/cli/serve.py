@@ -9,9 +9,10 @@ from pathlib import Path
 from typing import Any
 
 from ..app import serve as serve_forever
+from ..errors import ConfigError
 from ..exitcodes import RET_OK
 from ..loader import load_handler
-from ..logs import configure
+from ..logs import LEVELS, configure
 from ..loop import run
 from ..manifest import ManifestSet
 from ..settings import Settings
@@ -23,6 +24,8 @@ def register(sub: Any) -> None:
                    help="manifest file or directory to deploy at start (repeatable)")
     p.add_argument("--server", "-s", metavar="URL", default=None,
                    help="connect to this NATS server or cluster instead of starting one ($NATS_URL)")
+    p.add_argument("--host", default=None, metavar="ADDRESS",
+                   help="listen address of the embedded server (default 127.0.0.1; 0.0.0.0 for every interface)")
     p.add_argument("--port", type=int, default=None, help="port of the embedded server (default 4222)")
     p.add_argument("--data-dir", default=None, help="embedded server storage (default ./.runtime)")
     p.add_argument("--nats-conf", default=None, help="embedded server config (default ./nats.conf)")
@@ -34,7 +37,8 @@ def register(sub: Any) -> None:
     p.add_argument("--reply-prefix", action="append", default=[], metavar="PREFIX",
                    help="answer callers only on reply subjects starting with PREFIX, e.g. _INBOX. (repeatable; "
                         "$RUNTIME_REPLY_PREFIX, comma-separated); subjects starting with $ are never answered")
-    p.add_argument("--log-level", default=os.environ.get("RUNTIME_LOG_LEVEL", "INFO"))
+    p.add_argument("--log-level", type=str.upper, choices=LEVELS, default=None,
+                   help="how much to log (case-insensitive; default $RUNTIME_LOG_LEVEL or INFO)")
     p.set_defaults(func=cmd_serve)
 
 
@@ -44,9 +48,20 @@ def check_handlers(manifests: ManifestSet, root: Path) -> None:
         load_handler(manifest.handler, root=root)
 
 
+def log_level(given: str | None) -> str:
+    """``--log-level``, else ``$RUNTIME_LOG_LEVEL`` (checked like the option), else INFO."""
+    if given:
+        return given
+    level = os.environ.get("RUNTIME_LOG_LEVEL", "").strip().upper() or "INFO"
+    if level not in LEVELS:
+        raise ConfigError(f"RUNTIME_LOG_LEVEL={os.environ['RUNTIME_LOG_LEVEL']!r} is not a log level "
+                          f"(choose from {', '.join(LEVELS)})")
+    return level
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
-    configure("DEBUG" if args.debug else args.log_level.upper())
-    settings = Settings.from_env(server=args.server, port=args.port, data_dir=args.data_dir,
+    configure("DEBUG" if args.debug else log_level(args.log_level))
+    settings = Settings.from_env(server=args.server, host=args.host, port=args.port, data_dir=args.data_dir,
                                  nats_conf=args.nats_conf, grace=args.grace,
                                  dlq_retention=args.dlq_retention, results_ttl=args.results_ttl,
                                  manifests=tuple(Path(p) for p in args.manifests),
