@@ -32,6 +32,8 @@ from .worker import FunctionWorker
 
 log = logging.getLogger("runtime.app")
 
+CONNECTION_CHECK = 0.5   # seconds between checks that the connection is still open
+
 
 class Component(Protocol):
     async def start(self) -> None: ...
@@ -88,6 +90,7 @@ class Runtime:
         # Set when the connection closed for good without a stop: the process must exit.
         self.lost = asyncio.Event()
         self._stopping = False
+        self._watch: asyncio.Task[None] | None = None
         self._serving = False   # workers pull only once every component has started
         self._lock = asyncio.Lock()
         ensure_on_path(settings.project_root)
@@ -138,15 +141,23 @@ class Runtime:
             raise
 
     def _on_closed(self) -> None:
-        if not self._stopping:
+        if not self._stopping and not self.lost.is_set():
             log.error("the connection to NATS was closed for good (last error: %s); this runtime stops so "
                       "that its supervisor can restart it", self.nc.last_error if self.nc else None)
             self.lost.set()
+
+    async def _watch_connection(self, nc: NATS) -> None:
+        # nats-py may close the connection without calling closed_cb (an error while it closes
+        # the transport): the state is what counts.
+        while not nc.is_closed:
+            await asyncio.sleep(CONNECTION_CHECK)
+        self._on_closed()
 
     async def _start(self) -> None:
         self._stopping = False
         state = self.state
         state.nc = nc = await connect(self.url, on_closed=self._on_closed)
+        self._watch = asyncio.create_task(self._watch_connection(nc), name="connection-watch")
         state.js = js = nc.jetstream()
         state.outbox = Outbox(nc, js, ReplyPolicy(self.settings.reply_prefixes))
         s = self.settings
@@ -258,6 +269,9 @@ class Runtime:
         """Stop fetching, let in-flight work finish within the grace period, then drain."""
         self._stopping = True
         self._serving = False
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
         # Without a connection nothing can be acknowledged: in-flight work is redelivered anyway.
         grace = 0.0 if self.lost.is_set() else self.settings.grace
         for component in reversed(self.components):
