@@ -305,15 +305,19 @@ async def serve(settings: Settings, stop: asyncio.Event, *, handle_signals: bool
     """Run a runtime (and the embedded server when no URL is set) until ``stop`` is set."""
     from .signals import capture_signals
 
-    server: EmbeddedServer | None = None
-    url = settings.server
-    if url is None:
-        server = EmbeddedServer(settings.data_dir, port=settings.port, host=settings.host,
-                                config=settings.default_conf())
-        await server.start()
-        url = server.url
-    try:
-        with capture_signals(stop, handle_signals):
+    # Signals are handled from the very start: a SIGTERM while the embedded server starts must
+    # still stop that server (it runs in a session of its own and would outlive this process).
+    with capture_signals(stop, handle_signals):
+        server: EmbeddedServer | None = None
+        url = settings.server
+        try:
+            if url is None:
+                server = EmbeddedServer(settings.data_dir, port=settings.port, host=settings.host,
+                                        config=settings.default_conf())
+                await server.start()
+                url = server.url
+            if stop.is_set():
+                return
             async with Runtime(settings, url) as runtime:
                 log.info("runtime ready on %s", url)
                 stopped = asyncio.create_task(stop.wait())
@@ -325,6 +329,6 @@ async def serve(settings: Settings, stop: asyncio.Event, *, handle_signals: bool
             if runtime.lost.is_set():
                 raise ConnectionLost("the connection to NATS was closed for good; exiting so that a supervisor "
                                      "restarts the runtime")
-    finally:
-        if server is not None:
-            await server.stop()
+        finally:
+            if server is not None:
+                await server.stop()

@@ -144,8 +144,10 @@ async def test_serve_host_is_the_embedded_servers_listen_address(tmp_path: Path)
         await eventually(lambda: answers("127.0.0.2", port), timeout=20, message="the server on 127.0.0.2")
         assert not await answers("127.0.0.1", port)
     finally:
+        # Often before the runtime is ready: a stop during start-up must still stop the server.
         proc.send_signal(signal.SIGTERM)
         await asyncio.to_thread(proc.wait, 30)
+    assert not await answers("127.0.0.2", port), "the embedded server stops with the runtime"
 
 
 # ------------------------------------------------------------------ version, --debug, help
