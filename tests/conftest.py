@@ -27,6 +27,15 @@ from runtime.settings import Settings
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@contextlib.asynccontextmanager
+async def configured_server(tmp_path: Path, conf: str) -> AsyncIterator[EmbeddedServer]:
+    """A fresh nats-server like ``nats_server``, started with the configuration text ``conf``."""
+    path = tmp_path / "nats.conf"
+    path.write_text(conf)
+    async with EmbeddedServer(tmp_path / "nats", port=free_port(), config=path) as server:
+        yield server
+
+
 @pytest.fixture
 async def nats_server(tmp_path: Path) -> AsyncIterator[EmbeddedServer]:
     """A fresh nats-server with JetStream on a free loopback port and a temporary store."""

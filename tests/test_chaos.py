@@ -28,10 +28,10 @@ from nats.js import JetStreamContext
 from runtime import Client
 from runtime.manifest import FunctionManifest, ManifestSet
 from runtime.registry import Registry
-from runtime.server import EmbeddedServer, free_port
+from runtime.server import EmbeddedServer
 from runtime.streams import DLQ_STREAM, INVOKE_STREAM
 
-from .conftest import RuntimeProcess, collect, eventually
+from .conftest import RuntimeProcess, collect, configured_server, eventually
 
 MAX_PAYLOAD = 8 * 1024 * 1024
 CALLS = 300
@@ -46,10 +46,7 @@ MANIFESTS = {
 
 @pytest.fixture
 async def nats_server(tmp_path: Path) -> AsyncIterator[EmbeddedServer]:
-    conf = tmp_path / "nats.conf"
-    conf.write_text("max_payload: 8MB\n")
-    server = EmbeddedServer(tmp_path / "nats", port=free_port(), config=conf)
-    async with server:
+    async with configured_server(tmp_path, "max_payload: 8MB\n") as server:
         yield server
 
 

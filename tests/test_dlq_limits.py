@@ -35,7 +35,7 @@ from runtime.deadletter import (
 )
 from runtime.dlq import DeadLetterScan, Listing, get_dead_letter, list_dead_letters, purge
 from runtime.mover import DeadLetterMover
-from runtime.server import EmbeddedServer, free_port
+from runtime.server import EmbeddedServer
 from runtime.streams import (
     ADVISORY_SUBJECTS,
     DLQ_BODIES_BUCKET,
@@ -51,7 +51,7 @@ from runtime.streams import (
 from runtime.sweep import exhausted_up_to
 from runtime.wire import header_size
 
-from .conftest import ROOT, RuntimeFactory, collect, eventually
+from .conftest import ROOT, RuntimeFactory, collect, configured_server, eventually
 
 MAX_PAYLOAD = 8 * 1024 * 1024
 REALISTIC = {"Fn-Call-Id": "order-7f3a9c", "Fn-Reply-To": "_INBOX.k2v8Q7sTz1Xc0a9Lm3", "X-Trace": "trace-0042",
@@ -61,10 +61,7 @@ REALISTIC = {"Fn-Call-Id": "order-7f3a9c", "Fn-Reply-To": "_INBOX.k2v8Q7sTz1Xc0a
 @pytest.fixture
 async def nats_server(tmp_path: Path) -> AsyncIterator[EmbeddedServer]:
     """This module's server takes messages up to 8 MB, headers included."""
-    config = tmp_path / "nats.conf"
-    config.write_text("max_payload: 8MB\n")
-    server = EmbeddedServer(tmp_path / "nats", port=free_port(), config=config)
-    async with server:
+    async with configured_server(tmp_path, "max_payload: 8MB\n") as server:
         yield server
 
 

@@ -17,10 +17,11 @@ from nats.js import JetStreamContext
 from nats.js.errors import ServiceUnavailableError
 
 from runtime.app import Runtime
+from runtime.server import EmbeddedServer
 from runtime.settings import Settings
 from runtime.streams import DLQ_STREAM, EVENTS_STREAM, INVOKE_STREAM, RESULTS_BUCKET
 
-from .conftest import ROOT, RuntimeFactory, eventually
+from .conftest import ROOT, RuntimeFactory, configured_server, eventually
 
 ECHO = """\
 name: echo
@@ -32,13 +33,8 @@ VALID, INVALID = 1000, 200
 
 
 @pytest.fixture
-async def nats_server(tmp_path: Path) -> AsyncIterator[object]:
-    from runtime.server import EmbeddedServer, free_port
-
-    conf = tmp_path / "nats.conf"
-    conf.write_text("jetstream { max_file_store: 48MB }\n")
-    server = EmbeddedServer(tmp_path / "nats", port=free_port(), config=conf)
-    async with server:
+async def nats_server(tmp_path: Path) -> AsyncIterator[EmbeddedServer]:
+    async with configured_server(tmp_path, "jetstream { max_file_store: 48MB }\n") as server:
         yield server
 
 
@@ -62,7 +58,7 @@ async def messages(js: JetStreamContext, stream: str) -> int:
 
 
 async def test_a_full_store_delays_outcomes_and_dead_letters_without_losing_any(
-        runtime: RuntimeFactory, nats_server: object, nc: NATS, js: JetStreamContext, tmp_path: Path) -> None:
+        runtime: RuntimeFactory, nats_server: EmbeddedServer, nc: NATS, js: JetStreamContext, tmp_path: Path) -> None:
     first = await runtime(echo=ECHO)
     await first.stop()   # the function stays deployed, its consumer durable
     for i in range(VALID):
@@ -71,7 +67,7 @@ async def test_a_full_store_delays_outcomes_and_dead_letters_without_losing_any(
         await js.publish("fn.invoke.echo", b"not json %d" % i, headers={"Nats-Msg-Id": f"bad-{i}"})
     assert await fill(js) > 0
 
-    url = nats_server.url  # type: ignore[attr-defined]
+    url = nats_server.url
     rt = Runtime(Settings(project_root=ROOT, data_dir=tmp_path / "rt", grace=5.0), url)
     await rt.start()
     try:

@@ -24,11 +24,11 @@ from runtime import Client, FunctionError, InvalidInput, InvocationTimeout, Payl
 from runtime.app import Runtime
 from runtime.dlq import list_dead_letters
 from runtime.results import fetch_response
-from runtime.server import EmbeddedServer, free_port
+from runtime.server import EmbeddedServer
 from runtime.settings import Settings
 from runtime.streams import DLQ_STREAM, INVOKE_STREAM
 
-from .conftest import ROOT, RuntimeFactory, collect, eventually
+from .conftest import ROOT, RuntimeFactory, collect, configured_server, eventually
 
 MAX_PAYLOAD = 8 * 1024 * 1024
 
@@ -45,10 +45,7 @@ def fn(name: str, handler: str, **extra: Any) -> str:
 @pytest.fixture
 async def nats_server(tmp_path: Path) -> AsyncIterator[EmbeddedServer]:
     """A server configured like production: ``max_payload: 8MB``."""
-    conf = tmp_path / "nats.conf"
-    conf.write_text("max_payload: 8MB\n")
-    server = EmbeddedServer(tmp_path / "nats", port=free_port(), config=conf)
-    async with server:
+    async with configured_server(tmp_path, "max_payload: 8MB\n") as server:
         yield server
 
 
