@@ -52,6 +52,28 @@ _PERMANENT = (ConnectionClosedError, MaxPayloadError, BadRequestError)
 _PASSING = (NatsError, TimeoutError, OSError)
 
 
+def refusal(ack: Msg | None) -> Exception | None:
+    """Why JetStream did not store a write, from its acknowledgement (None: no answer in time).
+
+    None when it did store it; the common acknowledgement is not even parsed.
+    """
+    if ack is None:
+        return NatsTimeoutError()
+    if not ack.data:   # a status message: no stream took the subject
+        return NoRespondersError()
+    if b'"error"' in ack.data:
+        try:
+            APIError.from_error(json.loads(ack.data)["error"])   # raises the typed error
+        except APIError as exc:
+            return exc
+    return None
+
+
+def _written_once(response: Response, expected: str) -> dict[str, str]:
+    """The headers that store ``response`` only if the call's last stored sequence is ``expected``."""
+    return {**response.headers, H.EXPECTED_LAST_SUBJECT_SEQ: expected}
+
+
 class Throttle:
     """Lets a log line through at most once per ``interval`` seconds per key; counts the rest."""
 
@@ -134,7 +156,7 @@ class Outbox:
         expected = "0"
         while True:
             write = functools.partial(self.publish_acked, subject, response.body,
-                                      {**response.headers, H.EXPECTED_LAST_SUBJECT_SEQ: expected})
+                                      _written_once(response, expected))
             try:
                 if patient:
                     await self.persist(f"outcome of call {response.call_id}", write)
@@ -175,10 +197,7 @@ class Outbox:
         return self.inbox
 
     async def publish_acked(self, subject: str, body: bytes, headers: dict[str, str]) -> None:
-        """Publish through JetStream and wait for its acknowledgement; raise what it refuses.
-
-        The common acknowledgement is not even parsed.
-        """
+        """Publish through JetStream and wait for its acknowledgement; raise what it refuses."""
         inbox = await self._acks()
         reply, waiter = inbox.expect(asyncio.get_running_loop().time() + ACK_TIMEOUT)
         try:
@@ -186,12 +205,9 @@ class Outbox:
             ack = await waiter
         finally:
             inbox.forget(reply)
-        if ack is None:
-            raise NatsTimeoutError
-        if not ack.data:   # a status message: no stream took the subject
-            raise NoRespondersError
-        if b'"error"' in ack.data:
-            raise APIError.from_error(json.loads(ack.data)["error"])
+        problem = refusal(ack)
+        if problem is not None:
+            raise problem
 
     async def store_then_ack(self, response: Response, ack_subject: str) -> None:
         """Store ``response`` and only then ack the invocation message on ``ack_subject``.
@@ -203,7 +219,7 @@ class Outbox:
         inbox = await self._acks()
 
         async def stored(ack: Msg | None) -> None:
-            if ack is not None and ack.data and b'"error"' not in ack.data:
+            if refusal(ack) is None:
                 await self.nc.publish(ack_subject, ACK)
             else:
                 self._slow(response, ack_subject)
@@ -211,7 +227,7 @@ class Outbox:
         reply = inbox.on_reply(asyncio.get_running_loop().time() + ACK_TIMEOUT, stored)
         try:
             await self.nc.publish(result_subject(response.call_id), response.body, reply=reply,
-                                  headers={**response.headers, H.EXPECTED_LAST_SUBJECT_SEQ: "0"})
+                                  headers=_written_once(response, "0"))
         except Exception:
             inbox.forget(reply)
             self._slow(response, ack_subject)
