@@ -8,4 +8,5 @@ RET_USAGE = 2            # argparse's own code for bad arguments
 RET_FAILED = 3           # the invocation ran and failed
 RET_NO_RESULT = 4        # result: the call's outcome is not stored (yet)
 RET_CONNECTION_LOST = 5  # serve: the NATS connection closed for good; a supervisor should restart it
+RET_DECLINED = 6         # a destructive command was not confirmed (answered no, or no terminal and no --yes)
 RET_INTERRUPTED = 130

@@ -10,7 +10,7 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from ..errors import ConnectionLost, FnRuntimeError, InvocationError
-from ..exitcodes import RET_CONNECTION_LOST, RET_ERROR, RET_FAILED, RET_INTERRUPTED
+from ..exitcodes import RET_CONNECTION_LOST, RET_DECLINED, RET_ERROR, RET_FAILED, RET_INTERRUPTED
 from . import common, deploy, dlq, invoke, schedules, serve
 
 COMMANDS = [serve, deploy, schedules, dlq, invoke]
@@ -68,6 +68,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return code
     except KeyboardInterrupt:
         return RET_INTERRUPTED
+    except common.Declined as exc:
+        common.error(str(exc))
+        return RET_DECLINED
     except InvocationError as exc:
         if args.debug:
             raise

@@ -35,6 +35,33 @@ def add_json_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="machine-readable JSON output")
 
 
+def add_yes_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation (for scripts)")
+
+
+class Declined(Exception):
+    """A destructive command was not confirmed; its message says how to go ahead."""
+
+
+def confirm(args: argparse.Namespace, question: str) -> None:
+    """Ask ``question`` (y/N) on a terminal; raise ``Declined`` unless the user agrees.
+
+    ``--yes`` skips the question. Without a terminal there is nobody to ask, so a script
+    must say ``--yes``: a destructive command never runs just because its input is a pipe.
+    """
+    if getattr(args, "yes", False):
+        return
+    if not (sys.stdin.isatty() and sys.stderr.isatty()):
+        raise Declined(f"{question.rstrip('?')}: refused without confirmation; pass --yes to confirm")
+    print(f"{question} [y/N] ", end="", file=sys.stderr, flush=True)
+    try:
+        answer = sys.stdin.readline().strip().lower()
+    except (EOFError, KeyboardInterrupt):
+        answer = ""
+    if answer not in ("y", "yes"):
+        raise Declined("nothing done")
+
+
 def error(message: str) -> None:
     print(f"runtime: error: {message}", file=sys.stderr)
 
