@@ -5,6 +5,8 @@ from __future__ import annotations
 from .client import Call, Client
 from .context import Context
 from .errors import (
+    Cancelled,
+    Expired,
     FnRuntimeError,
     FunctionError,
     InvalidInput,
@@ -13,7 +15,9 @@ from .errors import (
     LoadError,
     ManifestError,
     NoResult,
+    NotPending,
     PayloadTooLarge,
+    QueueFull,
     Reject,
     Rejected,
     ResultTooLarge,
@@ -36,6 +40,8 @@ __all__ = [
     "FunctionManifest",
     "Settings",
     # errors
+    "Cancelled",
+    "Expired",
     "FnRuntimeError",
     "FunctionError",
     "InvalidInput",
@@ -44,7 +50,9 @@ __all__ = [
     "LoadError",
     "ManifestError",
     "NoResult",
+    "NotPending",
     "PayloadTooLarge",
+    "QueueFull",
     "Rejected",
     "ResultTooLarge",
     "Unavailable",

@@ -162,7 +162,7 @@ class Runtime:
         state.outbox = Outbox(nc, js, ReplyPolicy(self.settings.reply_prefixes))
         s = self.settings
         await provision_base(js, results_ttl=s.results_ttl, dlq_retention=s.dlq_retention,
-                             replicas=s.replicas)
+                             replicas=s.replicas, max_queued=s.max_queued)
         if s.manifests:
             # Development mode: deploy the given manifests, then follow the registry like any runtime.
             registry = await Registry.open(js, s.replicas)

@@ -16,6 +16,7 @@ import logging
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from types import TracebackType
 from typing import Any, Literal
 
@@ -29,11 +30,24 @@ from nats.nuid import NUID
 
 from . import codec
 from . import headers as H
-from .errors import FnRuntimeError, InvalidInput, InvocationTimeout, NoResult, Unavailable, UnknownFunction
+from .delay import Pending, delayed_subject, due_time, schedule_headers
+from .delay import cancel as cancel_delayed
+from .errors import (
+    FnRuntimeError,
+    InvalidInput,
+    InvocationTimeout,
+    NoResult,
+    QueueFull,
+    Unavailable,
+    UnknownFunction,
+)
+from .expiry import ttl_header
 from .inbox import ReplyInbox
 from .manifest import NAME_PATTERN
+from .priority import invoke_subject
 from .protocol import DEFAULT_URL, is_tombstone
-from .results import Response, fetch_response, result_subject
+from .queuelimit import refused_for_full_queue
+from .results import Replayed, Response, fetch_response, fetch_state, result_subject
 from .streams import INVOKE_PREFIX, INVOKE_STREAM, MANIFESTS_BUCKET
 
 log = logging.getLogger("runtime.client")
@@ -51,6 +65,7 @@ class Call:
     id: str
     function: str
     duplicate: bool = False  # this call id was already stored: the function runs once for both
+    due: datetime | None = None  # a delayed call: when it is queued to run (UTC, whole seconds)
 
 
 class Client:
@@ -130,23 +145,31 @@ class Client:
     # ------------------------------------------------------------------ calls
 
     async def invoke(self, function: str, payload: Any = None, *, timeout: float = 30.0,
-                     call_id: str | None = None, headers: Mapping[str, str] | None = None) -> Any:
+                     call_id: str | None = None, headers: Mapping[str, str] | None = None,
+                     priority: int | None = None, ttl: float | None = None) -> Any:
         """Run ``function`` with ``payload`` and return its decoded result.
 
         Raises the typed error of a failed call (``FunctionError`` after the last attempt,
         ``InvalidInput``, ``UnknownFunction``, ``Rejected``, ``InvocationTimeout``, ``Unavailable``);
         each carries ``type``, ``message``, ``code`` and ``call_id``. Reusing a ``call_id`` within
-        the duplicate window runs the function once and returns that outcome.
+        the duplicate window runs the function once and returns that outcome. ``priority`` (1 to
+        10, most urgent last) queues it at that level; by default at the function's own level.
+        ``ttl`` (seconds, instead of the manifest's) bounds how long it may wait in the queue: a call
+        still queued then is not run and fails with ``Expired``. ``QueueFull`` means the function's
+        queue is at its limit and the call was not stored.
         """
         nc = self.nc
         loop = asyncio.get_running_loop()
+        subject = invoke_subject(function, priority)
         call_id, body, hdrs = await self._prepare(function, payload, call_id, headers)
+        if ttl is not None:
+            hdrs[H.TTL] = ttl_header(ttl)
         deadline = loop.time() + timeout
         inbox = self._replies
         reply_subject, reply = inbox.expect(deadline)
         hdrs[H.REPLY_TO] = reply_subject
         try:
-            duplicate = await self._store(nc, function, body, hdrs, call_id, deadline)
+            duplicate = await self._store(nc, subject, function, body, hdrs, call_id, deadline)
             if duplicate:
                 log.warning("call id %r was already used within the duplicate window: %s ran once, for the "
                             "first call; this is that call's outcome, whatever this call's payload",
@@ -164,16 +187,38 @@ class Client:
         return response.value()
 
     async def submit(self, function: str, payload: Any = None, *, call_id: str | None = None,
-                     headers: Mapping[str, str] | None = None) -> Call:
-        """Store an invocation of ``function`` and return at once; the outcome is kept by call id."""
+                     headers: Mapping[str, str] | None = None, priority: int | None = None,
+                     delay: float | None = None, at: datetime | None = None,
+                     ttl: float | None = None) -> Call:
+        """Store an invocation of ``function`` and return at once; the outcome is kept by call id.
+
+        ``delay`` (seconds) or ``at`` (a datetime; naive is local time) makes it a delayed call: the
+        server queues it then, to the second and never early, whether or not a runtime is running
+        meanwhile; :meth:`cancel` removes it before that.
+        """
         nc = self.nc
         loop = asyncio.get_running_loop()
+        subject = invoke_subject(function, priority)
+        due = None if delay is None and at is None else due_time(delay=delay, at=at)
         call_id, body, hdrs = await self._prepare(function, payload, call_id, headers)
-        duplicate = await self._store(nc, function, body, hdrs, call_id, loop.time() + self.ack_timeout)
+        if due is not None:
+            hdrs.update(schedule_headers(function, call_id, due, priority))
+            subject = delayed_subject(function, call_id)
+        if ttl is not None:
+            hdrs[H.TTL] = ttl_header(ttl)
+        duplicate = await self._store(nc, subject, function, body, hdrs, call_id, loop.time() + self.ack_timeout)
         if duplicate:
             log.warning("call id %r was already used within the duplicate window: this call was not stored; "
                         "%s runs once, for the first call", call_id, function)
-        return Call(call_id, function, duplicate)
+        return Call(call_id, function, duplicate, due)
+
+    async def cancel(self, call_id: str) -> Pending:
+        """Cancel ``call_id``'s delayed call before it is due: it never runs, and its outcome reads
+        ``Cancelled`` (``result`` raises it; a caller waiting on its reply subject gets it).
+
+        Raises ``NotPending`` if no delayed call of that id is waiting: unknown, or queued already.
+        """
+        return await cancel_delayed(self.nc, self.js, call_id)
 
     async def _prepare(self, function: str, payload: Any, call_id: str | None,
                        headers: Mapping[str, str] | None) -> tuple[str, bytes, dict[str, str]]:
@@ -187,13 +232,20 @@ class Client:
     async def result(self, call_id: str, *, wait: float = 0.0) -> Any:
         """The decoded result of ``call_id``, waiting up to ``wait`` seconds for it.
 
-        Raises the call's typed error if it failed, ``NoResult`` if no outcome is stored (yet).
+        Raises the call's typed error if it failed, ``NoResult`` if no outcome is stored (yet); when
+        a replay cleared the outcome and the replayed run has none yet, ``NoResult.replayed_at`` and
+        ``NoResult.replayed_from`` say when, and from which dead letter.
         """
-        response = await self.outcome(call_id, wait=wait)
-        if response is None:
-            within = f" within {wait:g}s" if wait > 0 else " (yet)"
-            raise NoResult(f"no outcome stored for call id {call_id!r}{within}")
-        return response.value()
+        waited = await self.outcome(call_id, wait=wait) if wait > 0 else None
+        # Read (again, after a wait): a replay may be the reason there is no outcome.
+        state = waited or await fetch_state(self.js, call_id)
+        if isinstance(state, Response):
+            return state.value()
+        within = f" within {wait:g}s" if wait > 0 else " (yet)"
+        if isinstance(state, Replayed):
+            raise NoResult(f"call {call_id!r} is pending: {state.describe()}; no outcome stored{within}",
+                           replayed_at=state.at, replayed_from=state.dead_letter or None)
+        raise NoResult(f"no outcome stored for call id {call_id!r}{within}")
 
     async def outcome(self, call_id: str, *, wait: float = 0.0) -> Response | None:
         """The stored outcome of ``call_id`` as it travels on the wire, or None."""
@@ -234,8 +286,8 @@ class Client:
             hdrs[H.CONTENT_TYPE] = codec.MSGPACK
         return body, hdrs
 
-    async def _store(self, nc: NATS, function: str, body: bytes, hdrs: dict[str, str], call_id: str,
-                     deadline: float) -> bool:
+    async def _store(self, nc: NATS, subject: str, function: str, body: bytes, hdrs: dict[str, str],
+                     call_id: str, deadline: float) -> bool:
         """Publish the invocation through JetStream; True if its call id was already stored."""
         hdrs[H.MSG_ID] = call_id
         # The acknowledgement is bounded on its own: a missing one means the invocation may not
@@ -245,7 +297,7 @@ class Client:
         ack_subject, ack = inbox.expect(ack_deadline)
         try:
             # It comes to this client's inbox like the reply: no request machinery per call.
-            await nc.publish(INVOKE_PREFIX + function, body, reply=ack_subject, headers=hdrs)
+            await nc.publish(subject, body, reply=ack_subject, headers=hdrs)
             msg = await ack
         finally:
             inbox.forget(ack_subject)
@@ -284,7 +336,8 @@ class Client:
 
 
 def read_ack(ack: Msg, function: str, call_id: str) -> bool:
-    """Read a JetStream publish acknowledgement: True for a duplicate, raises if not stored."""
+    """Read a JetStream publish acknowledgement: True for a duplicate, raises if not stored
+    (``QueueFull`` when the function's queue is at its limit, ``Unavailable`` otherwise)."""
     data = ack.data
     if not data:
         status = (ack.headers or {}).get("Status", "")
@@ -295,6 +348,9 @@ def read_ack(ack: Msg, function: str, call_id: str) -> bool:
         return False  # the common case, without parsing
     parsed = json.loads(data)
     error = parsed.get("error")
+    if error and refused_for_full_queue(error):
+        raise QueueFull(f"the queue of {function} is full: the server holds as many of its invocations "
+                        f"as its limit allows (max_queued); nothing was stored, try again later", call_id=call_id)
     if error:
         raise Unavailable(f"the invocation of {function} could not be stored: "
                           f"{error.get('description', error)}", call_id=call_id)

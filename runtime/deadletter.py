@@ -30,7 +30,7 @@ from .wire import STATUS_LINE, header_line, header_size, sendable_header_name
 
 log = logging.getLogger("runtime.deadletter")
 
-REASONS = ("max_deliver", "rejected", "invalid_input", "timeout")
+REASONS = ("max_deliver", "rejected", "invalid_input", "timeout", "expired")
 WORKER_LOST = "worker lost: the attempt ended without a result (process crash or lost connection)"
 
 

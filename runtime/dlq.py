@@ -22,9 +22,10 @@ from .dlqlist import (
     list_dead_letters,
 )
 from .errors import FnRuntimeError
+from .priority import invoke_subject, split_subject
 from .protocol import NO_MESSAGE_FOUND, SEQUENCE_NOT_FOUND, STREAM_NOT_FOUND, purge_subject
-from .results import result_key
-from .streams import DLQ_BODIES_BUCKET, DLQ_PREFIX, DLQ_STREAM, INVOKE_PREFIX, RESULTS_BUCKET
+from .results import clear_for_replay
+from .streams import DLQ_BODIES_BUCKET, DLQ_PREFIX, DLQ_STREAM
 from .wire import header_size
 
 __all__ = [
@@ -117,14 +118,26 @@ async def replay(nc: NATS, js: JetStreamContext, letter: DeadLetter) -> int:
                              f"bytes, the server takes at most {nc.max_payload}")
     if letter.call_id:
         # A call's outcome is stored once; clearing it is what lets the replay's outcome replace it.
-        results = await js.key_value(RESULTS_BUCKET)
-        await results.delete(result_key(letter.call_id))
-    ack = await js.publish(f"{INVOKE_PREFIX}{check_function(letter.function)}", body, headers=hdrs)
+        # The marker left in its place tells `runtime result` the call is pending again, and why.
+        await clear_for_replay(js, letter.call_id, letter.seq)
+    ack = await js.publish(replay_subject(letter), body, headers=hdrs)
     with contextlib.suppress(DeadLetterNotFound):  # replayed and removed meanwhile by someone else
         await delete_dead_letter(js, letter.seq)
     await _drop_body(js, letter)
     log.info("replayed dead letter %d of %s as message %d", letter.seq, letter.function, ack.seq)
     return int(ack.seq)
+
+
+def replay_subject(letter: DeadLetter) -> str:
+    """Where a replay goes: the priority level the original was queued at, if the letter says so."""
+    function = check_function(letter.function)
+    try:
+        named, level = split_subject(letter.original_subject)
+    except ValueError:
+        level = None
+    else:
+        level = level if named == function else None
+    return invoke_subject(function, level)
 
 
 async def replay_seq(nc: NATS, js: JetStreamContext, seq: int) -> tuple[DeadLetter, int]:

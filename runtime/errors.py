@@ -48,8 +48,8 @@ class InvocationError(FnRuntimeError):
     Carries the wire error: a ``type``, a human ``message`` (never prefixed with the type) and the
     NATS micro error ``code``. The ``type`` is the error class's name for the runtime's own errors
     (``InvalidInput``, ``Rejected``, ``UnknownFunction``, ``PayloadTooLarge``, ``Unavailable``,
-    ``InvocationTimeout``, ``ResultTooLarge``) and the exception's class name for an error the
-    function raised (``ValueError``).
+    ``InvocationTimeout``, ``Expired``, ``QueueFull``, ``Cancelled``, ``ResultTooLarge``) and the
+    exception's class name for an error the function raised (``ValueError``).
     """
 
     code: ClassVar[int] = 500
@@ -125,23 +125,60 @@ class InvocationTimeout(InvocationError):
     kind = "InvocationTimeout"
 
 
+class Expired(InvocationTimeout):
+    """Raised to a caller when the invocation waited in the queue past its TTL and was never run."""
+
+    kind = "Expired"
+
+
+class QueueFull(InvocationError):
+    """Raised when the function's queue holds ``max_queued`` invocations already: this one was not stored."""
+
+    code = 429
+    kind = "QueueFull"
+
+
+class Cancelled(InvocationError):
+    """Raised to a caller when the delayed call was cancelled before it ran."""
+
+    code = 409
+    kind = "Cancelled"
+
+
+class NotPending(FnRuntimeError):
+    """Raised when cancelling a call that is not a delayed call still waiting (unknown, or fired already)."""
+
+
 class ConnectionLost(FnRuntimeError):
     """Raised when the runtime's NATS connection was closed for good and will not come back."""
 
 
 class NoResult(FnRuntimeError):
-    """Raised when no outcome is stored for a call id (yet)."""
+    """Raised when no outcome is stored for a call id (yet).
+
+    ``replayed_at`` (RFC 3339 UTC) and ``replayed_from`` (a dead letter's sequence) are set when
+    the call is pending because ``runtime dlq replay`` cleared its outcome; None otherwise.
+    """
+
+    def __init__(self, message: str, *, replayed_at: str | None = None, replayed_from: int | None = None) -> None:
+        super().__init__(message)
+        self.replayed_at = replayed_at
+        self.replayed_from = replayed_from
 
 
 ERRORS_BY_CODE: dict[int, type[InvocationError]] = {
     cls.code: cls for cls in (InvalidInput, Rejected, UnknownFunction, FunctionError, Unavailable,
-                              InvocationTimeout, PayloadTooLarge)
+                              InvocationTimeout, PayloadTooLarge, QueueFull, Cancelled)
 }
+# Errors that share a code with a broader one are told apart by their type.
+ERRORS_BY_TYPE: dict[str, type[InvocationError]] = {Expired.kind: Expired}
 
 
 def error_from_wire(code: int, type_: str | None, message: str, call_id: str | None = None) -> InvocationError:
-    """Build the typed error matching a wire error code."""
-    cls = ERRORS_BY_CODE.get(code, InvocationError)
+    """Build the typed error matching a wire error code (and type, where a code has several)."""
+    cls = ERRORS_BY_TYPE.get(type_ or "")
+    if cls is None or cls.code != code:
+        cls = ERRORS_BY_CODE.get(code, InvocationError)
     return cls(message, type=type_, call_id=call_id)
 
 

@@ -20,7 +20,7 @@ from typing import Any
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
-from . import codec
+from . import codec, expiry
 from . import headers as H
 from .context import Context
 from .deadletter import dead_letter_headers, record_error, write_dead_letter
@@ -29,7 +29,7 @@ from .invocation import Invocation
 from .loader import Handler
 from .manifest import FunctionManifest
 from .outbox import Outbox
-from .policy import Ack, AttemptEnd, Overran, RetryAfter, Undecodable, decide, encode_result
+from .policy import Ack, AttemptEnd, DeadLetter, Overran, RetryAfter, Undecodable, decide, encode_result
 from .protocol import ACK, NAK, nak_after, term
 from .results import Response
 from .wire import WireLimits
@@ -56,6 +56,8 @@ class Executor:
         self._next_check = float("inf")
         self.wake = asyncio.Event()
         self.late = 0
+        # Told of every message handed back for redelivery, and after how many seconds.
+        self.requeued: Callable[[Invocation, float], None] = lambda inv, delay: None
 
     def expire(self) -> float | None:
         """Cancel attempts past their deadline; seconds until the next deadline (None: none pending)."""
@@ -80,6 +82,13 @@ class Executor:
     async def run(self, inv: Invocation) -> None:
         # One snapshot for the whole attempt: a deploy meanwhile applies to later invocations.
         manifest, handler = self.manifest, self.handler
+        stale = expiry.check(inv, manifest)
+        if stale is not None:
+            # Past its TTL (or with one that cannot be read): never run, dead-lettered like any failure.
+            refused = decide(stale, inv.delivered, manifest)
+            assert isinstance(refused, DeadLetter)
+            await self.fail_for_good(inv, refused.reason, refused.error, manifest)
+            return
         task = asyncio.current_task()
         assert task is not None
         try:
@@ -88,6 +97,7 @@ class Executor:
         except asyncio.CancelledError:
             # Shut down before the attempt finished: hand it back for another runtime at once.
             await self.nc.publish(inv.msg.reply, NAK)
+            self.requeued(inv, 0.0)
             raise
         finally:
             self._deadlines.pop(task, None)
@@ -116,6 +126,7 @@ class Executor:
                             manifest.retry.max_deliver, inv.call_id, decision.delay, decision.error.message)
         await record_error(self.nc, inv.stream_seq, inv.delivered, decision.error.described)
         await self.nc.publish(inv.msg.reply, nak_after(decision.delay))
+        self.requeued(inv, decision.delay)
 
     async def fail_for_good(self, inv: Invocation, reason: str, error: InvocationError,
                             manifest: FunctionManifest | None = None) -> None:

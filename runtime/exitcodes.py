@@ -9,4 +9,7 @@ RET_FAILED = 3           # the invocation ran and failed
 RET_NO_RESULT = 4        # result: the call's outcome is not stored (yet)
 RET_CONNECTION_LOST = 5  # serve: the NATS connection closed for good; a supervisor should restart it
 RET_DECLINED = 6         # a destructive command was not confirmed (answered no, or no terminal and no --yes)
+RET_NOT_FOUND = 7        # history, rollback: no such function or schedule, or no such revision of it
+RET_QUEUE_FULL = 8       # invoke: the function's queue is at its limit (max_queued); the call was not stored
+RET_NOT_PENDING = 9       # cancel: no delayed call of that id is waiting (unknown, or queued already)
 RET_INTERRUPTED = 130

@@ -3,7 +3,8 @@
 An endpoint does not run the function: it stores the request as a durable invocation whose
 ``Fn-Reply-To`` is the requester's reply subject, and whichever runtime runs it answers the
 requester directly. The endpoint itself answers only when the call cannot go ahead: 404 for
-an unknown function, 413 for an input too large, 503 when the invocation could not be stored.
+an unknown function, 413 for an input too large, 429 when the function's queue is full
+(``max_queued``), 503 when the invocation could not be stored.
 
 An endpoint's STATS count the requests it received and, as errors, every failure answered for
 them: the endpoint's own 413/503 (and a 404 for a name it serves), a duplicate request answered
@@ -30,16 +31,26 @@ from nats.nuid import NUID
 
 from . import headers as H
 from .client import Client, read_ack
-from .errors import InvocationError, PayloadTooLarge, Unavailable, UnknownFunction, describe
+from .errors import (
+    InvalidInput,
+    InvocationError,
+    PayloadTooLarge,
+    QueueFull,
+    Unavailable,
+    UnknownFunction,
+    describe,
+)
 from .inbox import ReplyInbox
 from .manifest import FunctionManifest
 from .micro import MicroService, reply_subject
 from .outbox import Outbox
+from .priority import check_level, invoke_subject
+from .queuelimit import Throttle, held_back
 from .results import Response
 from .state import RuntimeState
 from .status import runtime_id
 from .streams import INVOKE_PREFIX
-from .wire import call_id_for
+from .wire import call_id_for, clip
 
 log = logging.getLogger("runtime.gateway")
 
@@ -68,6 +79,18 @@ def worst_case(manifest: FunctionManifest) -> float:
     return manifest.timeout * retry.max_deliver + backoff
 
 
+def requested_level(value: str | None) -> int | None:
+    """The level a ``Fn-Priority`` request header asks for (None: the function's default); ValueError if invalid."""
+    if value is None or not value.strip():
+        return None
+    try:
+        level = int(value.strip())
+    except ValueError:
+        raise ValueError(f"{clip(value, 32)!r} is not a priority level from 1 (least urgent) "
+                         "to 10 (most urgent)") from None
+    return check_level(level)
+
+
 @dataclass(frozen=True, slots=True)
 class _Storing:
     """A request whose invocation awaits JetStream's acknowledgement."""
@@ -94,6 +117,7 @@ class Gateway:
         self._lock = asyncio.Lock()
         self._waits: set[asyncio.Task[None]] = set()
         self._nuid = NUID()
+        self._refusals = Throttle()   # a full queue refuses every call until it drains: log some
 
     async def start(self) -> None:
         nc, _ = self.state.connection
@@ -193,7 +217,11 @@ class Gateway:
         hdrs[H.ENDPOINT] = CALL_PREFIX + name
         if reply:
             hdrs[H.REPLY_TO] = reply
-        subject = INVOKE_PREFIX + name
+        try:
+            subject = invoke_subject(name, requested_level(given.get(H.PRIORITY)))
+        except ValueError as exc:
+            await self._reply_error(name, reply, call_id, InvalidInput(f"{H.PRIORITY}: {exc}", call_id=call_id))
+            return
         # Not awaiting the acknowledgement here keeps requests flowing while earlier ones are stored.
         deadline = asyncio.get_running_loop().time() + ACK_TIMEOUT
         ack_subject = acks.on_reply(deadline, functools.partial(self._on_ack, _Storing(name, reply, call_id)))
@@ -238,6 +266,12 @@ class Gateway:
             return
         try:
             duplicate = read_ack(ack, storing.function, storing.call_id)
+        except QueueFull as exc:
+            held = self._refusals.due(storing.function)
+            if held is not None:
+                log.warning("refused a call of %s: %s%s", storing.function, exc.message, held_back(held))
+            await self._reply_error(storing.function, storing.reply, storing.call_id, exc)
+            return
         except Unavailable as exc:
             log.warning("could not store a call of %s: %s", storing.function, exc.message)
             await self._reply_error(storing.function, storing.reply, storing.call_id, exc)

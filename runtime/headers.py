@@ -12,7 +12,16 @@ SCHEDULE = "Fn-Schedule"
 SCHEDULED_AT = "Fn-Scheduled-At"
 SERVICE_ERROR = "Nats-Service-Error"
 SERVICE_ERROR_CODE = "Nats-Service-Error-Code"
+PRIORITY = "Fn-Priority"   # on a fn.call request: the level (1-10) to queue the invocation at
 ENDPOINT = "Fn-Endpoint"   # set by the gateway: the invocation came through this micro endpoint
+TTL = "Fn-TTL"             # how long the invocation may wait in the queue: a duration (30s) or seconds
+
+# delayed calls (the server's message scheduler): set on a call in FN_DELAYED
+NATS_SCHEDULE = "Nats-Schedule"                 # "@at <RFC 3339>": when the server queues the call
+SCHEDULE_TARGET = "Nats-Schedule-Target"        # fn.due.<function>[.<level>]: where it queues it
+SCHEDULE_TTL = "Nats-Schedule-TTL"              # how long the copy it publishes stays in FN_DELAYED
+SCHEDULER = "Nats-Scheduler"                    # set on that copy: the subject of the delayed call
+STREAM_SOURCE = "Nats-Stream-Source"            # set on what FN sources: where it came from
 
 # dead letters
 ORIGINAL_SUBJECT = "Fn-Original-Subject"
@@ -24,6 +33,10 @@ FAILED_AT = "Fn-Failed-At"
 BODY_REF = "Fn-Body-Ref"
 BODY_SIZE = "Fn-Body-Size"
 DROPPED_HEADERS = "Fn-Dropped-Headers"
+
+# on the marker a replay leaves in fn_results in place of the call's cleared outcome
+REPLAYED_AT = "Fn-Replayed-At"       # RFC 3339 UTC, milliseconds
+REPLAYED_FROM = "Fn-Replayed-From"   # the sequence of the dead letter that was replayed
 MSG_SIZE = "Nats-Msg-Size"  # what JetStream puts in place of the body for a headers-only consumer
 
 # set by the server on what it delivers
@@ -36,4 +49,7 @@ PENDING_MESSAGES = "Nats-Pending-Messages"   # what a pull left undelivered
 NOT_CARRIED_OVER = frozenset({
     MSG_ID, "Nats-Expected-Stream", "Nats-Expected-Last-Msg-Id", "Nats-Expected-Last-Sequence",
     EXPECTED_LAST_SUBJECT_SEQ, "Nats-Rollup", "Nats-TTL", STATUS, DESCRIPTION,
+    # A copy keeping these would be scheduled again, or would mislead FN about how far it has
+    # sourced FN_DELAYED (it reads that position back from this header).
+    NATS_SCHEDULE, SCHEDULE_TARGET, SCHEDULE_TTL, "Nats-Schedule-Next", STREAM_SOURCE,
 })

@@ -65,6 +65,7 @@ class ScheduleSpec(_Model):
     payload: Any = None
     catchup: Literal["none", "latest", "all"] = "latest"
     enabled: bool = True
+    priority: int | None = Field(default=None, ge=1, le=10)   # None: the function's default level
 
     @field_validator("cron")
     @classmethod
@@ -117,8 +118,10 @@ class FunctionManifest(_Model):
     handler: str = Field(max_length=MAX_HANDLER)
     description: str = ""
     concurrency: int = Field(default=4, ge=1, le=100_000)
+    priority: int = Field(default=5, ge=1, le=10)    # the level of a plain fn.invoke.<name> (10: most urgent)
     timeout: Duration = 30.0
     ack_wait: Duration | None = None
+    ttl: Duration | None = None       # an invocation still queued this long after it was stored never runs
     retry: RetryPolicy = Field(default_factory=RetryPolicy)
     encoding: Literal["json", "msgpack"] = "json"
     store_results: bool = True
@@ -151,6 +154,13 @@ class FunctionManifest(_Model):
     @classmethod
     def _check_ack_wait(cls, value: float | None) -> float | None:
         _check_duration(value)
+        return value
+
+    @field_validator("ttl")
+    @classmethod
+    def _check_ttl(cls, value: float | None) -> float | None:
+        if value is not None and value <= 0:
+            raise ValueError("must be greater than zero (leave it out for no expiry)")
         return value
 
     @model_validator(mode="after")

@@ -36,8 +36,9 @@ from nats.js.errors import NotFoundError, ServerError
 
 from . import headers as H
 from .deadletter import REASONS, WORKER_LOST, dead_letter_headers, last_error, write_dead_letter
-from .errors import FunctionError, InvalidInput, InvocationError, InvocationTimeout, Rejected
+from .errors import Expired, FunctionError, InvalidInput, InvocationError, InvocationTimeout, Rejected
 from .outbox import Outbox
+from .priority import function_of_consumer
 from .protocol import ADVISORY_MAX_DELIVERIES, ADVISORY_TERMINATED, NO_MESSAGE_FOUND, fallback_call_id
 from .results import Response
 from .streams import DLQ_STREAM, EVENTS_STREAM, INVOKE_STREAM
@@ -56,7 +57,7 @@ class Advisory:
     """What an ``FN`` consumer advisory says about one message."""
 
     type: str
-    function: str       # the consumer, named after its function
+    function: str       # the function whose consumer (one per priority level) gave up
     stream_seq: int
     deliveries: int
     reason: str = ""    # the ``+TERM`` reason, for terminations
@@ -70,7 +71,8 @@ class Advisory:
             if (raw.get("type") not in (ADVISORY_MAX_DELIVERIES, ADVISORY_TERMINATED)
                     or raw.get("stream") != INVOKE_STREAM):
                 return None
-            return cls(type=str(raw["type"]), function=str(raw["consumer"]), stream_seq=int(raw["stream_seq"]),
+            return cls(type=str(raw["type"]), function=function_of_consumer(str(raw["consumer"])),
+                       stream_seq=int(raw["stream_seq"]),
                        deliveries=int(raw.get("deliveries") or 1), reason=str(raw.get("reason") or ""),
                        timestamp=_milliseconds(str(raw.get("timestamp") or "")))
         except (ValueError, KeyError, TypeError, AttributeError):  # AttributeError: JSON that is not an object
@@ -98,6 +100,8 @@ def failure_of(reason: str, error: str) -> InvocationError:
         type_, message = "", error
     if error.startswith("worker lost"):
         return FunctionError(error, type="worker_lost")
+    if reason == "expired":
+        return Expired(message, type=type_ or None)
     if reason == "timeout" or type_ == "InvocationTimeout":
         return InvocationTimeout(message, type=type_ or None)
     if reason == "invalid_input":
@@ -239,7 +243,8 @@ class DeadLetterMover:
 
     async def _move_exhausted(self, consumer: ConsumerInfo, original: RawStreamMsg) -> None:
         # What the lost advisory would have said.
-        advisory = Advisory(type=ADVISORY_MAX_DELIVERIES, function=consumer.name, stream_seq=original.seq or 0,
+        advisory = Advisory(type=ADVISORY_MAX_DELIVERIES, function=function_of_consumer(consumer.name),
+                            stream_seq=original.seq or 0,
                             deliveries=consumer.config.max_deliver or 1)
         await self.move(advisory, original)
 

@@ -9,6 +9,7 @@ What an attempt came to (the ``outcome``):
 
 - ``None``: the handler returned and its result was encoded (see :func:`encode_result`);
 - :class:`Undecodable`: the input did not decode or validate, so the handler never ran;
+- :class:`Overdue`: it waited in the queue past its TTL, so the handler never ran;
 - :class:`Overran`: the attempt ran past its timeout (cancelled, or returned too late);
 - any exception the handler raised, including ``Retry``, ``Reject``, ``SystemExit``; or an
   :class:`~runtime.errors.InvocationError` the runtime raised for it (a result too large).
@@ -23,6 +24,7 @@ from . import codec
 from . import headers as H
 from .errors import (
     MAX_ERROR,
+    Expired,
     FunctionError,
     InvalidInput,
     InvocationError,
@@ -37,7 +39,7 @@ from .errors import (
 from .manifest import FunctionManifest
 from .wire import WireLimits, clip
 
-Reason = Literal["max_deliver", "rejected", "invalid_input", "timeout"]
+Reason = Literal["max_deliver", "rejected", "invalid_input", "timeout", "expired"]
 # Bytes a stored result's headers take at the most: a call id is at most 256 characters (see
 # wire.call_id_for), the other headers are fixed.
 HEADERS_AT_MOST = 4096
@@ -98,7 +100,18 @@ class Overran:
         return InvocationTimeout(message)
 
 
-AttemptEnd = BaseException | Undecodable | Overran | None
+@dataclass(frozen=True, slots=True)
+class Overdue:
+    """The invocation was still queued ``waited`` seconds after it was stored, past its ``ttl``."""
+
+    ttl: float
+    waited: float
+
+    def error(self) -> Expired:
+        return Expired(f"waited {self.waited:.1f}s in the queue, past its TTL of {self.ttl:g}s; it was not run")
+
+
+AttemptEnd = BaseException | Undecodable | Overran | Overdue | None
 
 
 # ------------------------------------------------------------------ the policy
@@ -111,7 +124,11 @@ def decide(outcome: AttemptEnd, attempt: int, manifest: FunctionManifest) -> Dec
     if isinstance(outcome, Undecodable):
         # Retrying cannot make bad input good: no delivery is spent on it.
         cause = outcome.cause
+        if isinstance(cause, InvalidInput):
+            return DeadLetter("invalid_input", cause)
         return DeadLetter("invalid_input", InvalidInput(validation_message(cause)))
+    if isinstance(outcome, Overdue):
+        return DeadLetter("expired", outcome.error())
     if isinstance(outcome, Reject):
         return DeadLetter("rejected", Rejected(outcome.reason))
     if isinstance(outcome, Retry):

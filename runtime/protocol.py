@@ -9,6 +9,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
+INVOKE_PREFIX = "fn.invoke."    # fn.invoke.<function>[.<priority level>]
+QUEUED_PREFIX = "fn.queued."    # FN republishes the headers of every stored invocation here
+SLOT_PREFIX = "fn.slot."        # fn.slot.<function>: one message per concurrency slot
+
 if TYPE_CHECKING:
     from nats.js.kv import KeyValue
 
@@ -57,7 +61,8 @@ ADVISORY_TERMINATED = "io.nats.jetstream.advisory.v1.terminated"
 # ------------------------------------------------------------------ key-value markers
 
 KV_OPERATION = "KV-Operation"
-KV_GONE = ("DEL", "PURGE")   # a deleted or purged key: its last message is a marker, not a value
+KV_DELETE = "DEL"
+KV_GONE = (KV_DELETE, "PURGE")   # a deleted or purged key: its last message is a marker, not a value
 
 
 def is_tombstone(headers: Mapping[str, str] | None) -> bool:
@@ -86,6 +91,8 @@ NO_MESSAGE_FOUND = 10057       # deleting a message that is gone
 SEQUENCE_NOT_FOUND = 10043     # deleting a message that was deleted already
 STREAM_NOT_FOUND = 10059       # a stream (or a bucket's stream) that does not exist
 WRONG_LAST_SEQUENCE = 10071    # Nats-Expected-Last-Subject-Sequence did not match
+STORE_FAILED = 10077           # a publish the stream refused to store; with the description below:
+PER_SUBJECT_FULL = "maximum messages per subject exceeded"   # FN's queue limit (max_msgs_per_subject)
 
 
 # ------------------------------------------------------------------ call ids

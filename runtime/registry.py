@@ -2,107 +2,54 @@
 
 Key = function name (``schedule.<name>`` for standalone schedules). Each value records the
 manifest, a digest of the handler's module source (so a code-only change is a new revision
-that makes runtimes reload the module), when it was deployed and from which file.
+that makes runtimes reload the module), when it was deployed and from which file, and its
+revision: the function's own number (1, 2, 3 …, see ``revisions.py``), what changed versus the
+revision before and, for a rollback, which revision it restored. The bucket keeps the last 16
+entries of each key; an undeploy is one of them.
 """
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
-import json
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+import re
+from dataclasses import dataclass, field, replace
+from datetime import datetime
 from typing import Any
 
 from nats.js import JetStreamContext
-from nats.js.errors import KeyNotFoundError, NoKeysError, NotFoundError
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError, NotFoundError
 from nats.js.kv import KeyValue
 
-from .documents import load_json_object
-from .errors import FnRuntimeError
-from .manifest import FunctionManifest, Manifest, ManifestSet, ScheduleManifest, parse_manifest
+from . import revisions
+from .deployment import CREATED, ROLLED_BACK, UPDATED, changed_fields, module_digest, now
+from .deployment import Deployment as Deployment  # the record, where the follower reads it
+from .manifest import MAX_NAME, NAME_PATTERN, FunctionManifest, Manifest, ManifestSet, ScheduleManifest
 from .protocol import entry_value
-from .streams import MANIFESTS_BUCKET, ensure_consumer, ensure_kv, ensure_stream, invoke_stream_config
+from .revisions import HISTORY, NotDeployed, RegistryError, Revision
+from .streams import (
+    MANIFESTS_BUCKET,
+    ensure_consumer,
+    ensure_kv,
+    ensure_stream,
+    invoke_stream_config,
+    slots_stream_config,
+)
 
 SCHEDULE_PREFIX = "schedule."
-
-
-class RegistryError(FnRuntimeError):
-    """Raised when a registry operation cannot be done (unknown name, nothing to roll back to)."""
+WRITE_ATTEMPTS = 5  # a write raced by another deploy is re-read and redone this many times
 
 
 def registry_key(manifest: Manifest) -> str:
     return manifest.name if isinstance(manifest, FunctionManifest) else SCHEDULE_PREFIX + manifest.name
 
 
-def module_digest(handler: str) -> str | None:
-    """sha256 of the handler module's source file, or None if it has no file."""
-    module = handler.partition(":")[0]
-    try:
-        spec = importlib.util.find_spec(module)
-    except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.origin or not spec.has_location:
-        return None
-    try:
-        with open(spec.origin, "rb") as f:
-            return "sha256:" + hashlib.sha256(f.read()).hexdigest()[:16]
-    except OSError:
-        return None
-
-
-@dataclass(frozen=True)
-class Deployment:
-    """One stored revision of a manifest."""
-
-    manifest: Manifest
-    code: str | None = None
-    deployed_at: str = ""
-    source: str = ""
-    revision: int = 0
-
-    def encode(self) -> bytes:
-        return json.dumps({"kind": self.manifest.kind, "manifest": self.manifest.model_dump(mode="json"),
-                           "code": self.code, "deployed_at": self.deployed_at, "source": self.source}).encode()
-
-    @classmethod
-    def decode(cls, data: bytes, revision: int = 0, key: str = "") -> Deployment:
-        # Read from the network: bounded in size and depth before anything uses it.
-        source = f"registry entry {key!r}"
-        raw = load_json_object(data, source)
-        manifest = parse_manifest(raw.get("manifest"), source)
-        return cls(manifest=manifest, code=raw.get("code"), deployed_at=raw.get("deployed_at", ""),
-                   source=raw.get("source", ""), revision=revision)
-
-    def same_as(self, other: Deployment) -> bool:
-        return self.manifest == other.manifest and self.code == other.code
-
-
-def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(data, dict):
-        out: dict[str, Any] = {}
-        for k, v in data.items():
-            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-        return out
-    return {prefix: data}
-
-
-def changed_fields(old: Deployment, new: Deployment) -> list[str]:
-    before = _flatten(old.manifest.model_dump(mode="json"))
-    after = _flatten(new.manifest.model_dump(mode="json"))
-    fields = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
-    if old.code != new.code:
-        fields.append("code")
-    return fields
-
-
 @dataclass
 class DeployResult:
     name: str
     kind: str
-    status: str                     # created | updated | unchanged
+    status: str                     # created | updated | unchanged | rolled back
     revision: int
     changed: list[str] = field(default_factory=list)
+    restored: int | None = None     # a rollback: the revision it restored
 
 
 @dataclass
@@ -116,6 +63,15 @@ class Undeployed:
     schedules: list[str] = field(default_factory=list)       # standalone schedules removed with it (--force)
 
 
+@dataclass(frozen=True)
+class _Head:
+    """The latest entry of a key: what is deployed (None if nothing), its bucket sequence and revision."""
+
+    deployment: Deployment | None = None
+    seq: int = 0
+    revision: int = 0
+
+
 class Registry:
     """Read and write deployments."""
 
@@ -125,19 +81,35 @@ class Registry:
 
     @classmethod
     async def open(cls, js: JetStreamContext, replicas: int = 1) -> Registry:
-        await ensure_kv(js, MANIFESTS_BUCKET, history=16, replicas=replicas)
-        # Deploying before any runtime ran needs the stream the consumers live on; an existing
+        await ensure_kv(js, MANIFESTS_BUCKET, history=HISTORY, replicas=replicas)
+        # Deploying before any runtime ran needs the streams the consumers live on; an existing
         # stream is left as the runtimes configured it.
         await ensure_stream(js, invoke_stream_config(replicas), update=False)
+        await ensure_stream(js, slots_stream_config(replicas), update=False)
         return cls(js, await js.key_value(MANIFESTS_BUCKET))
 
-    async def get(self, key: str) -> Deployment | None:
+    async def _head(self, key: str) -> _Head:
         try:
             entry = await self.kv.get(key)
-        except (KeyNotFoundError, NotFoundError):
-            return None
+        except KeyNotFoundError as exc:
+            if exc.entry is None:
+                return _Head()
+            # Undeployed: the tombstone carries no number, its place in the history does.
+            kept = await self.history(key)
+            return _Head(None, exc.entry.revision or 0, kept[-1].revision if kept else 0)
+        except NotFoundError:
+            return _Head()
         value = entry_value(entry)
-        return None if value is None else Deployment.decode(value, entry.revision or 0, key)
+        if value is None:
+            return _Head()
+        dep = Deployment.decode(value, 0, key)
+        if dep.revision:
+            return _Head(dep, entry.revision or 0, dep.revision)
+        last = (await self.history(key))[-1]   # written before revisions were stored
+        return _Head(last.deployment, last.seq, last.revision)
+
+    async def get(self, key: str) -> Deployment | None:
+        return (await self._head(key)).deployment
 
     async def all(self) -> dict[str, Deployment]:
         try:
@@ -151,6 +123,14 @@ class Registry:
                 out[key] = dep
         return out
 
+    async def _write(self, key: str, dep: Deployment, head: _Head) -> bool:
+        """Store ``dep`` unless another write came after ``head``; False if one did."""
+        try:
+            await self.kv.update(key, dep.encode(), last=head.seq)
+        except KeyWrongLastSequenceError:
+            return False
+        return True
+
     async def deploy(self, manifests: ManifestSet) -> list[DeployResult]:
         """Store every manifest that changed; create or update function consumers."""
         results = []
@@ -159,18 +139,25 @@ class Registry:
             key = registry_key(manifest)
             code = module_digest(manifest.handler) if isinstance(manifest, FunctionManifest) else None
             source = manifests.sources.get(f"{manifest.kind}:{manifest.name}", "")
-            new = Deployment(manifest, code, datetime.now(UTC).isoformat(timespec="seconds"), source)
-            current = await self.get(key)
             if isinstance(manifest, FunctionManifest):
                 await ensure_consumer(self.js, manifest)
-            if current is not None and current.same_as(new):
-                results.append(DeployResult(manifest.name, manifest.kind, "unchanged", current.revision))
-                continue
-            revision = await self.kv.put(key, new.encode())
-            status = "created" if current is None else "updated"
-            changed = changed_fields(current, new) if current is not None else []
-            results.append(DeployResult(manifest.name, manifest.kind, status, revision, changed))
+            results.append(await self._deploy_one(key, Deployment(manifest, code, source=source)))
         return results
+
+    async def _deploy_one(self, key: str, new: Deployment) -> DeployResult:
+        name, kind = new.manifest.name, new.manifest.kind
+        for _ in range(WRITE_ATTEMPTS):
+            head = await self._head(key)
+            current = head.deployment
+            if current is not None and current.same_as(new):
+                return DeployResult(name, kind, "unchanged", head.revision)
+            changed = changed_fields(current, new) if current is not None else []
+            status = CREATED if current is None else UPDATED
+            stored = replace(new, deployed_at=now(), revision=head.revision + 1, change=status,
+                             changed=tuple(changed))
+            if await self._write(key, stored, head):
+                return DeployResult(name, kind, status, stored.revision, changed)
+        raise RegistryError(f"{name!r} kept changing while it was deployed; try again")
 
     async def undeploy(self, name: str, *, force: bool = False) -> Undeployed:
         """Remove a function (or a standalone schedule).
@@ -199,35 +186,54 @@ class Registry:
             return Undeployed(name, "Schedule", SCHEDULE_PREFIX + name)
         raise RegistryError(f"nothing named {name!r} is deployed")
 
-    async def history(self, key: str) -> list[Deployment | None]:
-        """Every kept revision, oldest first; None marks an undeploy."""
+    async def history(self, key: str) -> list[Revision]:
+        """Every kept revision of a key, oldest first, numbered and described."""
         try:
             entries = await self.kv.history(key)
         except NoKeysError:
             return []
-        return [None if (value := entry_value(e)) is None else Deployment.decode(value, e.revision or 0, key)
-                for e in entries]
+        kept = []
+        for e in entries:
+            value = entry_value(e)
+            written: Any = e.created   # nats-py types it int; the watcher sets the message's datetime
+            kept.append((None if value is None else Deployment.decode(value, 0, key),
+                         written if isinstance(written, datetime) else None, e.revision or 0))
+        return revisions.history(kept)
 
-    async def rollback(self, name: str) -> DeployResult:
-        """Restore the revision before the current one (or the last one, after an undeploy)."""
-        for key in (name, SCHEDULE_PREFIX + name):
-            revisions = await self.history(key)
-            if revisions:
-                break
-        else:
-            raise RegistryError(f"{name!r} has never been deployed")
-        current = revisions[-1]
-        previous = next((r for r in reversed(revisions[:-1]) if r is not None and
-                         (current is None or not r.same_as(current))), None)
-        if previous is None:
-            raise RegistryError(f"{name!r} has no earlier revision to roll back to")
-        restored = Deployment(previous.manifest, previous.code, datetime.now(UTC).isoformat(timespec="seconds"),
-                              previous.source)
-        if isinstance(previous.manifest, FunctionManifest):
-            await ensure_consumer(self.js, previous.manifest)
-        revision = await self.kv.put(key, restored.encode())
-        changed = changed_fields(current, restored) if current is not None else []
-        return DeployResult(name, previous.manifest.kind, "rolled back", revision, changed)
+    async def revisions_of(self, name: str) -> tuple[str, list[Revision]]:
+        """The registry key of ``name`` (a function, else a standalone schedule) and its kept revisions."""
+        if re.fullmatch(NAME_PATTERN, name) and len(name) <= MAX_NAME:
+            for key in (name, SCHEDULE_PREFIX + name):
+                kept = await self.history(key)
+                if kept:
+                    return key, kept
+        raise NotDeployed(f"nothing named {name!r} has been deployed")
+
+    async def rollback(self, name: str, to: int | None = None) -> DeployResult:
+        """Restore revision ``to``, or the revision before the current one, as a new revision.
+
+        Without ``to``, the latest earlier revision that differs from the current one is restored;
+        after an undeploy, the last deployed revision: rolling back an undeployed function
+        deploys it again. Restoring what is deployed already writes nothing (``unchanged``).
+        """
+        for _ in range(WRITE_ATTEMPTS):
+            key, kept = await self.revisions_of(name)
+            current = kept[-1]
+            target = revisions.target(name, kept, to)
+            dep = target.deployment
+            assert dep is not None
+            manifest = dep.manifest
+            if current.deployment is not None and current.deployment.same_as(dep):
+                return DeployResult(name, manifest.kind, "unchanged", current.revision, restored=target.revision)
+            changed = changed_fields(current.deployment, dep) if current.deployment is not None else []
+            restored = Deployment(manifest, dep.code, now(), dep.source, revision=current.revision + 1,
+                                  change=ROLLED_BACK, changed=tuple(changed), restored=target.revision)
+            if isinstance(manifest, FunctionManifest):
+                await ensure_consumer(self.js, manifest)
+            if await self._write(key, restored, _Head(current.deployment, current.seq, current.revision)):
+                return DeployResult(name, manifest.kind, ROLLED_BACK, restored.revision, changed,
+                                    restored=target.revision)
+        raise RegistryError(f"{name!r} kept changing while it was rolled back; try again")
 
 
 def deployed_set(functions: dict[str, FunctionManifest], schedules: dict[str, ScheduleManifest]) -> ManifestSet:

@@ -6,6 +6,7 @@ import base64
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
@@ -13,7 +14,7 @@ from nats.js.errors import NotFoundError
 from . import codec
 from . import headers as H
 from .errors import InvocationError, describe, error_from_wire
-from .protocol import is_tombstone, kv_stream, kv_subject
+from .protocol import KV_DELETE, KV_OPERATION, is_tombstone, kv_stream, kv_subject
 from .streams import RESULTS_BUCKET
 from .wire import call_id_for, clip
 
@@ -96,13 +97,61 @@ class Response:
         return codec.decode(self.body, self.headers.get(H.CONTENT_TYPE))
 
 
-async def fetch_response(js: JetStreamContext, call_id: str) -> Response | None:
-    """The stored outcome of ``call_id``, or None if there is none (yet)."""
+@dataclass(frozen=True, slots=True)
+class Replayed:
+    """A call whose outcome a replay cleared: pending until the replayed run stores its own.
+
+    Read from the delete marker the replay leaves in ``fn_results``: to the store (and to any
+    KV client) the key is simply deleted, so the replay's outcome is written like a first one.
+    """
+
+    at: str             # RFC 3339 UTC
+    dead_letter: int    # the sequence of the replayed dead letter (0 if the marker does not say)
+
+    @classmethod
+    def from_marker(cls, headers: Mapping[str, str] | None) -> Replayed | None:
+        """The replay a KV message records, if it is a replay's delete marker."""
+        hdrs = headers or {}
+        at = hdrs.get(H.REPLAYED_AT)
+        if not at or not is_tombstone(hdrs):
+            return None
+        try:
+            dead_letter = int(hdrs.get(H.REPLAYED_FROM) or 0)
+        except ValueError:
+            dead_letter = 0
+        return cls(at, dead_letter)
+
+    def describe(self) -> str:
+        source = f" from dead letter {self.dead_letter}" if self.dead_letter else ""
+        return f"replayed{source} at {self.at}"
+
+
+async def clear_for_replay(js: JetStreamContext, call_id: str, dead_letter: int) -> Replayed:
+    """Delete ``call_id``'s stored outcome, leaving a marker that says the call was replayed.
+
+    nats-py's ``KeyValue.delete`` takes no headers, so the delete marker is published here as
+    the bucket's own would be (``KV-Operation: DEL`` on the key's subject), with two more.
+    """
+    replayed = Replayed(datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+                        dead_letter)
+    await js.publish(result_subject(call_id), b"", headers={
+        KV_OPERATION: KV_DELETE, H.REPLAYED_AT: replayed.at, H.REPLAYED_FROM: str(dead_letter)})
+    return replayed
+
+
+async def fetch_state(js: JetStreamContext, call_id: str) -> Response | Replayed | None:
+    """The stored outcome of ``call_id``; else ``Replayed`` if a replay cleared it; else None."""
     try:
         raw = await js.get_msg(kv_stream(RESULTS_BUCKET), subject=result_subject(call_id), direct=True)
     except NotFoundError:
         return None
     hdrs = dict(raw.headers or {})
     if is_tombstone(hdrs):
-        return None
+        return Replayed.from_marker(hdrs)
     return Response.stored(call_id, raw.data or b"", hdrs)
+
+
+async def fetch_response(js: JetStreamContext, call_id: str) -> Response | None:
+    """The stored outcome of ``call_id``, or None if there is none (yet)."""
+    state = await fetch_state(js, call_id)
+    return state if isinstance(state, Response) else None

@@ -25,8 +25,10 @@ from . import codec
 from . import headers as H
 from .crontab import cron, due_ticks, format_tick
 from .manifest import Schedule
+from .priority import invoke_subject
 from .protocol import entry_value
-from .streams import CRON_BUCKET, DUPLICATE_WINDOW, INVOKE_PREFIX
+from .queuelimit import Throttle, held_back, is_queue_full
+from .streams import CRON_BUCKET, DUPLICATE_WINDOW
 
 log = logging.getLogger("runtime.scheduler")
 
@@ -203,6 +205,7 @@ class Scheduler:
         self.kv: KeyValue | None = None
         self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._refusals = Throttle()   # ticks refused by a full queue, reported now and then
 
     async def bucket(self) -> KeyValue:
         if self.kv is None:
@@ -275,13 +278,20 @@ class Scheduler:
         headers = {H.SCHEDULE: schedule.name, H.SCHEDULED_AT: stamp, H.MSG_ID: f"cron:{schedule.name}:{stamp}",
                    H.CONTENT_TYPE: codec.JSON}
         body = codec.encode(tick_payload(schedule))
-        subject = f"{INVOKE_PREFIX}{schedule.function}"
+        subject = invoke_subject(schedule.function, schedule.priority)
         delay, first_try = 0.1, time.monotonic()
         while True:
             try:
                 ack = await self.js.publish(subject, body, headers=headers, timeout=PUBLISH_TIMEOUT)
                 break
             except Exception as exc:
+                if is_queue_full(exc):
+                    # Retrying would add to the load the limit is there to refuse: this tick is skipped.
+                    held = self._refusals.due(schedule.function)
+                    if held is not None:
+                        log.warning("skipped tick %s of %s: the queue of %s is full%s", stamp, schedule.name,
+                                    schedule.function, held_back(held))
+                    return
                 if time.monotonic() - first_try > RETRY_FOR:
                     log.error("gave up publishing tick %s of %s: %s", stamp, schedule.name, exc)
                     return

@@ -27,6 +27,8 @@ class Settings(BaseModel):
     results_ttl: Duration = 86400.0
     dlq_retention: Duration = 30 * 86400.0
     replicas: int = Field(default=1, ge=1, le=5)
+    # At most this many invocations stored per function and priority level (None: no limit).
+    max_queued: int | None = Field(default=None, ge=1, le=2**62)
     # Callers may be answered only on reply subjects under these prefixes (none: any that is not
     # a system or API subject, see wire.ReplyPolicy).
     reply_prefixes: tuple[str, ...] = ()
@@ -45,7 +47,7 @@ class Settings(BaseModel):
     @classmethod
     def from_env(cls, **overrides: object) -> Settings:
         """Settings from ``NATS_URL`` / ``RUNTIME_DATA_DIR`` / ``RUNTIME_GRACE`` / ``RUNTIME_REPLY_PREFIX``
-        (comma-separated), then ``overrides``."""
+        (comma-separated) / ``RUNTIME_MAX_QUEUED``, then ``overrides``."""
         env: dict[str, object] = {}
         if os.environ.get("NATS_URL"):
             env["server"] = os.environ["NATS_URL"]
@@ -55,6 +57,8 @@ class Settings(BaseModel):
             env["grace"] = os.environ["RUNTIME_GRACE"]
         if os.environ.get("RUNTIME_REPLY_PREFIX"):
             env["reply_prefixes"] = tuple(p.strip() for p in os.environ["RUNTIME_REPLY_PREFIX"].split(",") if p.strip())
+        if os.environ.get("RUNTIME_MAX_QUEUED"):
+            env["max_queued"] = os.environ["RUNTIME_MAX_QUEUED"]
         env.update({k: v for k, v in overrides.items() if v is not None})
         try:
             return cls.model_validate(env)

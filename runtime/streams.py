@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 
@@ -10,28 +11,40 @@ from nats.js.api import (
     AckPolicy,
     ConsumerConfig,
     DiscardPolicy,
+    RePublish,
     RetentionPolicy,
     StorageType,
     StreamConfig,
+    StreamSource,
+    SubjectTransform,
 )
 from nats.js.errors import BadRequestError, NotFoundError
 
+from . import priority
 from .manifest import FunctionManifest
-from .protocol import STREAM_NAME_IN_USE, kv_stream, kv_subject
+from .protocol import INVOKE_PREFIX as INVOKE_PREFIX  # where the other modules have always found it
+from .protocol import QUEUED_PREFIX, SLOT_PREFIX, STREAM_NAME_IN_USE, kv_stream, kv_subject
 
 log = logging.getLogger("runtime.streams")
 
 INVOKE_STREAM = "FN"
-INVOKE_PREFIX = "fn.invoke."
 DUPLICATE_WINDOW = 120.0
 
 
-def invoke_stream_config(replicas: int = 1) -> StreamConfig:
+def invoke_stream_config(replicas: int = 1, max_queued: int | None = None) -> StreamConfig:
     """``FN``: every invocation, kept until a function's consumer acknowledges it.
 
     Limits an operator sets (``max_msgs``, ``max_bytes``...) are kept; once one is reached, new
     invocations are refused to their publisher (``discard: new``) rather than the oldest queued
     ones being dropped without anyone being told.
+
+    ``max_queued`` bounds the invocations stored per subject (per function and priority level)
+    the same way. It is the runtime's setting, not the operator's: None removes the limit, so a
+    runtime started without it lifts a limit an earlier one set (every runtime of a fleet should
+    be given the same value).
+
+    Delayed calls come in from ``FN_DELAYED`` once due (see ``delayed_stream_config``): a full
+    queue holds them back there until it has room, rather than refusing them.
     """
     return StreamConfig(
         name=INVOKE_STREAM,
@@ -42,7 +55,72 @@ def invoke_stream_config(replicas: int = 1) -> StreamConfig:
         duplicate_window=DUPLICATE_WINDOW,
         num_replicas=replicas,
         allow_direct=True,
+        # The headers of every stored invocation, on fn.queued.<function>[.<level>]: an idle
+        # runtime learns that a level has work without holding a pull request open on each.
+        republish=RePublish(src=f"{INVOKE_PREFIX}>", dest=f"{QUEUED_PREFIX}>", headers_only=True),
+        max_msgs_per_subject=max_queued or -1,
+        discard_new_per_subject=max_queued is not None,
+        sources=[StreamSource(name=DELAYED_STREAM, subject_transforms=[
+            SubjectTransform(src=f"{DUE_PREFIX}>", dest=f"{INVOKE_PREFIX}>")])],
     )
+
+
+DELAYED_STREAM = "FN_DELAYED"
+DELAYED_PREFIX = "fn.delayed."   # fn.delayed.<function>.<key>: a pending delayed call, until it is due
+DUE_PREFIX = "fn.due."           # fn.due.<function>[.<level>]: what the server publishes when it is due
+
+
+def delayed_stream_config(replicas: int = 1) -> StreamConfig:
+    """``FN_DELAYED``: delayed calls, held by the server's message scheduler until they are due.
+
+    The server refuses message schedules on a stream that discards new messages, and ``FN``
+    must (a full queue refuses its publishers), so they live here: at its time the server
+    publishes a call to ``fn.due.<function>[.<level>]``, and ``FN`` sources that subject as
+    ``fn.invoke.<function>[.<level>]``. Message TTLs let the published copy expire here once
+    ``FN`` has long had it (``Nats-Schedule-TTL``).
+    """
+    return StreamConfig(
+        name=DELAYED_STREAM,
+        subjects=[f"{DELAYED_PREFIX}>", f"{DUE_PREFIX}>"],
+        retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE,
+        discard=DiscardPolicy.OLD,
+        duplicate_window=DUPLICATE_WINDOW,
+        num_replicas=replicas,
+        allow_direct=True,
+        allow_msg_schedules=True,
+        allow_msg_ttl=True,
+        allow_rollup_hdrs=True,   # the server turns it on with schedules (one schedule per subject)
+    )
+
+
+SLOTS_STREAM = "FN_SLOTS"
+
+
+def slots_stream_config(replicas: int = 1) -> StreamConfig:
+    """``FN_SLOTS``: ``concurrency`` messages per function; a runtime runs an invocation only while it holds one.
+
+    Priority levels need a consumer each (a consumer hands out messages in stream order), so
+    no single consumer's ``max_ack_pending`` bounds a function across levels. Holding one of
+    these messages (delivered, not yet acknowledged) is what a slot is: the slot consumer's
+    ``max_ack_pending`` bounds the fleet, and JetStream hands back the slots of a runtime that
+    dies after ``ack_wait``.
+    """
+    return StreamConfig(
+        name=SLOTS_STREAM,
+        subjects=[f"{SLOT_PREFIX}>"],
+        retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE,
+        duplicate_window=SLOT_DUPLICATE_WINDOW,
+        num_replicas=replicas,
+        allow_direct=True,
+    )
+
+
+SLOT_DUPLICATE_WINDOW = 10.0
+# How soon the slots of a runtime that died are free again. Short, because JetStream does not
+# keep a nak across a server restart: a slot given back just before one waits this long.
+SLOT_ACK_WAIT = 5.0   # long enough for runtimes provisioning at once, short enough for quick resizes
 
 
 def merged_config(current: StreamConfig, wanted: StreamConfig) -> StreamConfig:
@@ -83,12 +161,15 @@ async def ensure_stream(js: JetStreamContext, config: StreamConfig, update: bool
         log.info("updated stream %s: %s", config.name, ", ".join(changed))
 
 
-def consumer_config(manifest: FunctionManifest) -> ConsumerConfig:
-    """The durable pull consumer that feeds one function."""
+def consumer_config(manifest: FunctionManifest, level: int | None = None) -> ConsumerConfig:
+    """The durable pull consumer that feeds one priority level of a function (its default level if None)."""
+    level = manifest.priority if level is None else level
+    subjects = priority.level_subjects(manifest.name, level, manifest.priority)
     return ConsumerConfig(
-        durable_name=manifest.name,
+        durable_name=priority.consumer_name(manifest.name, level, manifest.priority),
         description=manifest.description or None,
-        filter_subject=manifest.subject,
+        filter_subject=subjects[0] if len(subjects) == 1 else None,
+        filter_subjects=subjects if len(subjects) > 1 else None,
         ack_policy=AckPolicy.EXPLICIT,
         ack_wait=manifest.effective_ack_wait,
         max_deliver=manifest.retry.max_deliver,
@@ -97,9 +178,73 @@ def consumer_config(manifest: FunctionManifest) -> ConsumerConfig:
     )
 
 
+def slot_consumer_config(manifest: FunctionManifest) -> ConsumerConfig:
+    """The consumer that hands out a function's slots; a slot goes back with a nak, never an ack."""
+    return ConsumerConfig(
+        durable_name=manifest.name,
+        filter_subject=f"{SLOT_PREFIX}{manifest.name}",
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=SLOT_ACK_WAIT,
+        max_deliver=-1,
+        max_ack_pending=manifest.concurrency,
+        max_waiting=512,
+    )
+
+
+def _filters(config: ConsumerConfig) -> list[str]:
+    return [config.filter_subject] if config.filter_subject else list(config.filter_subjects or [])
+
+
 async def ensure_consumer(js: JetStreamContext, manifest: FunctionManifest) -> None:
-    """Create the function's consumer, or update its settings in place."""
-    await js.add_consumer(INVOKE_STREAM, consumer_config(manifest))
+    """Create the function's consumers (one per priority level) and slots, or update them in place."""
+    wanted = [consumer_config(manifest, level) for level in priority.LEVELS]
+    # A WorkQueue stream refuses consumers whose filters overlap: when the default level
+    # moves, the consumers whose subjects change are removed before the new ones exist.
+    filters = {c.durable_name: sorted(_filters(c)) for c in wanted}
+    names = [manifest.name] + [f"{manifest.name}_L{level}" for level in priority.LEVELS]
+    for name in names:
+        try:
+            info = await js.consumer_info(INVOKE_STREAM, name)
+        except NotFoundError:
+            continue
+        if sorted(_filters(info.config)) != filters.get(name):
+            await js.delete_consumer(INVOKE_STREAM, name)
+            log.info("removed consumer %s: the subjects of %s's levels changed", name, manifest.name)
+    for config in wanted:
+        await js.add_consumer(INVOKE_STREAM, config)
+    await ensure_slots(js, manifest)
+
+
+async def ensure_slots(js: JetStreamContext, manifest: FunctionManifest) -> None:
+    """Make ``FN_SLOTS`` hold exactly ``concurrency`` slots of the function, and its slot consumer."""
+    subject = f"{SLOT_PREFIX}{manifest.name}"
+    want = manifest.concurrency
+    await js.add_consumer(SLOTS_STREAM, slot_consumer_config(manifest))
+    state = (await js.stream_info(SLOTS_STREAM, subjects_filter=subject)).state
+    have = (state.subjects or {}).get(subject, 0)
+    if have < want:
+        # Runtimes provisioning at the same moment send the same ids: the duplicate window
+        # keeps one copy of each slot.
+        for i in range(have + 1, want + 1):
+            await js.publish(subject, b"", headers={"Nats-Msg-Id": f"slot:{manifest.name}:{want}:{i}"})
+    elif have > want:
+        seqs: list[int] = []
+        seq = 0
+        while True:
+            try:
+                msg = await js.get_msg(SLOTS_STREAM, seq + 1, subject=subject, next=True)
+            except NotFoundError:
+                break
+            assert msg.seq is not None
+            seq = msg.seq
+            seqs.append(seq)
+        # Slots held by running invocations go too: those finish, and the slots they give
+        # back no longer exist.
+        for extra in seqs[want:]:
+            with contextlib.suppress(NotFoundError):
+                await js.delete_msg(SLOTS_STREAM, extra)
+    if have != want:
+        log.info("%s has %d slot(s), was %d", manifest.name, want, have)
 
 
 # ------------------------------------------------------------------ other streams and buckets
@@ -186,9 +331,11 @@ def object_stream_config(bucket: str, ttl: float | None = None, replicas: int = 
 
 
 async def provision_base(js: JetStreamContext, *, results_ttl: float = DAY, dlq_retention: float = 30 * DAY,
-                         replicas: int = 1) -> None:
+                         replicas: int = 1, max_queued: int | None = None) -> None:
     """Everything a runtime needs before serving, created or updated in place."""
-    await ensure_stream(js, invoke_stream_config(replicas))
+    await ensure_stream(js, delayed_stream_config(replicas))
+    await ensure_stream(js, invoke_stream_config(replicas, max_queued))
+    await ensure_stream(js, slots_stream_config(replicas))
     await ensure_stream(js, dlq_stream_config(dlq_retention, replicas))
     await ensure_stream(js, object_stream_config(DLQ_BODIES_BUCKET, ttl=dlq_retention, replicas=replicas))
     await ensure_stream(js, events_stream_config(replicas))

@@ -23,10 +23,9 @@ _LIST_PAGE = 256     # consumers per JetStream list reply
 MoveExhausted = Callable[[ConsumerInfo, RawStreamMsg], Awaitable[object]]
 
 
-def filter_subject(config: ConsumerConfig) -> str | None:
-    """The one subject a function consumer takes from ``FN``; None for any other consumer."""
-    subjects = [config.filter_subject] if config.filter_subject else list(config.filter_subjects or [])
-    return subjects[0] if len(subjects) == 1 else None
+def filter_subjects(config: ConsumerConfig) -> list[str]:
+    """The subjects a function consumer takes from ``FN`` (a default level takes two); [] for any other."""
+    return [config.filter_subject] if config.filter_subject else list(config.filter_subjects or [])
 
 
 def exhausted_up_to(info: ConsumerInfo) -> int:
@@ -40,7 +39,7 @@ def exhausted_up_to(info: ConsumerInfo) -> int:
     floor alone misses the message after which nothing else was sent.
     """
     config = info.config
-    if not config.durable_name or filter_subject(config) is None or (config.max_deliver or -1) < 1:
+    if not config.durable_name or not filter_subjects(config) or (config.max_deliver or -1) < 1:
         return 0
     floor = info.ack_floor.stream_seq if info.ack_floor else 0
     if info.num_ack_pending:
@@ -69,20 +68,21 @@ async def sweep_exhausted(js: JetStreamContext, move: MoveExhausted, *, limit: i
     state = (await js.stream_info(INVOKE_STREAM, subjects_filter=">")).state
     held = state.subjects or {}
     for info in await _consumers(js):
-        subject, bound = filter_subject(info.config), exhausted_up_to(info)
+        subjects, bound = filter_subjects(info.config), exhausted_up_to(info)
         accounted = (info.num_pending or 0) + (info.num_ack_pending or 0)
-        exact = subject is not None and not {"*", ">"} & set(subject.split("."))
-        if exact and held.get(subject or "", 0) <= accounted:
+        exact = all(not {"*", ">"} & set(subject.split(".")) for subject in subjects)
+        if exact and sum(held.get(subject, 0) for subject in subjects) <= accounted:
             continue
-        seq = 1
-        while subject and seq <= bound and handled < limit and running():
-            try:
-                original = await js.get_msg(INVOKE_STREAM, seq, subject=subject, next=True)
-            except NotFoundError:
-                break
-            if original.seq is None or original.seq > bound:
-                break
-            await move(info, original)
-            handled += 1
-            seq = original.seq + 1
+        for subject in subjects:
+            seq = 1
+            while seq <= bound and handled < limit and running():
+                try:
+                    original = await js.get_msg(INVOKE_STREAM, seq, subject=subject, next=True)
+                except NotFoundError:
+                    break
+                if original.seq is None or original.seq > bound:
+                    break
+                await move(info, original)
+                handled += 1
+                seq = original.seq + 1
     return handled

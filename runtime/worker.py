@@ -11,7 +11,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from .consumer import PullFeed
+from .dispatch import PriorityFeed
 from .executor import Executor
 from .invocation import Invocation
 from .loader import Handler
@@ -19,7 +19,6 @@ from .manifest import FunctionManifest
 from .outbox import Outbox
 from .pool import WorkerPool
 from .protocol import IN_PROGRESS, NAK
-from .streams import INVOKE_STREAM
 
 log = logging.getLogger("runtime.worker")
 
@@ -37,7 +36,8 @@ class FunctionWorker:
             self._new_threads(manifest.concurrency)
         self.executor = Executor(nc, js, manifest, handler, self.threads, outbox)
         self.pool: WorkerPool[Invocation] = WorkerPool(self._process, manifest.concurrency, name=manifest.name)
-        self.feed = PullFeed(nc, INVOKE_STREAM, manifest.name, manifest.concurrency, self._sink)
+        self.feed = PriorityFeed(nc, manifest, self._sink)
+        self.executor.requeued = lambda inv, delay: self.feed.requeued(inv.msg.reply, delay)
         self.held: dict[str, Invocation] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self.completed = 0
@@ -62,7 +62,7 @@ class FunctionWorker:
         self.executor.manifest = manifest
         self.executor.handler = handler
         self.pool.resize(manifest.concurrency)
-        self.feed.resize(manifest.concurrency)
+        self.feed.update(manifest)
         if not handler.is_async and (self.threads is None or self._thread_count != manifest.concurrency):
             old = self.threads
             self.executor.threads = self._new_threads(manifest.concurrency)
@@ -80,7 +80,7 @@ class FunctionWorker:
             inv = Invocation.from_msg(msg, self.name)
         except (ValueError, IndexError):
             log.error("ignoring a message without a JetStream ack subject on %s", msg.subject)
-            self.feed.release()
+            self.feed.release(msg.reply)
             return
         self.held[msg.reply] = inv
         self.pool.submit(inv)
@@ -97,11 +97,11 @@ class FunctionWorker:
         finally:
             self.completed += 1
             self.held.pop(inv.msg.reply, None)
-            self.feed.release()
+            self.feed.release(inv.msg.reply)
 
     async def _keep_alive(self) -> None:
         # Held messages (queued or running) get in-progress acks well within ack_wait, so
-        # JetStream never hands a running invocation to another runtime.
+        # JetStream never hands a running invocation to another runtime. (The feed keeps its slots.)
         while True:
             await asyncio.sleep(max(0.05, self.manifest.effective_ack_wait / 3))
             for reply in list(self.held):
@@ -133,6 +133,7 @@ class FunctionWorker:
             for reply in list(self.held):  # queued, never started: give them back at once
                 with contextlib.suppress(Exception):
                     await self.nc.publish(reply, NAK)
+                    self.feed.requeued(reply, 0.0)
             self.held.clear()
         for task in self._tasks:
             task.cancel()

@@ -71,7 +71,8 @@ async def test_dlq_commands_end_to_end(runtime: RuntimeFactory, nats_server: Emb
     table = ok(await dlq(nats_server, "ls")).splitlines()
     assert table[0].split() == ["SEQ", "FUNCTION", "REASON", "ERROR", "FAILED", "AT", "DELIVERIES", "SIZE"]
     assert len(table) == 6
-    first = table[1].split()
+    assert [int(row.split()[0]) for row in table[1:]] == sorted(seq.values()), "oldest first"
+    first = next(row.split() for row in table[1:] if row.split()[0] == str(seq["order-1"]))
     assert first[:4] == [str(seq["order-1"]), "fixable", "max_deliver", "LookupError:"]
     assert first[-2:] == ["1", f"{len(sent[0][1])}B"]
 
@@ -96,10 +97,10 @@ async def test_dlq_commands_end_to_end(runtime: RuntimeFactory, nats_server: Emb
         assert result.value()["shipped"] == item
 
     assert ok(await dlq(nats_server, "purge", str(seq["bad-1"]))).strip() == "1 dead letter(s) purged"
-    assert ok(await dlq(nats_server, "purge", "--function", "greet")).strip() == "1 dead letter(s) purged"
+    assert ok(await dlq(nats_server, "purge", "--function", "greet", "--yes")).strip() == "1 dead letter(s) purged"
     remaining = json.loads(ok(await dlq(nats_server, "ls", "--json")))
     assert [d["call_id"] for d in remaining] == ["nope-1"]
-    assert json.loads(ok(await dlq(nats_server, "purge", "--all", "--json"))) == {"purged": 1}
+    assert json.loads(ok(await dlq(nats_server, "purge", "--all", "--json", "--yes"))) == {"purged": 1}
     assert ok(await dlq(nats_server, "ls")).strip() == "no dead letters"
 
 

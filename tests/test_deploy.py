@@ -67,12 +67,13 @@ async def test_deploying_the_same_manifest_twice_is_unchanged(nats_server: Embed
                                                               tmp_path: Path) -> None:
     path = write(tmp_path / "ping.yaml", PING)
     first = cli(nats_server, "deploy", str(path), "--json")
-    second = cli(nats_server, "deploy", str(path))
     assert json.loads(first.stdout)[0]["status"] == "created"
-    revision = json.loads(first.stdout)[0]["revision"]
-    assert second.stdout.strip() == f"function ping: unchanged [revision {revision}]"
+    assert json.loads(first.stdout)[0]["revision"] == 1
     kv = await js.key_value("fn_manifests")
-    assert (await kv.get("ping")).revision == revision, "nothing was bumped"
+    written = (await kv.get("ping")).revision
+    second = cli(nats_server, "deploy", str(path))
+    assert second.stdout.strip() == "function ping: unchanged [revision 1]"
+    assert (await kv.get("ping")).revision == written, "nothing was written"
 
 
 async def test_redeploy_changes_retry_settings_and_rollback_restores_them(
@@ -123,7 +124,7 @@ async def test_undeploy_lets_in_flight_finish_and_keeps_later_messages(
     for n in range(3):
         await js.publish("fn.invoke.slow", json.dumps({"n": n, "seconds": 1.5}).encode())
     await eventually(lambda: sum(1 for m in seen if json.loads(m.data)["phase"] == "start") == 3)
-    result = cli(nats_server, "undeploy", "slow")
+    result = cli(nats_server, "undeploy", "slow", "--yes")
     assert result.returncode == 0 and "undeployed" in result.stdout
     await js.publish("fn.invoke.slow", json.dumps({"n": 99, "seconds": 0}).encode())
     await eventually(lambda: sum(1 for m in seen if json.loads(m.data)["phase"] == "end") == 3, timeout=5,

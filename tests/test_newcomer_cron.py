@@ -113,14 +113,14 @@ async def test_undeploying_a_scheduled_function_is_refused_unless_forced(nats_se
     assert await deployed(nats_server) == ({"report": "idle", "heartbeat": "enabled"},
                                            ["heartbeat", "nightly-report"])
 
-    schedule = await cli(nats_server, "undeploy", "heartbeat")
+    schedule = await cli(nats_server, "undeploy", "heartbeat", "--yes")
     assert schedule.returncode == 0, schedule.stderr
     assert schedule.stdout.strip() == "schedule heartbeat: undeployed (it fires no more; its function stays deployed)"
     assert await deployed(nats_server) == ({"report": "idle"}, ["nightly-report"])
 
     again = await cli(nats_server, "deploy", str(HEARTBEAT))
     assert again.returncode == 0, again.stderr
-    forced = await cli(nats_server, "undeploy", "report", "--force")
+    forced = await cli(nats_server, "undeploy", "report", "--force", "--yes")
     assert forced.returncode == 0, forced.stderr
     assert forced.stdout.splitlines() == [
         "schedule heartbeat: undeployed (it targeted report)",
@@ -156,12 +156,12 @@ async def test_a_runtime_only_says_it_stops_what_it_served(nats_server: Embedded
     early.write_text("name: early\nhandler: tests.handlers.deploy:ping\n")
     late = tmp_path / "late.yaml"
     late.write_text("name: late\nhandler: tests.handlers.deploy:ping\n")
-    for step in (("deploy", str(early)), ("undeploy", "early"), ("deploy", str(late))):
+    for step in (("deploy", str(early)), ("undeploy", "early", "--yes"), ("deploy", str(late))):
         result = await cli(nats_server, *step)
         assert result.returncode == 0, result.stderr
     proc = runtime_process(None)
     await proc.wait_ready()
-    assert await cli(nats_server, "undeploy", "late")
+    assert await cli(nats_server, "undeploy", "late", "--yes")
     await eventually(lambda: "stopped serving late" in proc.output(), message="late to stop")
     log = proc.output()
     assert "early is no longer deployed (this runtime was not serving it)" in log

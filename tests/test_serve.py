@@ -15,7 +15,14 @@ from nats.js.api import RetentionPolicy, StorageType
 
 from runtime.manifest import FunctionManifest
 from runtime.server import free_port
-from runtime.streams import INVOKE_STREAM, ensure_consumer, ensure_stream, invoke_stream_config, provision_base
+from runtime.streams import (
+    INVOKE_STREAM,
+    SLOTS_STREAM,
+    ensure_consumer,
+    ensure_stream,
+    invoke_stream_config,
+    provision_base,
+)
 
 from .conftest import ROOT, RuntimeProcess, eventually
 
@@ -95,7 +102,18 @@ async def test_provisioning_is_idempotent_and_updates_in_place(js: JetStreamCont
     await ensure_consumer(js, changed)
     info = await js.consumer_info(INVOKE_STREAM, "f")
     assert (info.config.max_ack_pending, info.config.max_deliver, info.config.ack_wait) == (7, 9, 4.0)
-    assert info.config.filter_subject == "fn.invoke.f"
+    # The default level (5) takes the plain subject too; each other level has a consumer of its own.
+    assert info.config.filter_subjects == ["fn.invoke.f", "fn.invoke.f.5"]
+    urgent = await js.consumer_info(INVOKE_STREAM, "f_L10")
+    assert (urgent.config.filter_subject, urgent.config.max_deliver) == ("fn.invoke.f.10", 9)
+    slots = await js.stream_info(SLOTS_STREAM, subjects_filter="fn.slot.f")
+    assert slots.state.subjects == {"fn.slot.f": 7}, "one slot message per unit of concurrency"
+    # A new default level moves the plain subject to that level's consumer.
+    await ensure_consumer(js, changed.model_copy(update={"priority": 8, "concurrency": 3}))
+    assert (await js.consumer_info(INVOKE_STREAM, "f")).config.filter_subjects == ["fn.invoke.f", "fn.invoke.f.8"]
+    assert (await js.consumer_info(INVOKE_STREAM, "f_L5")).config.filter_subject == "fn.invoke.f.5"
+    slots = await js.stream_info(SLOTS_STREAM, subjects_filter="fn.slot.f")
+    assert slots.state.subjects == {"fn.slot.f": 3}
     # A stream whose settings drifted is brought back in line.
     drifted = invoke_stream_config()
     drifted.duplicate_window = 30.0

@@ -1,9 +1,11 @@
+# PYTHON_ARGCOMPLETE_OK: the marker argcomplete's global completion looks for in a console script's package
 """``runtime`` command line: thin subcommands over the library, one-line errors, named exit codes."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Iterator, Sequence
 from importlib.metadata import PackageNotFoundError, version
@@ -11,9 +13,9 @@ from typing import Any
 
 from ..errors import ConnectionLost, FnRuntimeError, InvocationError
 from ..exitcodes import RET_CONNECTION_LOST, RET_DECLINED, RET_ERROR, RET_FAILED, RET_INTERRUPTED
-from . import common, deploy, dlq, invoke, schedules, serve
+from . import cancel, common, deploy, dlq, invoke, queue, schedules, serve
 
-COMMANDS = [serve, deploy, schedules, dlq, invoke]
+COMMANDS = [serve, deploy, schedules, dlq, queue, invoke, cancel]
 DISTRIBUTION = "nats-fn-runtime"
 DEBUG_HELP = "show tracebacks and debug logs"
 
@@ -60,8 +62,20 @@ def subcommands(parser: CommandParser) -> Iterator[CommandParser]:
             yield from nested or [child]
 
 
+def complete(parser: argparse.ArgumentParser) -> None:
+    """Answer the shell's completion request and exit, when this run is one (argcomplete's protocol).
+
+    argcomplete is imported only then, so an ordinary command does not pay for it.
+    """
+    if "_ARGCOMPLETE" in os.environ:
+        import argcomplete
+
+        argcomplete.autocomplete(parser)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    complete(parser)
     args = parser.parse_args(argv)
     try:
         code: int = args.func(args)

@@ -20,6 +20,11 @@ from nats.js.errors import APIError, NoStreamResponseError, NotFoundError, Servi
 from .. import errors
 from ..errors import ConfigError, LoadError, ManifestError, ServerError
 from ..protocol import DEFAULT_URL, STREAM_NOT_FOUND
+from ..revisions import RegistryError
+from .style import ERROR, WARNING, Painter
+
+# Columns whose cells are state words (``schedules`` writes "disabled" where a next time would be).
+STATE_COLUMNS = frozenset({"status", "state", "reason", "next (local)"})
 
 
 def add_server_option(parser: argparse.ArgumentParser) -> None:
@@ -63,13 +68,18 @@ def confirm(args: argparse.Namespace, question: str) -> None:
 
 
 def error(message: str) -> None:
-    print(f"runtime: error: {message}", file=sys.stderr)
+    print(f"runtime: {Painter(sys.stderr).paint('error:', ERROR)} {message}", file=sys.stderr)
+
+
+def warning(message: str) -> None:
+    print(f"runtime: {Painter(sys.stderr).paint('warning:', WARNING)} {message}", file=sys.stderr)
 
 
 def show_warnings(logger: str) -> None:
     """Print ``logger``'s warnings as one line each on stderr (commands other than serve log nothing else)."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("runtime: warning: %(message)s"))
+    prefix = Painter(sys.stderr).paint("warning:", WARNING).replace("%", "%%")
+    handler.setFormatter(logging.Formatter(f"runtime: {prefix} %(message)s"))
     target = logging.getLogger(logger)
     target.addHandler(handler)
     target.setLevel(logging.WARNING)
@@ -83,7 +93,7 @@ def describe(exc: BaseException, url: str | None = None) -> str:
     user's terms: what is missing on which server, and what to do about it.
     """
     text = str(exc).strip()
-    if text and isinstance(exc, ManifestError | LoadError | ServerError | ConfigError):
+    if text and isinstance(exc, ManifestError | LoadError | ServerError | ConfigError | RegistryError):
         return text
     if text and ("nats: no servers available" in text
                  or type(exc).__name__ in ("NoServersError", "ConnectionRefusedError")):
@@ -126,6 +136,7 @@ def print_json(data: Any) -> None:
 
 
 def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    """Rows under upper-case headers in aligned columns; state words in their colour on a terminal."""
     cells = [[str(c) for c in row] for row in rows]
     widths = [len(h) for h in headers]
     for row in cells:
@@ -133,8 +144,12 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
             widths[i] = max(widths[i], len(cell))
     line = "  ".join(h.upper().ljust(widths[i]) for i, h in enumerate(headers))
     print(line.rstrip())
+    painter = Painter(sys.stdout)
+    states = {i for i, h in enumerate(headers) if h.lower() in STATE_COLUMNS}
     for row in cells:
-        print("  ".join(c.ljust(widths[i]) for i, c in enumerate(row)).rstrip())
+        # Padding is added outside the colour codes, so widths count only what the eye sees.
+        print("  ".join((painter.status(c) if i in states else c) + " " * (widths[i] - len(c))
+                        for i, c in enumerate(row)).rstrip())
 
 
 async def _quiet(exc: Exception) -> None:

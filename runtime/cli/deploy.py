@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from nats.js.errors import NotFoundError
-
+from .. import queue
+from ..delay import delayed_count
 from ..errors import LoadError, ManifestError
-from ..exitcodes import RET_OK
+from ..exitcodes import RET_ERROR, RET_NOT_FOUND, RET_OK
 from ..loader import load_handler_async
 from ..loop import run
-from ..manifest import ManifestSet, manifest_files
-from ..registry import Registry, Undeployed
+from ..manifest import FunctionManifest, ManifestSet, ScheduleManifest, manifest_files
+from ..priority import split_subject
+from ..registry import SCHEDULE_PREFIX, Registry, Undeployed
+from ..revisions import HISTORY, NotDeployed, RegistryError
 from ..status import gather_status
 from ..streams import INVOKE_STREAM
 from . import common
@@ -27,16 +31,23 @@ def register(sub: Any) -> None:
         ("undeploy", "stop serving a function (its queued messages are kept) or remove a schedule", cmd_undeploy,
          ("name", {"metavar": "NAME", "help": "a function or a standalone schedule"})),
         ("ls", "list deployed functions", cmd_ls, None),
-        ("rollback", "restore the previous revision of a function or schedule", cmd_rollback,
+        ("history", f"list the revisions of a function or schedule (its last {HISTORY} changes)", cmd_history,
+         ("name", {"metavar": "NAME", "help": "a function or a standalone schedule"})),
+        ("rollback", "restore an earlier revision of a function or schedule (as a new revision)", cmd_rollback,
          ("name", {"metavar": "NAME", "help": "a function or a standalone schedule"})),
     ]
     for name, help_text, func, positional in commands:
         p = sub.add_parser(name, help=help_text)
         if positional is not None:
             p.add_argument(positional[0], **positional[1])
+        if name == "rollback":
+            p.add_argument("--to", type=int, metavar="REV",
+                           help="the revision to restore (default: the one before the current one); "
+                                "an undeployed function is deployed again")
         if name == "undeploy":
             p.add_argument("--force", action="store_true",
                            help="also undeploy the standalone schedules that target the function")
+            common.add_yes_option(p)
         common.add_server_option(p)
         common.add_json_option(p)
         p.set_defaults(func=func)
@@ -72,7 +83,31 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     return RET_OK
 
 
+async def _undeploy_question(args: argparse.Namespace) -> str | None:
+    """What an undeploy will remove, as the question to confirm; None if the registry will refuse it anyway."""
+    async with common.connection(args) as (_, js):
+        deployments = await (await Registry.open(js)).all()
+        function = deployments.get(args.name)
+        if function is not None and isinstance(function.manifest, FunctionManifest):
+            targeting = sorted(d.manifest.name for d in deployments.values()
+                               if isinstance(d.manifest, ScheduleManifest) and d.manifest.function == args.name)
+            if targeting and not args.force:
+                return None  # refused, naming them: nothing to confirm
+            schedules = [s.name for s in function.manifest.schedules] + targeting
+            also = f" and schedule{'s' * (len(schedules) > 1)} {', '.join(schedules)}" if schedules else ""
+            waiting = (await queue.queue_state(js, args.name)).total
+            kept = f" ({waiting} waiting invocation{'s' * (waiting != 1)} kept in FN)" if waiting else ""
+            return f"undeploy function {args.name}{also}{kept}?"
+    if any(isinstance(d.manifest, ScheduleManifest) and d.manifest.name == args.name for d in deployments.values()):
+        return f"undeploy schedule {args.name}?"
+    return None  # nothing by that name: the registry says so
+
+
 def cmd_undeploy(args: argparse.Namespace) -> int:
+    question = run(_undeploy_question(args))
+    if question is not None:
+        common.confirm(args, question)
+
     async def main() -> Undeployed:
         async with common.connection(args) as (_, js):
             return await (await Registry.open(js)).undeploy(args.name, force=args.force)
@@ -92,18 +127,64 @@ def cmd_undeploy(args: argparse.Namespace) -> int:
     return RET_OK
 
 
+def _registry_errors(args: argparse.Namespace, command: Callable[[], int]) -> int:
+    """A registry refusal in the user's words; an unknown name or revision has its own exit code."""
+    try:
+        return command()
+    except RegistryError as exc:
+        if args.debug:
+            raise
+        common.error(str(exc))
+        return RET_NOT_FOUND if isinstance(exc, NotDeployed) else RET_ERROR
+
+
+def local_time(iso: str) -> str:
+    """A stored UTC time stamp as the local time it was (as ``ls`` and ``history`` show times)."""
+    try:
+        return datetime.fromisoformat(iso).astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
+    except ValueError:
+        return iso or "-"
+
+
 def cmd_rollback(args: argparse.Namespace) -> int:
     async def main() -> dict[str, Any]:
         async with common.connection(args) as (_, js):
-            return vars(await (await Registry.open(js)).rollback(args.name))
+            return vars(await (await Registry.open(js)).rollback(args.name, args.to))
 
-    result = run(main())
-    if args.json:
-        common.print_json(result)
-    else:
+    def rollback() -> int:
+        result = run(main())
+        if args.json:
+            common.print_json(result)
+            return RET_OK
+        what = f"{result['kind'].lower()} {result['name']}"
+        if result["status"] == "unchanged":
+            print(f"{what}: unchanged, revision {result['restored']} is what is deployed "
+                  f"[revision {result['revision']}]")
+            return RET_OK
         detail = f" ({', '.join(result['changed'])})" if result["changed"] else ""
-        print(f"{result['name']}: rolled back{detail} [revision {result['revision']}]")
-    return RET_OK
+        print(f"{what}: rolled back to revision {result['restored']}{detail} [revision {result['revision']}]")
+        return RET_OK
+
+    return _registry_errors(args, rollback)
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    async def main() -> tuple[str, list[dict[str, Any]]]:
+        async with common.connection(args) as (_, js):
+            key, kept = await (await Registry.open(js)).revisions_of(args.name)
+            kind = "Schedule" if key.startswith(SCHEDULE_PREFIX) else "Function"
+            return kind, [r.to_json() for r in reversed(kept)]
+
+    def history() -> int:
+        kind, rows = run(main())
+        if args.json:
+            common.print_json([{"name": args.name, "kind": kind, **row} for row in rows])
+            return RET_OK
+        common.print_table(["rev", "deployed at", "change"],
+                           [[r["revision"], local_time(r["deployed_at"]), r["change"]] for r in rows])
+        return RET_OK
+
+    return _registry_errors(args, history)
 
 
 async def _listing(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -111,28 +192,53 @@ async def _listing(args: argparse.Namespace) -> list[dict[str, Any]]:
         deployments = await (await Registry.open(js)).all()
         functions = {d.manifest.name for d in deployments.values() if d.manifest.kind == "Function"}
         statuses = await gather_status(nc)
+        waiting = {state.function: state for state in await queue.queue_states(js)}
+        limit = (await js.stream_info(INVOKE_STREAM)).config.max_msgs_per_subject or -1
         rows = []
         for dep in sorted(deployments.values(), key=lambda d: (d.manifest.kind, d.manifest.name)):
             m = dep.manifest
             row: dict[str, Any] = {"name": m.name, "kind": m.kind, "revision": dep.revision,
                                    "deployed_at": dep.deployed_at}
-            if m.kind == "Function":
-                try:
-                    info = await js.consumer_info(INVOKE_STREAM, m.name)
-                    queued, in_flight = info.num_pending, info.num_ack_pending
-                except NotFoundError:
-                    queued = in_flight = 0
+            if isinstance(m, FunctionManifest):
+                state = waiting.get(m.name)
                 failing = {s["runtime"]: s["failing"][m.name] for s in statuses if m.name in s.get("failing", {})}
                 serving = [s["runtime"] for s in statuses if m.name in s.get("serving", {})]
-                row.update(settings=(f"concurrency={m.concurrency} timeout={m.timeout:g}s "
-                                     f"max_deliver={m.retry.max_deliver}"),
-                           queued=queued, in_flight=in_flight, runtimes=len(serving),
+                row.update(settings=(f"concurrency={m.concurrency} priority={m.priority} timeout={m.timeout:g}s "
+                                     f"max_deliver={m.retry.max_deliver}"
+                                     + (f" max_queued={limit}/level" if limit > 0 else "")),
+                           queued=state.queued if state else 0, in_flight=state.in_flight if state else 0,
+                           levels=per_level(state.subjects if state else {}, m.name, m.priority),
+                           delayed=await delayed_count(js, m.name), max_queued=limit if limit > 0 else None,
+                           runtimes=len(serving),
                            status="failing" if failing else ("serving" if serving else "idle"), failing=failing)
             else:
-                row.update(settings=f"cron={m.cron!r} -> {m.function}", queued="", in_flight="", runtimes="",
+                row.update(settings=f"cron={m.cron!r} -> {m.function}", queued="", in_flight="", levels={},
+                           delayed="", max_queued=None, runtimes="",
                            status=_schedule_status(m.enabled, m.function in functions), failing={})
             rows.append(row)
         return rows
+
+
+def per_level(subjects: dict[str, int], function: str, default: int) -> dict[int, int]:
+    """What waits (queued or in flight) per level, most urgent first; the plain subject is the default level."""
+    levels: dict[int, int] = {}
+    for subject, count in subjects.items():
+        try:
+            named, level = split_subject(subject)
+        except ValueError:
+            continue
+        if named == function and count:
+            key = default if level is None else level
+            levels[key] = levels.get(key, 0) + count
+    return dict(sorted(levels.items(), reverse=True))
+
+
+def _queued_cell(row: dict[str, Any]) -> str:
+    """``12`` at one level; ``12 (10:2 5:10)`` when several levels have work waiting."""
+    levels: dict[int, int] = row["levels"]
+    if len(levels) < 2:
+        return str(row["queued"])
+    return f"{row['queued']} ({' '.join(f'{lv}:{n}' for lv, n in levels.items())})"
 
 
 def _schedule_status(enabled: bool, target_deployed: bool) -> str:
@@ -147,9 +253,11 @@ def cmd_ls(args: argparse.Namespace) -> int:
     if args.json:
         common.print_json(rows)
         return RET_OK
-    common.print_table(["name", "kind", "rev", "deployed at", "status", "runtimes", "queued", "in flight", "settings"],
-                       [[r["name"], r["kind"].lower(), r["revision"], r["deployed_at"], r["status"], r["runtimes"],
-                         r["queued"], r["in_flight"], r["settings"]] for r in rows])
+    common.print_table(["name", "kind", "rev", "deployed at", "status", "runtimes", "queued", "in flight",
+                        "delayed", "settings"],
+                       [[r["name"], r["kind"].lower(), r["revision"], local_time(r["deployed_at"]), r["status"],
+                         r["runtimes"], _queued_cell(r) if r["kind"] == "Function" else "", r["in_flight"],
+                         r["delayed"], r["settings"]] for r in rows])
     for r in rows:
         for runtime, error in r["failing"].items():
             print(f"  {r['name']} failing on {runtime}: {error}")

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 import functools
-import sys
 from collections.abc import Callable
 from typing import Any
 
 from .. import dlq
 from ..exitcodes import RET_ERROR, RET_OK
 from ..loop import run
+from ..streams import DLQ_PREFIX, DLQ_STREAM
 from . import common
 
 ERROR_WIDTH = 60
@@ -76,8 +76,11 @@ def register(sub: Any) -> None:
     common.add_json_option(p)
     p.set_defaults(func=cmd_replay)
 
-    p = dsub.add_parser("purge", help="delete dead letters for good")
+    p = dsub.add_parser("purge", help="delete dead letters for good",
+                        description="Delete dead letters for good. --function and --all ask first on a terminal "
+                                    "(--yes for scripts); one SEQ is deleted at once.")
     _add_target(p, "purge")
+    common.add_yes_option(p)
     common.add_server_option(p)
     common.add_json_option(p)
     p.set_defaults(func=cmd_purge)
@@ -110,7 +113,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
                            [[d.seq, d.function, d.reason, _short(d.error), d.failed_at, d.deliveries, _size(d.size)]
                             for d in letters])
     if listing.shortfall:
-        print(f"runtime: warning: {listing.shortfall}", file=sys.stderr)
+        common.warning(listing.shortfall)
     return RET_OK
 
 
@@ -157,8 +160,22 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return RET_OK
 
 
+async def _stored(args: argparse.Namespace) -> int:
+    """How many dead letters a purge by --function or --all would delete, from the stream's counts."""
+    async with common.connection(args) as (_, js):
+        if args.all:
+            return int((await js.stream_info(DLQ_STREAM)).state.messages)
+        info = await js.stream_info(DLQ_STREAM, subjects_filter=f"{DLQ_PREFIX}{args.function}")
+        return sum((info.state.subjects or {}).values())
+
+
 @_plain_errors
 def cmd_purge(args: argparse.Namespace) -> int:
+    if args.seq is None and (stored := run(_stored(args))):
+        # Declined is not among the errors _plain_errors turns into RET_ERROR: main() exits RET_DECLINED.
+        letters = f"{stored} dead letter{'s' * (stored != 1)}"
+        common.confirm(args, f"purge all {letters}?" if args.all else f"purge {letters} of {args.function}?")
+
     async def main() -> int:
         async with common.connection(args) as (nc, js):
             return await dlq.purge(nc, js, seq=args.seq, function=None if args.all else args.function)

@@ -6,15 +6,19 @@ import argparse
 import base64
 import json
 import sys
+from datetime import datetime
 from typing import Any
 
 from nats.nuid import NUID
 
 from ..client import Call, Client
+from ..delay import parse_moment, rfc3339
 from ..durations import parse_duration
-from ..errors import InvocationError, InvocationTimeout, NoResult
-from ..exitcodes import RET_FAILED, RET_NO_RESULT, RET_OK, RET_USAGE
+from ..errors import InvocationError, InvocationTimeout, NoResult, QueueFull
+from ..exitcodes import RET_FAILED, RET_NO_RESULT, RET_OK, RET_QUEUE_FULL, RET_USAGE
+from ..expiry import parse_ttl, ttl_header
 from ..loop import run
+from ..priority import check_level
 from . import common
 
 
@@ -29,6 +33,30 @@ def _duration(value: str) -> float:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _ttl(value: str) -> float:
+    try:
+        seconds = parse_ttl(value)
+        ttl_header(seconds)   # as Client would send it: at least a millisecond
+        return seconds
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a TTL: use e.g. 30s, 5m or a number of seconds, "
+                                         f"at least 1ms") from None
+
+
+def _moment(value: str) -> datetime:
+    try:
+        return parse_moment(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _level(value: str) -> int:
+    try:
+        return check_level(int(value))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a priority level from 1 to 10") from None
+
+
 def register(sub: Any) -> None:
     p = sub.add_parser("invoke", help="call a function and print its result")
     p.add_argument("name", help="the function's name")
@@ -39,6 +67,16 @@ def register(sub: Any) -> None:
     p.add_argument("--timeout", "-t", type=_duration, default=30.0, metavar="DURATION",
                    help="how long to wait for the outcome, e.g. 500ms, 30s, 2m (default 30s)")
     p.add_argument("--call-id", metavar="ID", help="the call id (default: a new unique id)")
+    p.add_argument("--priority", "-p", type=_level, metavar="LEVEL",
+                   help="queue at this level, 1 (least urgent) to 10 (most urgent); default: the function's own")
+    later = p.add_mutually_exclusive_group()
+    later.add_argument("--delay", type=_duration, metavar="DURATION",
+                       help="queue it this long from now, e.g. 90s, 5m, 2h (with --async; see 'runtime cancel')")
+    later.add_argument("--at", type=_moment, metavar="TIME",
+                       help="queue it at this time, e.g. 2026-12-01T08:00:00Z (with --async; no offset: local time)")
+    p.add_argument("--ttl", type=_ttl, metavar="DURATION",
+                   help="never run it if it is still queued this long after it was stored, e.g. 30s, 5m "
+                        "(default: the function's ttl, if any)")
     common.add_server_option(p)
     common.add_json_option(p)
     p.set_defaults(func=cmd_invoke)
@@ -69,14 +107,20 @@ def cmd_invoke(args: argparse.Namespace) -> int:
     except ValueError as exc:
         common.error(str(exc))
         return RET_USAGE
+    if (args.delay is not None or args.at is not None) and not args.submit:
+        common.error("--delay and --at need --async: the call runs later; read its outcome then with "
+                     "'runtime result CALL_ID --wait DURATION'")
+        return RET_USAGE
     call_id = args.call_id or NUID().next().decode()
     common.show_warnings("runtime.client")   # e.g. a call id already used
 
     async def main() -> Call | Any:
         async with common.connection(args) as (nc, _), Client(nc) as fn:
             if args.submit:
-                return await fn.submit(args.name, payload, call_id=call_id)
-            return await fn.invoke(args.name, payload, timeout=args.timeout, call_id=call_id)
+                return await fn.submit(args.name, payload, call_id=call_id, priority=args.priority,
+                                       delay=args.delay, at=args.at, ttl=args.ttl)
+            return await fn.invoke(args.name, payload, timeout=args.timeout, call_id=call_id,
+                                   priority=args.priority, ttl=args.ttl)
 
     try:
         outcome = run(main())
@@ -84,8 +128,10 @@ def cmd_invoke(args: argparse.Namespace) -> int:
         return _failed(args, exc)
     if isinstance(outcome, Call):
         if args.json:
-            common.print_json({"call_id": outcome.id, "function": outcome.function,
-                               "duplicate": outcome.duplicate})
+            out = {"call_id": outcome.id, "function": outcome.function, "duplicate": outcome.duplicate}
+            if outcome.due is not None:
+                out["due"] = rfc3339(outcome.due)
+            common.print_json(out)
         else:
             print(outcome.id)
         return RET_OK
@@ -103,7 +149,10 @@ def cmd_result(args: argparse.Namespace) -> int:
         return _failed(args, exc)
     except NoResult as exc:
         if args.json:
-            common.print_json({"call_id": args.call_id, "status": "missing", "message": str(exc)})
+            out: dict[str, Any] = {"call_id": args.call_id, "status": "missing", "message": str(exc)}
+            if exc.replayed_at:
+                out.update(status="pending", replayed_at=exc.replayed_at, replayed_from=exc.replayed_from)
+            common.print_json(out)
         else:
             common.error(str(exc))
         return RET_NO_RESULT
@@ -129,12 +178,13 @@ def _succeeded(args: argparse.Namespace, call_id: str, value: Any) -> int:
 
 def _failed(args: argparse.Namespace, exc: InvocationError) -> int:
     exc = _for_the_shell(exc)
+    code = RET_QUEUE_FULL if isinstance(exc, QueueFull) else RET_FAILED
     if args.json:
         common.print_json({"call_id": exc.call_id, "status": "failed",
                            "error": {"type": exc.type, "message": exc.message, "code": exc.code}})
     else:
         common.error(f"{exc.described} (code {exc.code})")
-    return RET_FAILED
+    return code
 
 
 def _for_the_shell(exc: InvocationError) -> InvocationError:

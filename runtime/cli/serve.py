@@ -34,6 +34,9 @@ def register(sub: Any) -> None:
                    help="how long dead letters are kept, e.g. 7d (default 30d)")
     p.add_argument("--results-ttl", default=None, metavar="DURATION",
                    help="how long final outcomes are kept in fn_results (default 24h)")
+    p.add_argument("--max-queued", type=int, default=None, metavar="N",
+                   help="refuse new invocations of a function (per priority level) while N are stored "
+                        "($RUNTIME_MAX_QUEUED; default: no limit; give every runtime of a fleet the same)")
     p.add_argument("--reply-prefix", action="append", default=[], metavar="PREFIX",
                    help="answer callers only on reply subjects starting with PREFIX, e.g. _INBOX. (repeatable; "
                         "$RUNTIME_REPLY_PREFIX, comma-separated); subjects starting with $ are never answered")
@@ -64,6 +67,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = Settings.from_env(server=args.server, host=args.host, port=args.port, data_dir=args.data_dir,
                                  nats_conf=args.nats_conf, grace=args.grace,
                                  dlq_retention=args.dlq_retention, results_ttl=args.results_ttl,
+                                 max_queued=args.max_queued,
                                  manifests=tuple(Path(p) for p in args.manifests),
                                  reply_prefixes=tuple(args.reply_prefix) or None)
     check_handlers(ManifestSet.load(settings.manifests), settings.project_root)

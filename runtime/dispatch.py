@@ -1,0 +1,402 @@
+"""Priority dispatch: each free slot starts an invocation of the most urgent level that has one queued.
+
+A function has one durable consumer per priority level (a consumer hands out messages in
+stream order, so one consumer cannot put urgent work first) and ``concurrency`` slot
+messages in ``FN_SLOTS``. A runtime runs an invocation only while it holds a slot, which
+bounds the whole fleet across levels. With slots in hand it asks the level consumers, most
+urgent first, for as many invocations as it has free slots (``no_wait`` pull requests, so
+nothing is held that is not started at once). Requests are pipelined: a new one goes out as
+soon as enough slots are free, without waiting for the answers to earlier ones.
+
+Which levels to ask: a level is asked until it reports no more messages; then the runtime
+listens on that level's doorbell (``FN`` republishes the headers of every stored invocation
+on ``fn.queued.<function>[.<level>]``) and asks again when it rings. A busy level is never
+listened to, so a steady stream of invocations costs no doorbell traffic.
+
+Slots go back with a nak (so JetStream redelivers them at once) once they have been idle for
+``IDLE_HOLD`` seconds, and, while other runtimes are waiting for one, after ``TURN`` seconds of
+use, so that every runtime gets its share.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from . import priority
+from .consumer import PullFeed
+from .manifest import FunctionManifest
+from .protocol import IN_PROGRESS, NAK, pull_subject
+from .streams import INVOKE_STREAM, SLOT_ACK_WAIT, SLOTS_STREAM
+
+log = logging.getLogger("runtime.dispatch")
+
+Sink = Callable[[Msg], None]
+
+TURN = 0.1              # seconds a runtime keeps a slot while other runtimes wait for one
+IDLE_HOLD = 1.0         # seconds an idle slot is kept for the next invocation before it goes back
+CONTENTION_CHECK = 0.25  # how often a runtime holding every slot asks whether others wait
+FETCH_TIMEOUT = 5.0     # an unanswered pull request (the server restarting) is given up after this
+REDELIVERY_SLACK = 0.02  # a handed-back invocation's bell rings this long after it is due again
+
+
+@dataclass(slots=True)
+class Slot:
+    reply: str           # the slot message's ack subject
+    since: float         # when this runtime got it
+    idle_since: float = 0.0
+
+
+@dataclass(slots=True)
+class _Fetch:
+    """One ``no_wait`` pull request to a level consumer and the slots kept for what it brings."""
+
+    consumer: str
+    level: int
+    want: int
+    reserved: list[Slot]
+    deadline: float
+    got: int = 0
+    drained: bool = False    # the consumer has no more messages (it said so, or reported 0 pending)
+    done: bool = False
+
+
+def ack_consumer(reply: str) -> tuple[str, int] | None:
+    """The consumer and its pending count from a JetStream ack subject (both forms); None otherwise."""
+    tokens = reply.split(".")
+    if len(tokens) == 9 and tokens[0] == "$JS" and tokens[1] == "ACK":
+        consumer, pending = tokens[3], tokens[8]
+    elif len(tokens) >= 11 and tokens[0] == "$JS" and tokens[1] == "ACK":
+        consumer, pending = tokens[5], tokens[10]
+    else:
+        return None
+    return consumer, int(pending) if pending.isdigit() else -1
+
+
+class PriorityFeed:
+    """Feeds ``sink`` the invocations of one function, most urgent level first, one per held slot."""
+
+    def __init__(self, nc: NATS, manifest: FunctionManifest, sink: Sink) -> None:
+        self.nc = nc
+        self.function = manifest.name
+        self.default = manifest.priority
+        self.concurrency = manifest.concurrency
+        self.poll_every = manifest.effective_ack_wait
+        self.sink = sink
+        self.slot_feed = PullFeed(nc, SLOTS_STREAM, manifest.name, 0, self._on_slot)
+        self.idle: deque[Slot] = deque()
+        self.busy: dict[str, Slot] = {}            # invocation ack subject -> the slot it runs on
+        self.maybe = dict.fromkeys(priority.LEVELS, True)   # the level may have queued invocations
+        self.delivered = 0
+        self.contended = False                     # other runtimes wait for this function's slots
+        self._bells: dict[int, list[Subscription]] = {}
+        self._requests: dict[str, deque[_Fetch]] = {}   # consumer -> its outstanding requests, oldest first
+        self._by_tag: dict[str, _Fetch] = {}
+        self._tags = 0
+        self._inbox = ""
+        self._sub: Subscription | None = None
+        self._running = False
+        self._again = False
+        self._round: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # ------------------------------------------------------------------ life cycle
+
+    async def start(self) -> None:
+        self._inbox = self.nc.new_inbox()
+        self._sub = await self.nc.subscribe(f"{self._inbox}.*", cb=self._on_fetched, pending_msgs_limit=-1,
+                                            pending_bytes_limit=-1)
+        self._running = True
+        await self.slot_feed.start()
+        self._spawn(self._housekeeping())
+        self._kick()
+
+    async def stop(self) -> None:
+        """Stop starting invocations; idle slots go back now, busy ones as their invocations finish."""
+        self._running = False
+        await self.slot_feed.stop()
+        if self._round is not None:
+            self._round.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._round
+        for level in list(self._bells):
+            await self._disarm(level)
+        if self._sub is not None:
+            sub, self._sub = self._sub, None
+            with contextlib.suppress(Exception):
+                await sub.drain()  # type: ignore[no-untyped-call]
+        for fetch in list(self._by_tag.values()):
+            self._finish(fetch)
+        while self.idle:
+            await self._give_back(self.idle.popleft())
+        for task in list(self._tasks):
+            task.cancel()
+
+    def update(self, manifest: FunctionManifest) -> None:
+        """New settings: slot count, default level (its consumers were recreated by the deploy)."""
+        moved = manifest.priority != self.default
+        self.default = manifest.priority
+        self.concurrency = manifest.concurrency
+        self.poll_every = manifest.effective_ack_wait
+        if moved:
+            for level in priority.LEVELS:
+                self._wake(level)
+        self._demand()
+        self._kick()
+
+    def slot_replies(self) -> list[str]:
+        """Every slot this runtime holds, to keep alive with in-progress acks."""
+        reserved = [s.reply for f in self._by_tag.values() for s in f.reserved]
+        return [s.reply for s in self.idle] + [s.reply for s in self.busy.values()] + reserved
+
+    @property
+    def held(self) -> int:
+        return self.slot_feed.held
+
+    # ------------------------------------------------------------------ slots
+
+    def _on_slot(self, msg: Msg) -> None:
+        now = time.monotonic()
+        slot = Slot(msg.reply, now, now)
+        if not self._running:
+            self._spawn(self._give_back(slot))
+            return
+        self.idle.append(slot)
+        self._kick()
+
+    def release(self, reply: str) -> None:
+        """The invocation with ack subject ``reply`` is settled: its slot runs the next one, or goes back."""
+        slot = self.busy.pop(reply, None)
+        if slot is None:
+            return
+        now = time.monotonic()
+        if not self._running or (self.contended and now - slot.since > TURN):
+            self._spawn(self._give_back(slot))
+        else:
+            slot.idle_since = now
+            self.idle.append(slot)
+            if self._by_tag and len(self.idle) < self._batch:
+                return   # the answer to a request out now asks again (see _ask)
+        self._kick()
+
+    @property
+    def _batch(self) -> int:
+        """Free slots worth another request while one is out."""
+        return max(1, self.concurrency // 4)
+
+    async def _give_back(self, slot: Slot) -> None:
+        with contextlib.suppress(Exception):
+            await self.nc.publish(slot.reply, NAK)
+        self.slot_feed.release()
+
+    def _demand(self) -> None:
+        # Ask for slots only while some level may have work: idle runtimes hold none for long.
+        wanted = self.concurrency if self._running and any(self.maybe.values()) else 0
+        if wanted != self.slot_feed.slots:
+            self.slot_feed.resize(wanted)
+
+    async def _housekeeping(self) -> None:
+        last_poll = last_check = last_alive = time.monotonic()
+        while True:
+            await asyncio.sleep(min(CONTENTION_CHECK, IDLE_HOLD / 2))
+            now = time.monotonic()
+            if now - last_alive >= SLOT_ACK_WAIT / 3:
+                last_alive = now
+                for reply in self.slot_replies():
+                    with contextlib.suppress(Exception):
+                        await self.nc.publish(reply, IN_PROGRESS)
+            # Idle slots go back after IDLE_HOLD, or at once while other runtimes wait for one.
+            hold = 0.0 if self.contended else IDLE_HOLD
+            for slot in [s for s in self.idle if now - s.idle_since > hold]:
+                self.idle.remove(slot)
+                await self._give_back(slot)
+            for fetch in [f for f in self._by_tag.values() if now > f.deadline]:
+                log.info("no answer from consumer %s in %gs", fetch.consumer, FETCH_TIMEOUT)
+                self._finish(fetch)
+                self._kick()
+            if now - last_check >= CONTENTION_CHECK:
+                last_check = now
+                await self._check_contention()
+            if now - last_poll >= self.poll_every:
+                # Invocations held by a runtime that died come back after ack_wait, with no bell.
+                last_poll = now
+                for level in priority.LEVELS:
+                    if not self.maybe[level]:
+                        self._wake(level)
+
+    async def _check_contention(self) -> None:
+        if self.slot_feed.held < self.concurrency:
+            self.contended = False   # some slot is free or held elsewhere: nobody is shut out by us
+            return
+        try:
+            info = await self.nc.jetstream().consumer_info(SLOTS_STREAM, self.function)
+        except Exception:
+            return
+        own = 1 if self.slot_feed.outstanding else 0
+        self.contended = (info.num_waiting or 0) > own
+
+    # ------------------------------------------------------------------ requests
+
+    def _kick(self) -> None:
+        self._again = True
+        if self._running and (self._round is None or self._round.done()):
+            self._round = asyncio.get_running_loop().create_task(self._rounds(), name=f"dispatch-{self.function}")
+
+    async def _rounds(self) -> None:
+        while self._again and self._running:
+            self._again = False
+            try:
+                await self._ask()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # disconnected: the next release or doorbell tries again
+                log.warning("dispatching %s failed: %s", self.function, exc)
+                await asyncio.sleep(0.5)
+                self._again = True
+            self._demand()
+
+    async def _ask(self) -> None:
+        # Each request goes to the most urgent level that may have work, chosen afresh for
+        # every request. While requests are out, a new one waits for a quarter of the slots.
+        while self.idle and self._running:
+            level = next((lv for lv in priority.LEVELS if self.maybe[lv]), None)
+            if level is None:
+                return
+            if self._by_tag and len(self.idle) < self._batch:
+                return
+            await self._request(level, len(self.idle))
+
+    async def _request(self, level: int, want: int) -> None:
+        consumer = priority.consumer_name(self.function, level, self.default)
+        reserved = [self.idle.popleft() for _ in range(want)]
+        self._tags += 1
+        tag = f"{self._inbox}.{self._tags}"
+        fetch = _Fetch(consumer, level, want, reserved, time.monotonic() + FETCH_TIMEOUT)
+        self._requests.setdefault(consumer, deque()).append(fetch)
+        self._by_tag[tag] = fetch
+        request = json.dumps({"batch": want, "no_wait": True}).encode()
+        await self.nc.publish(pull_subject(INVOKE_STREAM, consumer), request, reply=tag)
+
+    def _finish(self, fetch: _Fetch) -> None:
+        """A request is over: the slots nothing came for are free again."""
+        if fetch.done:
+            return
+        fetch.done = True
+        for tag, known in list(self._by_tag.items()):
+            if known is fetch:
+                del self._by_tag[tag]
+        queue = self._requests.get(fetch.consumer)
+        if queue and fetch in queue:
+            queue.remove(fetch)
+        self.idle.extend(fetch.reserved)   # idle since before the request: asking is not using
+        fetch.reserved = []
+
+    async def _on_fetched(self, msg: Msg) -> None:
+        if not msg.reply:   # a status: the request ended with fewer messages than asked for
+            fetch = self._by_tag.get(msg.subject)
+            if fetch is not None:
+                fetch.drained = True
+                await self._ended(fetch)
+            return
+        parsed = ack_consumer(msg.reply)
+        queue = self._requests.get(parsed[0]) if parsed else None
+        fetch = queue[0] if queue else None
+        if fetch is None or not fetch.reserved:
+            # Came after its request was given up: run it if a slot is free, else hand it back.
+            if self.idle and self._running:
+                self._run(msg, self.idle.popleft())
+            else:
+                with contextlib.suppress(Exception):
+                    await self.nc.publish(msg.reply, NAK)
+            return
+        fetch.got += 1
+        self._run(msg, fetch.reserved.pop())
+        if parsed is not None and parsed[1] == 0:
+            fetch.drained = True
+        if fetch.got >= fetch.want or fetch.drained:
+            await self._ended(fetch)
+
+    async def _ended(self, fetch: _Fetch) -> None:
+        self._finish(fetch)
+        if fetch.drained and self._running:
+            if fetch.level in self._bells:
+                if not any(f.level == fetch.level for f in self._by_tag.values()):
+                    self.maybe[fetch.level] = False
+            else:
+                # Listen first, then ask once more (maybe stays set): an invocation stored in
+                # between rings the bell or is found by that request.
+                await self._arm(fetch.level)
+        self._kick()
+
+    def _run(self, msg: Msg, slot: Slot) -> None:
+        self.busy[msg.reply] = slot
+        self.delivered += 1
+        self.sink(msg)
+
+    # ------------------------------------------------------------------ doorbells
+
+    async def _arm(self, level: int) -> None:
+        if level in self._bells:
+            return
+        self._bells[level] = []
+        for subject in priority.doorbell_subjects(self.function, level, self.default):
+            self._bells[level].append(await self.nc.subscribe(subject, cb=self._bell_for(level)))
+
+    def _bell_for(self, level: int) -> Callable[[Msg], Awaitable[None]]:
+        async def ring(_msg: Msg) -> None:
+            if level in self._bells and self._running:
+                self._wake(level)
+        return ring
+
+    def _wake(self, level: int) -> None:
+        self.maybe[level] = True
+        # Forgotten at once: an answer coming meanwhile must not take the level for still armed.
+        self._spawn(self._unsubscribe(self._bells.pop(level, [])))
+        self._demand()
+        self._kick()
+
+    async def _disarm(self, level: int) -> None:
+        await self._unsubscribe(self._bells.pop(level, []))
+
+    async def _unsubscribe(self, subs: list[Subscription]) -> None:
+        for sub in subs:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    def requeued(self, reply: str, delay: float) -> None:
+        """An invocation was handed back for redelivery in ``delay`` seconds: ring its level's bell then.
+
+        Redeliveries are not stored anew, so FN does not republish them; every runtime
+        listening for that level hears this bell instead. (Messages of a runtime that died
+        are found by the periodic look in ``_housekeeping``.)
+        """
+        parsed = ack_consumer(reply)
+        if parsed is None:
+            return
+        level = self.level_of(parsed[0])
+        subject = priority.doorbell_subjects(self.function, level, self.default)[-1]
+
+        def ring() -> None:
+            if not self.nc.is_closed:
+                self._spawn(self.nc.publish(subject, b""))
+        asyncio.get_running_loop().call_later(max(0.0, delay) + REDELIVERY_SLACK, ring)
+
+    def level_of(self, consumer: str) -> int:
+        _, sep, level = consumer.rpartition("_L")
+        return int(level) if sep and level.isdigit() else self.default
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)

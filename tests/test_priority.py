@@ -1,0 +1,194 @@
+"""Priority levels: a free slot starts an invocation of the most urgent level queued, across runtimes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+
+from runtime.client import Client
+from runtime.manifest import FunctionManifest
+from runtime.streams import INVOKE_STREAM, ensure_consumer, provision_base
+
+from .conftest import collect, eventually
+
+RANKED = """
+    name: ranked
+    handler: tests.handlers.priorities:tracked
+    concurrency: {concurrency}
+    timeout: 10s
+"""
+
+
+def level(subject: str) -> int:
+    """The level an invocation subject queued at (5, the default, for the plain subject)."""
+    tail = subject.rsplit(".", 1)[-1]
+    return int(tail) if tail.isdigit() else 5
+
+
+class Starts:
+    """The start and end events of ``ranked``, in the order the server received them."""
+
+    def __init__(self, events: list[Any]) -> None:
+        self.events = events
+
+    @property
+    def starts(self) -> list[int]:
+        return [level(m.data.decode().split()[0]) for m in self.events if m.subject == "prio.start"]
+
+    @property
+    def ends(self) -> int:
+        return sum(m.subject == "prio.end" for m in self.events)
+
+    def most_at_once(self) -> int:
+        running = peak = 0
+        for m in self.events:
+            running += 1 if m.subject == "prio.start" else -1
+            peak = max(peak, running)
+        return peak
+
+
+async def publish_levels(js: JetStreamContext, lvl: int | None, count: int, seconds: float = 0.0,
+                         first: int = 0) -> None:
+    subject = "fn.invoke.ranked" if lvl is None else f"fn.invoke.ranked.{lvl}"
+    for chunk in range(first, first + count, 100):
+        await asyncio.gather(*(js.publish(subject, b'{"i": %d, "seconds": %g}' % (i, seconds))
+                               for i in range(chunk, min(chunk + 100, first + count))))
+
+
+def assert_urgent_first(starts: list[int], low_started_before: int) -> None:
+    """Every level-10 start comes before any further level-1 start, beyond those already running."""
+    first_high = starts.index(10)
+    last_high = len(starts) - 1 - starts[::-1].index(10)
+    between = [s for s in starts[first_high:last_high + 1] if s != 10]
+    assert between == [], f"level-1 invocations started while level-10 ones were queued: {starts}"
+    late_low = starts[:first_high].count(1) - low_started_before
+    assert late_low <= 1, f"{late_low} level-1 invocations started after the level-10 ones were queued"
+
+
+async def provision(js: JetStreamContext, concurrency: int) -> None:
+    await provision_base(js)
+    await ensure_consumer(js, FunctionManifest(name="ranked", handler="tests.handlers.priorities:tracked",
+                                               concurrency=concurrency, timeout=10.0))
+
+
+async def test_queued_invocations_start_by_level_then_in_order(nc: NATS, js: JetStreamContext,
+                                                               runtime: Any) -> None:
+    await provision(js, 1)
+    await publish_levels(js, 1, 10)
+    await publish_levels(js, None, 10, first=100)       # the plain subject: the default level, 5
+    await publish_levels(js, 10, 10, first=200)
+    events, _ = await collect(nc, "prio.>")
+    await runtime(ranked=RANKED.format(concurrency=1))
+    seen = Starts(events)
+    await eventually(lambda: seen.ends == 30, timeout=20, message="all 30 ran")
+    assert seen.starts == [10] * 10 + [5] * 10 + [1] * 10
+    order = [int(m.data.decode().split()[1]) for m in events if m.subject == "prio.start"]
+    assert order == list(range(200, 210)) + list(range(100, 110)) + list(range(10)), "FIFO within a level"
+
+
+async def test_urgent_work_overtakes_a_long_queue_on_one_runtime(nc: NATS, js: JetStreamContext,
+                                                                 runtime: Any) -> None:
+    await provision(js, 1)
+    events, _ = await collect(nc, "prio.>")
+    await runtime(ranked=RANKED.format(concurrency=1))
+    seen = Starts(events)
+    await publish_levels(js, 1, 200, seconds=0.01)
+    await eventually(lambda: len(seen.starts) >= 5, message="level-1 work running")
+    await publish_levels(js, 10, 20, seconds=0.01, first=1000)
+    low_before = seen.starts.count(1)
+    await eventually(lambda: seen.ends == 220, timeout=30, message="all 220 ran")
+    assert_urgent_first(seen.starts, low_before)
+    assert seen.most_at_once() == 1
+
+
+async def test_urgent_work_overtakes_across_two_runtimes_within_the_fleet_wide_concurrency(
+        nc: NATS, js: JetStreamContext, manifest_dir: Callable[..., Path],
+        runtime_process: Callable[..., Any]) -> None:
+    await provision(js, 2)
+    directory = manifest_dir(ranked=RANKED.format(concurrency=2))
+    procs = [runtime_process(directory) for _ in range(2)]
+    for proc in procs:
+        await proc.wait_ready()
+    events, _ = await collect(nc, "prio.>")
+    seen = Starts(events)
+    await publish_levels(js, 1, 200, seconds=0.02)
+    await eventually(lambda: len(seen.starts) >= 10, message="level-1 work running")
+    await publish_levels(js, 10, 20, seconds=0.02, first=1000)
+    low_before = seen.starts.count(1)
+    await eventually(lambda: seen.ends == 220, timeout=40, message="all 220 ran")
+    # Two slots: up to one more level-1 invocation may already have been fetched for the other slot.
+    first_high = seen.starts.index(10)
+    assert seen.starts[:first_high].count(1) - low_before <= 2
+    last_high = len(seen.starts) - 1 - seen.starts[::-1].index(10)
+    assert seen.starts[first_high:last_high + 1].count(1) <= 1, seen.starts
+    assert seen.most_at_once() <= 2, "concurrency 2 bounds both runtimes together, across levels"
+    assert seen.most_at_once() == 2
+    for proc in procs:
+        assert "serving ranked" in proc.output()
+
+
+async def test_client_and_raw_publishers_choose_the_level(nc: NATS, js: JetStreamContext, runtime: Any) -> None:
+    await provision(js, 1)
+    await publish_levels(js, 3, 3)
+    async with Client(nc) as fn:
+        call = await fn.submit("ranked", {"i": 50}, priority=9)
+        assert not call.duplicate
+        events, _ = await collect(nc, "prio.>")
+        await runtime(ranked=RANKED.format(concurrency=1))
+        seen = Starts(events)
+        assert await fn.invoke("ranked", {"i": 60}, priority=1, timeout=10) == {"i": 60}
+        await eventually(lambda: seen.ends == 5)
+        assert seen.starts[0] == 9
+        assert await fn.result(call.id, wait=5) == {"i": 50}
+        try:
+            await fn.submit("ranked", {}, priority=11)
+        except ValueError as exc:
+            assert "from 1 (least urgent) to 10 (most urgent)" in str(exc)
+        else:
+            raise AssertionError("level 11 was accepted")
+    info = await js.stream_info(INVOKE_STREAM)
+    assert info.state.messages == 0, "nothing left behind at any level"
+
+
+async def test_ls_shows_what_waits_per_level(nc: NATS, js: JetStreamContext, runtime: Any,
+                                             nats_server: Any) -> None:
+    events, _ = await collect(nc, "prio.>")
+    await runtime(ranked=RANKED.format(concurrency=1))
+    seen = Starts(events)
+    await publish_levels(js, None, 1, seconds=3)          # runs, holding the only slot
+    await eventually(lambda: len(seen.starts) == 1)
+    await publish_levels(js, 10, 3, seconds=0)
+    await publish_levels(js, 1, 2, seconds=0)
+    done = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "runtime", "ls", "--json",
+                                                    "--server", nats_server.url],
+                                   capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    [row] = [r for r in json.loads(done.stdout) if r["name"] == "ranked"]
+    assert (row["queued"], row["in_flight"], row["delayed"]) == (5, 1, 0)
+    assert row["levels"] == {"10": 3, "5": 1, "1": 2}
+    assert "priority=5" in row["settings"]
+    table = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "runtime", "ls", "--server",
+                                                     nats_server.url], capture_output=True, text=True, timeout=30)
+    assert "5 (10:3 5:1 1:2)" in table.stdout
+
+
+async def test_fn_call_requests_choose_their_level_with_a_header(nc: NATS, js: JetStreamContext,
+                                                                 runtime: Any) -> None:
+    events, _ = await collect(nc, "prio.>")
+    await runtime(ranked=RANKED.format(concurrency=1))
+    seen = Starts(events)
+    reply = await nc.request("fn.call.ranked", b'{"i": 1}', timeout=10, headers={"Fn-Priority": "8"})
+    assert json.loads(reply.data) == {"i": 1}
+    await eventually(lambda: seen.starts == [8])
+    refused = await nc.request("fn.call.ranked", b'{"i": 2}', timeout=10, headers={"Fn-Priority": "urgent"})
+    assert refused.headers is not None and refused.headers["Nats-Service-Error-Code"] == "400"
+    assert "Fn-Priority: 'urgent' is not a priority level from 1" in refused.headers["Nats-Service-Error"]
+    assert seen.starts == [8], "a refused request runs nowhere"
