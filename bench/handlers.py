@@ -24,9 +24,9 @@ async def stamp(event: Payload, ctx: Context) -> None:
     await ctx.publish("bench.started", {"id": event.id, "t": time.time()})
 
 
-# ``leveled`` notes when each invocation started and whether it came from level 10; the list is
+# ``leveled`` notes when each invocation started, whether it came from level 10 and which one; the list is
 # written to $BENCH_STARTS when the runtime exits, so recording costs no message per call.
-_STARTS: list[tuple[float, bool]] = []
+_STARTS: list[tuple[float, bool, int]] = []
 
 
 def _dump_starts() -> None:
@@ -46,4 +46,5 @@ if __name__ != "__main__":
 
 
 async def leveled(event: bytes, ctx: Context) -> None:
-    _STARTS.append((time.time(), ctx.subject.endswith(".10")))
+    urgent = ctx.subject.endswith(".10")
+    _STARTS.append((time.time(), urgent, int(event[5:-1]) if urgent else -1))   # urgent bodies: {"i":N}

@@ -8,10 +8,11 @@ urgent first, for as many invocations as it has free slots (``no_wait`` pull req
 nothing is held that is not started at once). Requests are pipelined: a new one goes out as
 soon as enough slots are free, without waiting for the answers to earlier ones.
 
-Which levels to ask: a level is asked until it reports no more messages; then the runtime
-listens on that level's doorbell (``FN`` republishes the headers of every stored invocation
-on ``fn.queued.<function>[.<level>]``) and asks again when it rings. A busy level is never
-listened to, so a steady stream of invocations costs no doorbell traffic.
+Which levels to ask: a level is asked until a request brings nothing; then the runtime listens
+on that level's doorbell (``FN`` republishes the headers of every stored invocation on
+``fn.queued.<function>[.<level>]``) and asks again when it rings. A level that ran dry but still
+gets invocations one by one is asked with a short wait (``LINGER``), so they stream into the open
+request; a busy level is never listened to, so steady traffic costs no doorbell messages.
 
 Slots go back with a nak (so JetStream redelivers them at once) once they have been idle for
 ``IDLE_HOLD`` seconds, and, while other runtimes are waiting for one, after ``TURN`` seconds of
@@ -48,6 +49,10 @@ TURN = 0.1              # seconds a runtime keeps a slot while other runtimes wa
 IDLE_HOLD = 1.0         # seconds an idle slot is kept for the next invocation before it goes back
 CONTENTION_CHECK = 0.25  # how often a runtime holding every slot asks whether others wait
 FETCH_TIMEOUT = 5.0     # an unanswered pull request (the server restarting) is given up after this
+POLL_EVERY = 5.0         # every level is looked at this often (at most ack_wait) whatever the bells said
+MIXED_WINDOW = 10.0      # a level that had work this recently counts as in use (see _ask)
+LINGER = 0.05           # how long a request to a level that just ran dry waits for more (see _request)
+RING_SETTLE = 0.02       # a level found empty this soon after its bell is looked at once more, this much later
 REDELIVERY_SLACK = 0.02  # a handed-back invocation's bell rings this long after it is due again
 
 
@@ -60,13 +65,15 @@ class Slot:
 
 @dataclass(slots=True)
 class _Fetch:
-    """One ``no_wait`` pull request to a level consumer and the slots kept for what it brings."""
+    """One pull request to a level consumer and the slots kept for what it brings."""
 
     consumer: str
     level: int
     want: int
     reserved: list[Slot]
     deadline: float
+    rings: int                # the level's bell count when the request went out
+    sent: float               # when it went out
     got: int = 0
     drained: bool = False    # the consumer has no more messages (it said so, or reported 0 pending)
     done: bool = False
@@ -92,7 +99,7 @@ class PriorityFeed:
         self.function = manifest.name
         self.default = manifest.priority
         self.concurrency = manifest.concurrency
-        self.poll_every = manifest.effective_ack_wait
+        self.poll_every = min(manifest.effective_ack_wait, POLL_EVERY)
         self.sink = sink
         self.slot_feed = PullFeed(nc, SLOTS_STREAM, manifest.name, 0, self._on_slot)
         self.idle: deque[Slot] = deque()
@@ -100,8 +107,14 @@ class PriorityFeed:
         self.maybe = dict.fromkeys(priority.LEVELS, True)   # the level may have queued invocations
         self.delivered = 0
         self.contended = False                     # other runtimes wait for this function's slots
-        self._bells: dict[int, list[Subscription]] = {}
-        self._requests: dict[str, deque[_Fetch]] = {}   # consumer -> its outstanding requests, oldest first
+        self._bells: dict[int, list[Subscription]] = {}    # levels listened to: those found empty
+        self._rings = dict.fromkeys(priority.LEVELS, 0)     # bells heard per level
+        self._last_ring = dict.fromkeys(priority.LEVELS, 0.0)
+        self._shallow = dict.fromkeys(priority.LEVELS, False)   # its last request found it empty
+        self._seen = dict.fromkeys(priority.LEVELS, float("-inf"))   # when an invocation last came from it
+        # consumer -> its outstanding request. One at a time per consumer: its messages carry no
+        # trace of the request they answer, so they are counted against the only one there is.
+        self._requests: dict[str, _Fetch] = {}
         self._by_tag: dict[str, _Fetch] = {}
         self._tags = 0
         self._inbox = ""
@@ -131,7 +144,7 @@ class PriorityFeed:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._round
         for level in list(self._bells):
-            await self._disarm(level)
+            await self._unsubscribe(self._bells.pop(level))
         if self._sub is not None:
             sub, self._sub = self._sub, None
             with contextlib.suppress(Exception):
@@ -148,7 +161,7 @@ class PriorityFeed:
         moved = manifest.priority != self.default
         self.default = manifest.priority
         self.concurrency = manifest.concurrency
-        self.poll_every = manifest.effective_ack_wait
+        self.poll_every = min(manifest.effective_ack_wait, POLL_EVERY)
         if moved:
             for level in priority.LEVELS:
                 self._wake(level)
@@ -186,9 +199,14 @@ class PriorityFeed:
         else:
             slot.idle_since = now
             self.idle.append(slot)
-            if self._by_tag and len(self.idle) < self._batch:
+            if self._by_tag and (len(self.idle) < self._batch or self._asked_at_top()):
                 return   # the answer to a request out now asks again (see _ask)
         self._kick()
+
+    def _asked_at_top(self) -> bool:
+        """Whether the most urgent level that may have work has a request out already."""
+        level = next((lv for lv in priority.LEVELS if self.maybe[lv]), None)
+        return level is not None and priority.consumer_name(self.function, level, self.default) in self._requests
 
     @property
     def _batch(self) -> int:
@@ -229,7 +247,8 @@ class PriorityFeed:
                 last_check = now
                 await self._check_contention()
             if now - last_poll >= self.poll_every:
-                # Invocations held by a runtime that died come back after ack_wait, with no bell.
+                # Invocations held by a runtime that died come back after ack_wait, with no bell;
+                # and a bell is a hint, not a promise (see _ended).
                 last_poll = now
                 for level in priority.LEVELS:
                     if not self.maybe[level]:
@@ -275,17 +294,35 @@ class PriorityFeed:
                 return
             if self._by_tag and len(self.idle) < self._batch:
                 return
-            await self._request(level, len(self.idle))
+            if priority.consumer_name(self.function, level, self.default) in self._requests:
+                return   # asked already: its answer asks again (never a lower level meanwhile)
+            # While other levels are in use, at most a quarter of the slots per request: an urgent
+            # invocation that arrives just after a request waits for that batch to start, not for
+            # every slot's worth. A function used at one level takes all its free slots at once.
+            now = time.monotonic()
+            mixed = any(now - seen < MIXED_WINDOW for lv, seen in self._seen.items() if lv != level)
+            await self._request(level, min(len(self.idle), self._batch) if mixed else len(self.idle))
 
     async def _request(self, level: int, want: int) -> None:
         consumer = priority.consumer_name(self.function, level, self.default)
         reserved = [self.idle.popleft() for _ in range(want)]
         self._tags += 1
         tag = f"{self._inbox}.{self._tags}"
-        fetch = _Fetch(consumer, level, want, reserved, time.monotonic() + FETCH_TIMEOUT)
-        self._requests.setdefault(consumer, deque()).append(fetch)
+        now = time.monotonic()
+        # A level that ran dry gets a short wait instead of "none" at once: invocations arriving
+        # one by one then stream into the open request without a bell and a request each.
+        # Only when no less urgent level may have work: their invocations must not wait on it.
+        lower = any(self.maybe[lv] for lv in priority.LEVELS if lv < level)
+        wait = LINGER if self._shallow[level] and not lower else 0.0
+        fetch = _Fetch(consumer, level, want, reserved, now + wait + FETCH_TIMEOUT, self._rings[level], now)
+        self._requests[consumer] = fetch
         self._by_tag[tag] = fetch
-        request = json.dumps({"batch": want, "no_wait": True}).encode()
+        body: dict[str, object] = {"batch": want}
+        if wait:
+            body["expires"] = int(wait * 1e9)
+        else:
+            body["no_wait"] = True
+        request = json.dumps(body).encode()
         await self.nc.publish(pull_subject(INVOKE_STREAM, consumer), request, reply=tag)
 
     def _finish(self, fetch: _Fetch) -> None:
@@ -296,9 +333,8 @@ class PriorityFeed:
         for tag, known in list(self._by_tag.items()):
             if known is fetch:
                 del self._by_tag[tag]
-        queue = self._requests.get(fetch.consumer)
-        if queue and fetch in queue:
-            queue.remove(fetch)
+        if self._requests.get(fetch.consumer) is fetch:
+            del self._requests[fetch.consumer]
         self.idle.extend(fetch.reserved)   # idle since before the request: asking is not using
         fetch.reserved = []
 
@@ -310,8 +346,7 @@ class PriorityFeed:
                 await self._ended(fetch)
             return
         parsed = ack_consumer(msg.reply)
-        queue = self._requests.get(parsed[0]) if parsed else None
-        fetch = queue[0] if queue else None
+        fetch = self._requests.get(parsed[0]) if parsed else None
         if fetch is None or not fetch.reserved:
             # Came after its request was given up: run it if a slot is free, else hand it back.
             if self.idle and self._running:
@@ -319,25 +354,40 @@ class PriorityFeed:
             else:
                 with contextlib.suppress(Exception):
                     await self.nc.publish(msg.reply, NAK)
+                self.requeued(msg.reply, 0.0)   # a nak is not stored anew: ring for it
             return
         fetch.got += 1
+        self._seen[fetch.level] = time.monotonic()
         self._run(msg, fetch.reserved.pop())
         if parsed is not None and parsed[1] == 0:
+            # Nothing else was waiting then; the request stays open for its status (or for an
+            # invocation stored meanwhile, which the server may still hand to it).
             fetch.drained = True
-        if fetch.got >= fetch.want or fetch.drained:
+        if fetch.got >= fetch.want:
             await self._ended(fetch)
 
     async def _ended(self, fetch: _Fetch) -> None:
         self._finish(fetch)
-        if fetch.drained and self._running:
-            if fetch.level in self._bells:
-                if not any(f.level == fetch.level for f in self._by_tag.values()):
-                    self.maybe[fetch.level] = False
+        level = fetch.level
+        self._shallow[level] = fetch.drained
+        # Nothing came, and no bell rang since the request went out: the level is empty.
+        if fetch.drained and not fetch.got and self._rings[level] == fetch.rings:
+            if level in self._bells:
+                if not any(f.level == level for f in self._by_tag.values()):
+                    self.maybe[level] = False
+                if fetch.sent - self._last_ring[level] < RING_SETTLE:
+                    # The server rings as it stores, and its consumer may see the invocation
+                    # a moment later: a "none" just after a bell is checked once more.
+                    asyncio.get_running_loop().call_later(RING_SETTLE, self._recheck, level)
             else:
                 # Listen first, then ask once more (maybe stays set): an invocation stored in
                 # between rings the bell or is found by that request.
-                await self._arm(fetch.level)
+                await self._arm(level)
         self._kick()
+
+    def _recheck(self, level: int) -> None:
+        if self._running and not self.maybe[level]:
+            self._wake(level)
 
     def _run(self, msg: Msg, slot: Slot) -> None:
         self.busy[msg.reply] = slot
@@ -349,25 +399,30 @@ class PriorityFeed:
     async def _arm(self, level: int) -> None:
         if level in self._bells:
             return
-        self._bells[level] = []
+        subs: list[Subscription] = []
+        self._bells[level] = subs
         for subject in priority.doorbell_subjects(self.function, level, self.default):
-            self._bells[level].append(await self.nc.subscribe(subject, cb=self._bell_for(level)))
+            subs.append(await self.nc.subscribe(subject, cb=self._bell_for(level)))
+        if self._bells.get(level) is not subs:   # woken while subscribing: these are not needed
+            await self._unsubscribe(subs)
 
     def _bell_for(self, level: int) -> Callable[[Msg], Awaitable[None]]:
         async def ring(_msg: Msg) -> None:
             if level in self._bells and self._running:
+                self._rings[level] += 1
+                self._last_ring[level] = time.monotonic()
                 self._wake(level)
         return ring
 
     def _wake(self, level: int) -> None:
         self.maybe[level] = True
-        # Forgotten at once: an answer coming meanwhile must not take the level for still armed.
-        self._spawn(self._unsubscribe(self._bells.pop(level, [])))
+        # Forgotten at once (a level with work is not listened to): an answer coming meanwhile
+        # must not take the level for still armed.
+        subs = self._bells.pop(level, [])
+        if subs:
+            self._spawn(self._unsubscribe(subs))
         self._demand()
         self._kick()
-
-    async def _disarm(self, level: int) -> None:
-        await self._unsubscribe(self._bells.pop(level, []))
 
     async def _unsubscribe(self, subs: list[Subscription]) -> None:
         for sub in subs:

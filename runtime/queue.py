@@ -24,13 +24,12 @@ from nats.js.errors import APIError, BucketNotFoundError, NotFoundError
 from .manifest import FunctionManifest
 from .protocol import purge_subject
 from .registry import Registry
-from .streams import INVOKE_PREFIX, INVOKE_STREAM, MANIFESTS_BUCKET
+from .streams import INVOKE_PREFIX, INVOKE_STREAM, MANIFESTS_BUCKET, invoke_consumers
 from .wire import subject_problem
 
 __all__ = ["QueueState", "QueuedMessage", "check_name", "function_subjects", "peek", "purge", "queue_state",
            "queue_states"]
 
-_LIST_PAGE = 256   # consumers per JetStream list reply
 # What a direct get adds to the stored headers: where the message is, not what was published.
 _STORED_AS = frozenset({"Nats-Stream", "Nats-Subject", "Nats-Sequence", "Nats-Time-Stamp"})
 
@@ -135,16 +134,6 @@ async def _subject_counts(js: JetStreamContext, filters: list[str]) -> tuple[dic
     return counts, last or 0
 
 
-async def _consumers(js: JetStreamContext) -> list[ConsumerInfo]:
-    """Every consumer of ``FN``: a function may have several (one per priority level)."""
-    infos: list[ConsumerInfo] = []
-    while True:
-        page = await js.consumers_info(INVOKE_STREAM, offset=len(infos) or None)
-        infos.extend(page)
-        if len(page) < _LIST_PAGE:
-            return infos
-
-
 def _filters(consumer: ConsumerInfo) -> list[str]:
     config = consumer.config
     return [config.filter_subject] if config.filter_subject else list(config.filter_subjects or [">"])
@@ -200,7 +189,7 @@ async def _with_oldest(js: JetStreamContext, state: QueueState) -> QueueState:
 async def queue_state(js: JetStreamContext, name: str) -> QueueState:
     """What waits for function ``name``, deployed or not."""
     subjects, up_to = await _subject_counts(js, function_subjects(check_name(name)))
-    state = _state(name, name in await _deployed(js), subjects, up_to, await _consumers(js))
+    state = _state(name, name in await _deployed(js), subjects, up_to, await invoke_consumers(js))
     return await _with_oldest(js, state)
 
 
@@ -213,7 +202,7 @@ async def queue_states(js: JetStreamContext) -> list[QueueState]:
         name = _function_of(subject)
         if name is not None:
             per_function.setdefault(name, {})[subject] = count
-    consumers = await _consumers(js)
+    consumers = await invoke_consumers(js)
     states = []
     for name in sorted(per_function):
         state = _state(name, name in deployed, per_function[name], up_to, consumers)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import logging
@@ -10,6 +11,7 @@ from nats.js import JetStreamContext
 from nats.js.api import (
     AckPolicy,
     ConsumerConfig,
+    ConsumerInfo,
     DiscardPolicy,
     RePublish,
     RetentionPolicy,
@@ -215,6 +217,19 @@ async def ensure_consumer(js: JetStreamContext, manifest: FunctionManifest) -> N
     await ensure_slots(js, manifest)
 
 
+_LIST_PAGE = 256   # consumers per JetStream list reply
+
+
+async def invoke_consumers(js: JetStreamContext) -> list[ConsumerInfo]:
+    """Every consumer of ``FN`` (a function has one per priority level), all pages of the list."""
+    infos: list[ConsumerInfo] = []
+    while True:
+        page = await js.consumers_info(INVOKE_STREAM, offset=len(infos) or None)
+        infos.extend(page)
+        if len(page) < _LIST_PAGE:
+            return infos
+
+
 async def ensure_slots(js: JetStreamContext, manifest: FunctionManifest) -> None:
     """Make ``FN_SLOTS`` hold exactly ``concurrency`` slots of the function, and its slot consumer."""
     subject = f"{SLOT_PREFIX}{manifest.name}"
@@ -225,8 +240,9 @@ async def ensure_slots(js: JetStreamContext, manifest: FunctionManifest) -> None
     if have < want:
         # Runtimes provisioning at the same moment send the same ids: the duplicate window
         # keeps one copy of each slot.
-        for i in range(have + 1, want + 1):
-            await js.publish(subject, b"", headers={"Nats-Msg-Id": f"slot:{manifest.name}:{want}:{i}"})
+        for first in range(have + 1, want + 1, 500):   # pipelined: a large concurrency is many slots
+            await asyncio.gather(*(js.publish(subject, b"", headers={"Nats-Msg-Id": f"slot:{manifest.name}:{want}:{i}"})
+                                   for i in range(first, min(first + 500, want + 1))))
     elif have > want:
         seqs: list[int] = []
         seq = 0

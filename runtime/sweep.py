@@ -14,10 +14,9 @@ from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, ConsumerInfo, RawStreamMsg
 from nats.js.errors import NotFoundError
 
-from .streams import INVOKE_STREAM
+from .streams import INVOKE_STREAM, invoke_consumers
 
 SWEEP_LIMIT = 256    # messages a sweep handles; one that reaches it is followed by another at once
-_LIST_PAGE = 256     # consumers per JetStream list reply
 
 # Moves one exhausted message, given the consumer it ran out of deliveries on.
 MoveExhausted = Callable[[ConsumerInfo, RawStreamMsg], Awaitable[object]]
@@ -47,15 +46,6 @@ def exhausted_up_to(info: ConsumerInfo) -> int:
     return max(floor, info.delivered.stream_seq if info.delivered else 0)
 
 
-async def _consumers(js: JetStreamContext) -> list[ConsumerInfo]:
-    infos: list[ConsumerInfo] = []
-    while True:
-        page = await js.consumers_info(INVOKE_STREAM, offset=len(infos) or None)
-        infos.extend(page)
-        if len(page) < _LIST_PAGE:
-            return infos
-
-
 async def sweep_exhausted(js: JetStreamContext, move: MoveExhausted, *, limit: int = SWEEP_LIMIT,
                           running: Callable[[], bool] = lambda: True) -> int:
     """Hand every message of ``FN`` that ran out of deliveries to ``move``, oldest first per function.
@@ -67,7 +57,7 @@ async def sweep_exhausted(js: JetStreamContext, move: MoveExhausted, *, limit: i
     # with nothing of the last kind costs no more than this one request.
     state = (await js.stream_info(INVOKE_STREAM, subjects_filter=">")).state
     held = state.subjects or {}
-    for info in await _consumers(js):
+    for info in await invoke_consumers(js):
         subjects, bound = filter_subjects(info.config), exhausted_up_to(info)
         accounted = (info.num_pending or 0) + (info.num_ack_pending or 0)
         exact = all(not {"*", ">"} & set(subject.split(".")) for subject in subjects)
