@@ -11,9 +11,10 @@ from typing import TYPE_CHECKING, Any
 
 from . import codec
 from . import headers as H
-from .errors import FnRuntimeError
+from .errors import FnRuntimeError, QueueFull
 from .manifest import NAME_PATTERN
-from .streams import INVOKE_PREFIX
+from .priority import invoke_subject
+from .queuelimit import is_queue_full
 from .wire import WireLimits, subject_problem
 
 if TYPE_CHECKING:
@@ -54,15 +55,24 @@ class Context:
     def is_last_attempt(self) -> bool:
         return self.attempt >= self.max_attempts
 
-    async def invoke(self, function: str, payload: Any, *, msg_id: str | None = None) -> int:
-        """Queue an invocation of another function; returns its stream sequence."""
+    async def invoke(self, function: str, payload: Any, *, msg_id: str | None = None,
+                     priority: int | None = None) -> int:
+        """Queue an invocation of another function (at ``priority``, 1 to 10, or its default level).
+
+        Returns its stream sequence; raises ``QueueFull`` if that function's queue is at its limit.
+        """
         if not re.match(NAME_PATTERN, function):
             raise FnRuntimeError(f"{function!r} is not a function name")
         headers = {H.MSG_ID: msg_id} if msg_id else None
         body = codec.encode(payload)
-        subject = f"{INVOKE_PREFIX}{function}"
+        subject = invoke_subject(function, priority)
         self._check(subject, body, headers)
-        ack = await self.js.publish(subject, body, headers=headers)
+        try:
+            ack = await self.js.publish(subject, body, headers=headers)
+        except Exception as exc:
+            if is_queue_full(exc):
+                raise QueueFull(f"the queue of {function} is full: the invocation was not stored") from None
+            raise
         return int(ack.seq)
 
     async def publish(self, subject: str, payload: Any, headers: dict[str, str] | None = None) -> None:

@@ -16,6 +16,7 @@ from nats.js import JetStreamContext
 from runtime.client import Client
 from runtime.manifest import FunctionManifest
 from runtime.streams import INVOKE_STREAM, ensure_consumer, provision_base
+from runtime.testing import call
 
 from .conftest import collect, eventually
 
@@ -192,3 +193,20 @@ async def test_fn_call_requests_choose_their_level_with_a_header(nc: NATS, js: J
     assert refused.headers is not None and refused.headers["Nats-Service-Error-Code"] == "400"
     assert "Fn-Priority: 'urgent' is not a priority level from 1" in refused.headers["Nats-Service-Error"]
     assert seen.starts == [8], "a refused request runs nowhere"
+
+
+def test_a_handler_queues_other_functions_at_a_level() -> None:
+    out = call("tests.handlers.priorities:relay", {"to": "ranked", "priority": 9, "i": 3})
+    assert [m.subject for m in out.invoked] == ["fn.invoke.ranked.9"]
+    assert call("tests.handlers.priorities:relay", {"to": "ranked"}).invoked[0].subject == "fn.invoke.ranked"
+
+
+async def test_a_handler_hears_of_a_full_queue_as_queue_full(nc: NATS, js: JetStreamContext, runtime: Any) -> None:
+    await runtime(settings={"max_queued": 1}, relay="""
+        name: relay
+        handler: tests.handlers.priorities:relay
+    """)
+    await js.publish("fn.invoke.parked.2", b"{}")        # nothing serves it: its level-2 queue stays full
+    async with Client(nc) as fn:
+        assert await fn.invoke("relay", {"to": "parked", "priority": 2}, timeout=10) == {"full": 429}
+        assert "seq" in await fn.invoke("relay", {"to": "parked", "priority": 3}, timeout=10)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from runtime import Context
+from runtime import Context, QueueFull
 
 
 async def tracked(event: dict[str, Any], ctx: Context) -> dict[str, Any]:
@@ -15,3 +15,12 @@ async def tracked(event: dict[str, Any], ctx: Context) -> dict[str, Any]:
     await asyncio.sleep(float(event.get("seconds", 0.01)))
     await ctx.nc.publish("prio.end", ctx.subject.encode())
     return {"i": event.get("i")}
+
+
+async def relay(event: dict[str, Any], ctx: Context) -> dict[str, Any]:
+    """Queues an invocation of ``event["to"]`` at ``event["priority"]``; says so if its queue is full."""
+    try:
+        seq = await ctx.invoke(event["to"], {"i": event.get("i")}, priority=event.get("priority"))
+    except QueueFull as exc:
+        return {"full": exc.code}
+    return {"seq": seq}
