@@ -257,6 +257,7 @@ async def test_handlers_run_only_once_the_runtime_has_started(
         # A queued call of a handler that blocks the loop for 2 s would stall a start-up that
         # ran handlers before every component was up.
         assert time.monotonic() - started < 1.5
-        assert rt.workers["blocker"].feed.delivered <= 1
+        worker = await eventually(lambda: rt.workers.get("blocker"), message="blocker served")
+        assert worker.feed.delivered <= 1
     finally:
         await rt.stop()
