@@ -38,7 +38,7 @@ from nats.aio.subscription import Subscription
 from . import priority
 from .consumer import PullFeed
 from .manifest import FunctionManifest
-from .protocol import IN_PROGRESS, NAK, pull_subject
+from .protocol import IN_PROGRESS, NAK, AckSubject, parse_ack, pull_subject
 from .streams import INVOKE_STREAM, SLOT_ACK_WAIT, SLOTS_STREAM
 
 log = logging.getLogger("runtime.dispatch")
@@ -77,18 +77,6 @@ class _Fetch:
     got: int = 0
     drained: bool = False    # the consumer has no more messages (it said so, or reported 0 pending)
     done: bool = False
-
-
-def ack_consumer(reply: str) -> tuple[str, int] | None:
-    """The consumer and its pending count from a JetStream ack subject (both forms); None otherwise."""
-    tokens = reply.split(".")
-    if len(tokens) == 9 and tokens[0] == "$JS" and tokens[1] == "ACK":
-        consumer, pending = tokens[3], tokens[8]
-    elif len(tokens) >= 11 and tokens[0] == "$JS" and tokens[1] == "ACK":
-        consumer, pending = tokens[5], tokens[10]
-    else:
-        return None
-    return consumer, int(pending) if pending.isdigit() else -1
 
 
 class PriorityFeed:
@@ -203,9 +191,13 @@ class PriorityFeed:
                 return   # the answer to a request out now asks again (see _ask)
         self._kick()
 
+    def _top(self) -> int | None:
+        """The most urgent level that may have work."""
+        return next((lv for lv in priority.LEVELS if self.maybe[lv]), None)
+
     def _asked_at_top(self) -> bool:
         """Whether the most urgent level that may have work has a request out already."""
-        level = next((lv for lv in priority.LEVELS if self.maybe[lv]), None)
+        level = self._top()
         return level is not None and priority.consumer_name(self.function, level, self.default) in self._requests
 
     @property
@@ -289,7 +281,7 @@ class PriorityFeed:
         # Each request goes to the most urgent level that may have work, chosen afresh for
         # every request. While requests are out, a new one waits for a quarter of the slots.
         while self.idle and self._running:
-            level = next((lv for lv in priority.LEVELS if self.maybe[lv]), None)
+            level = self._top()
             if level is None:
                 return
             if self._by_tag and len(self.idle) < self._batch:
@@ -345,8 +337,11 @@ class PriorityFeed:
                 fetch.drained = True
                 await self._ended(fetch)
             return
-        parsed = ack_consumer(msg.reply)
-        fetch = self._requests.get(parsed[0]) if parsed else None
+        try:
+            ack: AckSubject | None = parse_ack(msg.reply)
+        except ValueError:
+            ack = None
+        fetch = self._requests.get(ack.consumer) if ack else None
         if fetch is None or not fetch.reserved:
             # Came after its request was given up: run it if a slot is free, else hand it back.
             if self.idle and self._running:
@@ -359,7 +354,7 @@ class PriorityFeed:
         fetch.got += 1
         self._seen[fetch.level] = time.monotonic()
         self._run(msg, fetch.reserved.pop())
-        if parsed is not None and parsed[1] == 0:
+        if ack is not None and ack.pending == 0:
             # Nothing else was waiting then; the request stays open for its status (or for an
             # invocation stored meanwhile, which the server may still hand to it).
             fetch.drained = True
@@ -436,10 +431,10 @@ class PriorityFeed:
         listening for that level hears this bell instead. (Messages of a runtime that died
         are found by the periodic look in ``_housekeeping``.)
         """
-        parsed = ack_consumer(reply)
-        if parsed is None:
+        try:
+            level = self.level_of(parse_ack(reply).consumer)
+        except ValueError:
             return
-        level = self.level_of(parsed[0])
         subject = priority.doorbell_subjects(self.function, level, self.default)[-1]
 
         def ring() -> None:
@@ -448,8 +443,8 @@ class PriorityFeed:
         asyncio.get_running_loop().call_later(max(0.0, delay) + REDELIVERY_SLACK, ring)
 
     def level_of(self, consumer: str) -> int:
-        _, sep, level = consumer.rpartition("_L")
-        return int(level) if sep and level.isdigit() else self.default
+        level = priority.split_consumer(consumer)[1]
+        return self.default if level is None else level
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from nats.aio.msg import Msg
 
 from . import headers as H
-from .protocol import fallback_call_id
+from .protocol import fallback_call_id, parse_ack
 from .wire import call_id_for
 
 
@@ -24,17 +24,13 @@ class Invocation:
 
     @classmethod
     def from_msg(cls, msg: Msg, function: str) -> Invocation:
-        # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>, or the
-        # longer form with domain and account hash in front.
-        tokens = msg.reply.split(".")
-        offset = 2 if len(tokens) == 9 else 4
-        stream = tokens[offset]
-        seq = int(tokens[offset + 3])
+        ack = parse_ack(msg.reply)
         hdrs = msg.headers or {}
         # Headers are untrusted: an id too long or odd to use becomes a digest (see wire.call_id_for).
-        call_id = call_id_for(hdrs.get(H.CALL_ID) or hdrs.get(H.MSG_ID)) or fallback_call_id(stream, seq)
-        return cls(msg=msg, function=function, stream=stream, stream_seq=seq,
-                   delivered=int(tokens[offset + 2]), headers=hdrs, call_id=call_id)
+        call_id = (call_id_for(hdrs.get(H.CALL_ID) or hdrs.get(H.MSG_ID))
+                   or fallback_call_id(ack.stream, ack.stream_seq))
+        return cls(msg=msg, function=function, stream=ack.stream, stream_seq=ack.stream_seq,
+                   delivered=ack.delivered, headers=hdrs, call_id=call_id)
 
     @property
     def reply_to(self) -> str | None:

@@ -60,10 +60,21 @@ def consumer_name(function: str, level: int, default: int) -> str:
     return function if level == default else f"{function}_L{level}"
 
 
-def function_of_consumer(consumer: str) -> str:
-    """The function a consumer of ``FN`` feeds (the inverse of ``consumer_name``)."""
+def consumer_names(function: str) -> list[str]:
+    """Every name a consumer of ``function`` can have, whatever its default level."""
+    return [function] + [f"{function}_L{level}" for level in LEVELS]
+
+
+def split_consumer(consumer: str) -> tuple[str, int | None]:
+    """``(function, level)`` of a consumer of ``FN`` (the inverse of ``consumer_name``); level None
+    for the consumer named after the function, which takes its default level."""
     name, sep, level = consumer.rpartition("_L")
-    return name if sep and name and level.isdigit() else consumer
+    return (name, int(level)) if sep and name and level.isdigit() else (consumer, None)
+
+
+def function_of_consumer(consumer: str) -> str:
+    """The function a consumer of ``FN`` feeds."""
+    return split_consumer(consumer)[0]
 
 
 def doorbell_subjects(function: str, level: int, default: int) -> list[str]:

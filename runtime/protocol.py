@@ -7,6 +7,7 @@ the runtime's own stream names and subject prefixes in ``streams.py``.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 INVOKE_PREFIX = "fn.invoke."    # fn.invoke.<function>[.<priority level>]
@@ -96,6 +97,28 @@ PER_SUBJECT_FULL = "maximum messages per subject exceeded"   # FN's queue limit 
 
 
 # ------------------------------------------------------------------ call ids
+
+@dataclass(frozen=True, slots=True)
+class AckSubject:
+    """What the ack subject of a JetStream delivery says about the message."""
+
+    stream: str
+    consumer: str
+    delivered: int       # this delivery's number, from 1
+    stream_seq: int
+    pending: int         # messages the consumer had left to deliver after this one
+
+
+def parse_ack(reply: str) -> AckSubject:
+    """Read ``$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>``, or the longer
+    form with domain and account hash in front (and a random token at the end); ValueError otherwise."""
+    tokens = reply.split(".")
+    if tokens[:2] != ["$JS", "ACK"] or (len(tokens) != 9 and len(tokens) < 11):
+        raise ValueError(f"{reply[:80]!r} is not a JetStream ack subject")
+    offset = 2 if len(tokens) == 9 else 4
+    return AckSubject(stream=tokens[offset], consumer=tokens[offset + 1], delivered=int(tokens[offset + 2]),
+                      stream_seq=int(tokens[offset + 3]), pending=int(tokens[offset + 6]))
+
 
 def fallback_call_id(stream: str, seq: int) -> str:
     """The call id of a message published without one (a plain ``nats pub``)."""

@@ -203,8 +203,7 @@ async def ensure_consumer(js: JetStreamContext, manifest: FunctionManifest) -> N
     # A WorkQueue stream refuses consumers whose filters overlap: when the default level
     # moves, the consumers whose subjects change are removed before the new ones exist.
     filters = {c.durable_name: sorted(_filters(c)) for c in wanted}
-    names = [manifest.name] + [f"{manifest.name}_L{level}" for level in priority.LEVELS]
-    for name in names:
+    for name in priority.consumer_names(manifest.name):
         try:
             info = await js.consumer_info(INVOKE_STREAM, name)
         except NotFoundError:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from runtime import priority
-from runtime.dispatch import ack_consumer
+from runtime.protocol import parse_ack
 
 
 def test_subjects_carry_the_level_and_the_plain_subject_belongs_to_the_default() -> None:
@@ -38,10 +38,15 @@ def test_consumer_names_cannot_collide_with_function_names() -> None:
     assert priority.function_of_consumer("report_L9") == "report"
     assert priority.function_of_consumer("report_l9") == "report_l9"
     assert priority.function_of_consumer("report") == "report"
+    assert priority.split_consumer("report_L9") == ("report", 9)
+    assert priority.consumer_names("report")[:2] == ["report", "report_L10"]
     assert priority.LEVELS[0] == 10 and priority.LEVELS[-1] == 1
 
 
 def test_the_consumer_and_pending_count_are_read_from_both_ack_subject_forms() -> None:
-    assert ack_consumer("$JS.ACK.FN.report_L10.1.4.1.1795657393804182762.7") == ("report_L10", 7)
-    assert ack_consumer("$JS.ACK.hub.ACCHASH.FN.report.1.4.1.1795657393804182762.0.token") == ("report", 0)
-    assert ack_consumer("_INBOX.abc") is None
+    short = parse_ack("$JS.ACK.FN.report_L10.1.4.1.1795657393804182762.7")
+    assert (short.consumer, short.pending) == ("report_L10", 7)
+    long = parse_ack("$JS.ACK.hub.ACCHASH.FN.report.1.4.1.1795657393804182762.0.token")
+    assert (long.consumer, long.pending) == ("report", 0)
+    with pytest.raises(ValueError):
+        parse_ack("_INBOX.abc")
