@@ -161,10 +161,6 @@ class PriorityFeed:
         reserved = [s.reply for f in self._by_tag.values() for s in f.reserved]
         return [s.reply for s in self.idle] + [s.reply for s in self.busy.values()] + reserved
 
-    @property
-    def held(self) -> int:
-        return self.slot_feed.held
-
     # ------------------------------------------------------------------ slots
 
     def _on_slot(self, msg: Msg) -> None:
