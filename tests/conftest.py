@@ -24,6 +24,16 @@ from runtime.manifest import ManifestSet
 from runtime.server import EmbeddedServer, free_port
 from runtime.settings import Settings
 
+from .authservers import (  # noqa: F401 (fixtures: secured servers and certificates)
+    certificates,
+    mtls_server,
+    nkey_server,
+    operator_server,
+    password_server,
+    tls_server,
+    token_server,
+)
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
