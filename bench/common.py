@@ -42,8 +42,9 @@ def rss_peak_kb(pid: int) -> int:
     return 0
 
 
-def start_runtime(url: str, manifests: Path, log_path: Path) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+def start_runtime(url: str, manifests: Path, log_path: Path,
+                  env_extra: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env_extra or {})}
     with open(log_path, "wb") as out:
         return subprocess.Popen([sys.executable, "-m", "runtime", "serve", "--server", url, "--manifests",
                                  str(manifests), "--log-level", "WARNING"], cwd=ROOT, env=env, stdout=out,

@@ -6,7 +6,8 @@ messages on a file-storage work-queue stream, a no-op, an ack per message.
   (b) raw hand-rolled pull: a core subscription on an inbox with MSG.NEXT batch requests kept topped up;
   runtime: `runtime serve` with a no-op async function (pydantic input).
 Also reports publish-to-start latency at light load and the runtime's peak RSS.
-Prints one JSON line.
+With --secure, instead: the runtime on a plain server against the runtime on a server that
+requires TLS and a user/password, in the same run. Prints one JSON line.
 """
 
 from __future__ import annotations
@@ -14,18 +15,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import secrets
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import nats
 from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StorageType, StreamConfig
 
 from bench.common import PAYLOAD, drain_time, log, percentile, prefill, private_server, rss_peak_kb, start_runtime
+from runtime.connection import ConnectOptions, open_connection
 from runtime.loop import run
 from runtime.manifest import FunctionManifest
+from runtime.server import EmbeddedServer, free_port
 from runtime.streams import ensure_consumer, provision_base
 
 RAW_STREAM = "RAW"
@@ -118,17 +123,18 @@ store_results: {store}
 """
 
 
-async def runtime_rate(url: str, n: int, concurrency: int, store: bool, workdir: Path) -> tuple[float, int]:
+async def runtime_rate(url: str, n: int, concurrency: int, store: bool, workdir: Path,
+                       secure: SecureServer | None = None) -> tuple[float, int]:
     manifests = workdir / "manifests"
     manifests.mkdir(exist_ok=True)
     manifest = MANIFEST.format(name="noop", concurrency=concurrency, store=str(store).lower())
     (manifests / "noop.yaml").write_text(manifest)
-    nc = await nats.connect(url)
+    nc = await open_connection(url, secure.options if secure else None)
     js = nc.jetstream()
     await provision_base(js)
     await ensure_consumer(js, FunctionManifest(name="noop", handler="bench.handlers:noop", concurrency=concurrency))
     await prefill(js, "fn.invoke.noop", n)
-    proc = start_runtime(url, manifests, workdir / "runtime-rate.log")
+    proc = start_runtime(url, manifests, workdir / "runtime-rate.log", secure.env if secure else None)
     try:
         seconds = await drain_time(js, "FN", "noop", n)
         rss = rss_peak_kb(proc.pid)
@@ -210,19 +216,79 @@ async def main_bench(n: int, reps: int, concurrency: int, store: bool) -> dict[s
     }
 
 
+# ------------------------------------------------------------------ TLS and authentication
+
+
+@dataclass(frozen=True)
+class SecureServer:
+    server: EmbeddedServer
+    options: ConnectOptions
+    env: dict[str, str]
+
+
+def secure_server(directory: Path) -> SecureServer:
+    """A private server that requires TLS (a throwaway CA) and a user with a password."""
+    import trustme
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    ca_file, cert_file, key_file = directory / "ca.pem", directory / "server.pem", directory / "server.key"
+    ca.cert_pem.write_to_path(str(ca_file))
+    cert.cert_chain_pems[0].write_to_path(str(cert_file))
+    cert.private_key_pem.write_to_path(str(key_file))
+    password = secrets.token_urlsafe(24)
+    conf = directory / "nats.conf"
+    conf.write_text(f'tls {{ cert_file: "{cert_file}", key_file: "{key_file}" }}\n'
+                    f'authorization {{ users: [ {{ user: bench, password: "{password}" }} ] }}\n')
+    server = EmbeddedServer(directory / "store", port=free_port(), config=conf)
+    options = ConnectOptions(user="bench", password=password, tls_ca=ca_file)
+    return SecureServer(server, options, {"NATS_USER": "bench", "NATS_PASSWORD": password, "NATS_CA": str(ca_file)})
+
+
+async def secure_bench(n: int, reps: int, concurrency: int, store: bool) -> dict[str, object]:
+    plain = private_server()
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        workdir = Path(tmp)
+        (workdir / "tls").mkdir()
+        secure = secure_server(workdir / "tls")
+        await plain.start()
+        await secure.server.start()
+        url = f"tls://127.0.0.1:{secure.server.port}"
+        results: dict[str, list[float]] = {"plain": [], "tls_auth": []}
+        try:
+            for rep in range(reps):
+                results["plain"].append((await runtime_rate(plain.url, n, concurrency, store, workdir))[0])
+                results["tls_auth"].append((await runtime_rate(url, n, concurrency, store, workdir, secure))[0])
+                log(f"rep {rep}: " + ", ".join(f"{k}={v[-1]:.0f}/s" for k, v in results.items()))
+        finally:
+            await secure.server.stop()
+            await plain.stop()
+    med = {k: sorted(v)[len(v) // 2] for k, v in results.items()}
+    ratios = sorted(s / p for p, s in zip(results["plain"], results["tls_auth"], strict=True))
+    return {
+        "bench": "throughput-secure", "messages": n, "reps": reps, "store_results": store,
+        "rate_per_s": {k: round(v) for k, v in med.items()},
+        "all_rates": {k: [round(x) for x in v] for k, v in results.items()},
+        "ratio_tls_auth_vs_plain": round(med["tls_auth"] / med["plain"], 2),
+        "ratio_per_rep": [round(r, 2) for r in ratios],
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-n", type=int, default=20_000)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--concurrency", type=int, default=512)
     ap.add_argument("--no-store-results", action="store_true", help="manifest store_results: false")
+    ap.add_argument("--secure", action="store_true", help="plain server against TLS + user/password, same run")
     ap.add_argument("--role", choices=["main", "fetch", "cb"], default="main")
     ap.add_argument("--url", default="")
     args = ap.parse_args()
     if args.role != "main":
         run(raw_worker(args.url, args.role, args.n))
         return
-    print(json.dumps(run(main_bench(args.n, args.reps, args.concurrency, not args.no_store_results))))
+    bench = secure_bench if args.secure else main_bench
+    print(json.dumps(run(bench(args.n, args.reps, args.concurrency, not args.no_store_results))))
 
 
 if __name__ == "__main__":

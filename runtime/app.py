@@ -13,7 +13,8 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
 from .blocking import LoopMonitor
-from .errors import ConnectionLost, LoadError
+from .connection import ConnectOptions, open_connection, redact_url
+from .errors import ConnectionLost, LoadError, PermissionDenied
 from .follower import RegistryFollower
 from .gateway import Gateway
 from .loader import Handler, ensure_on_path, load_handler_async, module_changed
@@ -27,12 +28,14 @@ from .settings import Settings
 from .state import RuntimeState
 from .status import StatusResponder
 from .streams import ensure_consumer, provision_base
+from .trust import defined_outside, refusal, serve_prefixes
 from .wire import ReplyPolicy
 from .worker import FunctionWorker
 
 log = logging.getLogger("runtime.app")
 
 CONNECTION_CHECK = 0.5   # seconds between checks that the connection is still open
+PERMISSION_LOG_EVERY = 60.0  # seconds between log lines about the same refused permission
 
 
 class Component(Protocol):
@@ -40,13 +43,27 @@ class Component(Protocol):
     async def stop(self) -> None: ...
 
 
-async def connect(url: str, name: str = "runtime", on_closed: Callable[[], None] | None = None) -> NATS:
+async def connect(url: str, name: str = "runtime", on_closed: Callable[[], None] | None = None,
+                  options: ConnectOptions | None = None) -> NATS:
     """The runtime's connection: reconnects forever (the server may be restarting).
 
+    Credentials or a certificate the server refuses end the attempt at once with ``AuthError``.
     ``on_closed`` is called if the connection is closed anyway while nobody asked for it
-    (nats-py closes it for good on some server errors); the runtime then exits.
+    (nats-py closes it for good on some server errors); the runtime then exits. A permission the
+    server refuses is logged and the runtime goes on serving everything else.
     """
+    where = redact_url(url)
+    said: dict[str, float] = {}   # refused subject -> when it was last logged
+
     async def on_error(exc: Exception) -> None:
+        if isinstance(exc, PermissionDenied):
+            # Refused again on every retry (a pull every few seconds): said once a minute per subject.
+            now = asyncio.get_running_loop().time()
+            if now - said.get(exc.message, -PERMISSION_LOG_EVERY) >= PERMISSION_LOG_EVERY:
+                said[exc.message] = now
+                log.error("%s: this runtime's NATS user lacks that permission; what needs it cannot work "
+                          "until it is granted, everything else is served", exc.message)
+            return
         log.warning("nats: %s", exc)
 
     async def on_closed_cb() -> None:
@@ -55,18 +72,18 @@ async def connect(url: str, name: str = "runtime", on_closed: Callable[[], None]
 
     async def on_disconnect() -> None:
         if not nc.is_closed and not nc.is_draining:
-            log.warning("disconnected from %s; reconnecting", url)
+            log.warning("disconnected from %s; reconnecting", where)
 
     async def on_reconnect() -> None:
-        log.info("reconnected to %s", url)
+        log.info("reconnected to %s", where)
 
-    nc = NATS()
-    await nc.connect(url, name=name, max_reconnect_attempts=-1, reconnect_time_wait=1,
-                     error_cb=on_error, disconnected_cb=on_disconnect, reconnected_cb=on_reconnect,
-                     closed_cb=on_closed_cb,
-                     pending_size=8 * 1024 * 1024,
-                     # Subjects are built from validated names; checking each publish again is hot-path cost.
-                     skip_subject_validation=True)
+    nc: NATS = await open_connection(
+        url, options, name=name, max_reconnect_attempts=-1, reconnect_time_wait=1,
+        error_cb=on_error, disconnected_cb=on_disconnect, reconnected_cb=on_reconnect,
+        closed_cb=on_closed_cb,
+        pending_size=8 * 1024 * 1024,
+        # Subjects are built from validated names; checking each publish again is hot-path cost.
+        skip_subject_validation=True)
     return nc
 
 
@@ -86,6 +103,8 @@ class Runtime:
         self.follower = RegistryFollower(self.state, apply=self.apply, remove=self.remove,
                                          replicas=settings.replicas, on_schedules=self._set_schedules)
         self.state.monitor = LoopMonitor(self.state.handlers)
+        # Completed with the packages of ``settings.manifests`` once they are loaded at start.
+        self.state.trusted = serve_prefixes(settings.trust, ())
         self.scheduler: Scheduler | None = None
         # Set when the connection closed for good without a stop: the process must exit.
         self.lost = asyncio.Event()
@@ -128,8 +147,13 @@ class Runtime:
         return self.state.failing
 
     @property
+    def refused(self) -> dict[str, str]:
+        """Function name -> why its handler module was not imported (outside the trusted prefixes)."""
+        return self.state.refused
+
+    @property
     def manifests(self) -> dict[str, FunctionManifest]:
-        """Every function deployed to this runtime, served or failing."""
+        """Every function deployed to this runtime, served, failing or refused."""
         return self.state.deployed
 
     async def start(self) -> None:
@@ -156,7 +180,7 @@ class Runtime:
     async def _start(self) -> None:
         self._stopping = False
         state = self.state
-        state.nc = nc = await connect(self.url, on_closed=self._on_closed)
+        state.nc = nc = await connect(self.url, on_closed=self._on_closed, options=self.settings.connect)
         self._watch = asyncio.create_task(self._watch_connection(nc), name="connection-watch")
         state.js = js = nc.jetstream()
         state.outbox = Outbox(nc, js, ReplyPolicy(self.settings.reply_prefixes))
@@ -166,7 +190,10 @@ class Runtime:
         if s.manifests:
             # Development mode: deploy the given manifests, then follow the registry like any runtime.
             registry = await Registry.open(js, s.replicas)
-            for result in await registry.deploy(ManifestSet.load(s.manifests)):
+            given = ManifestSet.load(s.manifests)
+            # The operator chose these files: their handlers' packages are trusted.
+            state.trusted = serve_prefixes(s.trust, (m.handler for m in given.functions.values()))
+            for result in await registry.deploy(given):
                 log.info("%s %s: %s", result.kind.lower(), result.name, result.status)
         for component in self._components():
             # Listed first: a component whose own start fails half way is stopped with the others.
@@ -206,18 +233,25 @@ class Runtime:
         nc, js = state.connection
         async with self._lock:
             current = state.workers.get(manifest.name)
+            # Checked before anything imports the module (the import check child runs its code too).
+            refused = refusal(manifest.name, manifest.handler, state.trusted)
+            if refused is not None:
+                log.error("refusing to serve %s", refused)
+                await self._not_served(manifest, current, refused=refused)
+                return
             try:
                 handler = await self._handler_for(manifest, current)
             except LoadError as exc:
-                state.failing[manifest.name] = str(exc)
-                state.deployed[manifest.name] = manifest
                 log.error("cannot serve %s: %s", manifest.name, exc)
-                if current is not None:
-                    del state.workers[manifest.name]
-                    await self._tell_watchers(manifest.name, None)
-                    await current.stop(self.settings.grace)
+                await self._not_served(manifest, current, failing=str(exc))
+                return
+            refused = defined_outside(manifest.name, manifest.handler, handler.func, state.trusted)
+            if refused is not None:
+                log.error("refusing to serve %s", refused)
+                await self._not_served(manifest, current, refused=refused)
                 return
             state.failing.pop(manifest.name, None)
+            state.refused.pop(manifest.name, None)
             # The deploy created the consumer; ensuring it here also restores one deleted by hand.
             await ensure_consumer(js, manifest)
             state.deployed[manifest.name] = manifest
@@ -231,6 +265,21 @@ class Runtime:
                 current.update(manifest, handler)
                 log.info("updated %s", manifest.name)
             await self._tell_watchers(manifest.name, manifest)
+
+    async def _not_served(self, manifest: FunctionManifest, current: FunctionWorker | None, *,
+                          failing: str | None = None, refused: str | None = None) -> None:
+        """Record why ``manifest``'s function is not served here; stop serving its earlier revision."""
+        state = self.state
+        state.deployed[manifest.name] = manifest
+        for reasons, reason in ((state.failing, failing), (state.refused, refused)):
+            if reason is None:
+                reasons.pop(manifest.name, None)
+            else:
+                reasons[manifest.name] = reason
+        if current is not None:
+            del state.workers[manifest.name]
+            await self._tell_watchers(manifest.name, None)
+            await current.stop(self.settings.grace)
 
     async def _tell_watchers(self, name: str, manifest: FunctionManifest | None) -> None:
         for watcher in list(self.state.watchers):
@@ -259,6 +308,7 @@ class Runtime:
             worker = state.workers.pop(name, None)
             state.deployed.pop(name, None)
             state.failing.pop(name, None)
+            state.refused.pop(name, None)
             if worker is not None:
                 await self._tell_watchers(name, None)
         if worker is not None:
@@ -319,7 +369,7 @@ async def serve(settings: Settings, stop: asyncio.Event, *, handle_signals: bool
             if stop.is_set():
                 return
             async with Runtime(settings, url) as runtime:
-                log.info("runtime ready on %s", url)
+                log.info("runtime ready on %s", redact_url(url))
                 stopped = asyncio.create_task(stop.wait())
                 lost = asyncio.create_task(runtime.lost.wait())
                 await asyncio.wait([stopped, lost], return_when=asyncio.FIRST_COMPLETED)

@@ -14,22 +14,23 @@ import itertools
 import json
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
-import nats
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from nats.errors import NoRespondersError
+from nats.errors import BadHeaderError, MaxPayloadError, NoRespondersError
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 from nats.nuid import NUID
 
 from . import codec
 from . import headers as H
+from .connection import ConnectOptions, open_connection, permission_watch
 from .delay import Pending, delayed_subject, due_time, schedule_headers
 from .delay import cancel as cancel_delayed
 from .errors import (
@@ -37,6 +38,8 @@ from .errors import (
     InvalidInput,
     InvocationTimeout,
     NoResult,
+    PayloadTooLarge,
+    PermissionDenied,
     QueueFull,
     Unavailable,
     UnknownFunction,
@@ -54,6 +57,8 @@ log = logging.getLogger("runtime.client")
 
 KNOWN_TTL = 10.0  # a function found deployed is trusted this long before it is looked up again
 _NAME = re.compile(NAME_PATTERN)
+_ID_PREFIX = re.compile(r"^([A-Za-z0-9_\-]+\.)+$|^[A-Za-z0-9_\-]+$")
+T = TypeVar("T")
 
 Encoding = Literal["json", "msgpack"]
 
@@ -77,10 +82,24 @@ class Client:
     """
 
     def __init__(self, server: str | NATS = DEFAULT_URL, *, encoding: Encoding = "json",
-                 ack_timeout: float = 5.0) -> None:
+                 ack_timeout: float = 5.0, user: str | None = None, password: str | None = None,
+                 token: str | None = None, nkey: str | Path | None = None, creds: str | Path | None = None,
+                 tls_cert: str | Path | None = None, tls_key: str | Path | None = None,
+                 tls_ca: str | Path | None = None, tls_first: bool = False, inbox_prefix: str | None = None,
+                 id_prefix: str = "", options: ConnectOptions | None = None) -> None:
+        """``user``/``password``, ``token``, ``nkey`` (a seed file), ``creds`` (a JWT credentials file)
+        and the ``tls_*`` files authenticate to the server (or pass ``options``); ``inbox_prefix``
+        puts this client's reply subjects under a prefix its user may subscribe to. Call ids start
+        with ``id_prefix`` (such as ``"alice."``), so a caller can be allowed to read only the
+        outcomes of its own calls."""
         if encoding not in codec.CONTENT_TYPES:
             raise ValueError(f"encoding must be one of {sorted(codec.CONTENT_TYPES)}, not {encoding!r}")
+        check_id_prefix(id_prefix)
         self._server = server
+        self.options = options or ConnectOptions.model_validate({
+            "user": user, "password": password, "token": token, "nkey": nkey, "creds": creds,
+            "tls_cert": tls_cert, "tls_key": tls_key, "tls_ca": tls_ca, "tls_first": tls_first,
+            "inbox_prefix": inbox_prefix})
         self.encoding: Encoding = encoding
         self.ack_timeout = ack_timeout
         self._nc: NATS | None = None
@@ -88,8 +107,12 @@ class Client:
         self._inbox: ReplyInbox | None = None
         self._known: dict[str, float] = {}
         # Call ids: unique per client, then a counter (cheaper than a random id per call).
-        self._id_base = NUID().next().decode() + "-"
+        self._id_base = id_prefix + NUID().next().decode() + "-"
         self._ids = itertools.count(1)
+        # What each waiting request published to, so a permission the server refused fails it at once.
+        self._guarded: dict[asyncio.Future[Any], tuple[str, ...]] = {}
+        self._inbox_refused: PermissionDenied | None = None   # this client may not receive replies
+        self._stop_watching: Callable[[], None] | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -98,15 +121,29 @@ class Client:
             return
         if isinstance(self._server, str):
             # Only validated names and inboxes become subjects here.
-            self._nc = await nats.connect(self._server, name="runtime-client", skip_subject_validation=True)
+            self._nc = await open_connection(self._server, self.options, name="runtime-client",
+                                             skip_subject_validation=True)
         else:
             self._nc = self._server
         self._js = self._nc.jetstream()
+        watch = permission_watch(self._nc)
+        if watch is not None:
+            self._stop_watching = watch.listen(self._on_denied)
         inbox = ReplyInbox(self._nc, name="client-deadlines")
         await inbox.start()
+        if watch is not None:
+            # The server reports a refused subscription after the fact, often after this round
+            # trip; if later, the calls waiting then fail with it (see _on_denied).
+            await self._nc.flush()
+            if self._inbox_refused is not None:
+                await inbox.stop()
+                raise self._inbox_refused
         self._inbox = inbox
 
     async def stop(self) -> None:
+        if self._stop_watching is not None:
+            self._stop_watching()
+            self._stop_watching = None
         inbox, self._inbox = self._inbox, None
         if inbox is not None:
             await inbox.stop()
@@ -140,6 +177,8 @@ class Client:
     def _replies(self) -> ReplyInbox:
         self.nc  # noqa: B018 - raises when not started
         assert self._inbox is not None
+        if self._inbox_refused is not None:
+            raise self._inbox_refused
         return self._inbox
 
     # ------------------------------------------------------------------ calls
@@ -238,7 +277,9 @@ class Client:
         """
         waited = await self.outcome(call_id, wait=wait) if wait > 0 else None
         # Read (again, after a wait): a replay may be the reason there is no outcome.
-        state = waited or await fetch_state(self.js, call_id)
+        state: Response | Replayed | None = waited
+        if state is None:
+            state = await self._guard(fetch_state(self.js, call_id), result_subject(call_id))
         if isinstance(state, Response):
             return state.value()
         within = f" within {wait:g}s" if wait > 0 else " (yet)"
@@ -250,7 +291,7 @@ class Client:
     async def outcome(self, call_id: str, *, wait: float = 0.0) -> Response | None:
         """The stored outcome of ``call_id`` as it travels on the wire, or None."""
         if wait <= 0:
-            return await fetch_response(self.js, call_id)
+            return await self._guard(fetch_response(self.js, call_id), result_subject(call_id))
         arrived: asyncio.Queue[Msg] = asyncio.Queue()
 
         async def on_msg(msg: Msg) -> None:
@@ -260,7 +301,7 @@ class Client:
         sub = await self.nc.subscribe(result_subject(call_id), cb=on_msg)
         try:
             async with asyncio.timeout(wait):
-                stored = await fetch_response(self.js, call_id)
+                stored = await self._guard(fetch_response(self.js, call_id), result_subject(call_id))
                 while stored is None:
                     msg = await arrived.get()
                     if not is_tombstone(msg.headers):
@@ -273,6 +314,44 @@ class Client:
                 await sub.unsubscribe()
 
     # ------------------------------------------------------------------ internals
+
+    def _on_denied(self, denied: PermissionDenied) -> None:
+        """Fail at once whatever waits on a publish or subscription the server refused."""
+        inbox_denied = denied.action == "subscribe" and self._nc is not None and denied.subject.lower().startswith(
+            self._nc.new_inbox().rsplit(".", 1)[0].lower() + ".")
+        if inbox_denied:
+            denied = PermissionDenied(f"{denied.message} (this client's replies come there: give it an inbox "
+                                      "prefix its user may subscribe to, inbox_prefix= or --inbox-prefix)",
+                                      subject=denied.subject, action=denied.action)
+            self._inbox_refused = denied
+        for waiter, subjects in list(self._guarded.items()):
+            if waiter.done():
+                continue
+            # nats-py reports the subject in lower case: say it as this client wrote it.
+            ours = next((s for s in subjects if denied.subject.lower().endswith(s.lower())), None)
+            if inbox_denied or ours is not None:
+                if ours is not None and denied.subject.lower() == ours.lower():
+                    denied = PermissionDenied(f"permission denied: {denied.action} to {ours}", subject=ours,
+                                              action=denied.action)
+                waiter.set_exception(denied)
+                waiter.exception()   # retrieved: the caller may have been cancelled meanwhile
+
+    async def _guard(self, request: Awaitable[T], *subjects: str) -> T:
+        """Await ``request``, failing with ``PermissionDenied`` as soon as the server refuses a
+        publish to a subject ending in one of ``subjects`` (nats-py would wait for its timeout)."""
+        denied: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        task = asyncio.ensure_future(request)
+        self._guarded[denied] = subjects
+        try:
+            await asyncio.wait((task, denied), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            self._guarded.pop(denied, None)
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            raise denied.exception() or PermissionDenied("permission denied")
+        denied.cancel()
+        return task.result()
 
     def _encode(self, payload: Any, headers: Mapping[str, str] | None) -> tuple[bytes, dict[str, str]]:
         hdrs = dict(headers) if headers else {}
@@ -295,12 +374,23 @@ class Client:
         ack_deadline = min(deadline, asyncio.get_running_loop().time() + self.ack_timeout)
         inbox = self._replies
         ack_subject, ack = inbox.expect(ack_deadline)
+        self._guarded[ack] = (subject,)
         try:
             # It comes to this client's inbox like the reply: no request machinery per call.
             await nc.publish(subject, body, reply=ack_subject, headers=hdrs)
             msg = await ack
+        except MaxPayloadError:
+            raise PayloadTooLarge(f"the invocation of {function} does not fit in one message: "
+                                  f"{len(body):,} bytes of payload, and the server takes at most "
+                                  f"{nc.max_payload:,} bytes with headers (its max_payload)", call_id=call_id) from None
+        except BadHeaderError as exc:
+            raise InvalidInput(f"invalid header for {function}: {str(exc).removeprefix('nats: ')}",
+                               call_id=call_id) from None
+        except PermissionDenied as exc:
+            raise PermissionDenied(exc.message, subject=exc.subject, action=exc.action, call_id=call_id) from None
         finally:
             inbox.forget(ack_subject)
+            self._guarded.pop(ack, None)
         if msg is None:
             if ack_deadline < deadline:
                 raise Unavailable(f"JetStream did not acknowledge the invocation of {function} within "
@@ -319,20 +409,33 @@ class Client:
 
     async def _deployed(self, function: str) -> bool:
         js = self.js
+        key = f"$KV.{MANIFESTS_BUCKET}.{function}"
         try:
-            entry = await js.get_msg(f"KV_{MANIFESTS_BUCKET}", subject=f"$KV.{MANIFESTS_BUCKET}.{function}",
-                                     direct=True)
+            entry = await self._guard(js.get_msg(f"KV_{MANIFESTS_BUCKET}", subject=key, direct=True), key)
             return not is_tombstone(entry.headers)
+        except PermissionDenied:
+            # A caller need not be allowed to read the registry: the invocation's own publish is
+            # then what the server allows or refuses (by that subject, which says more).
+            return True
         except (NotFoundError, NoRespondersError):
             pass
         # Deployed without the registry: its durable consumer is what makes it run.
         try:
-            await js.consumer_info(INVOKE_STREAM, function)
+            await self._guard(js.consumer_info(INVOKE_STREAM, function), f".{INVOKE_STREAM}.{function}")
         except NotFoundError:
             return False
         except NoRespondersError:
             raise Unavailable("JetStream is not available on this server") from None
         return True
+
+
+def check_id_prefix(prefix: str) -> str:
+    """``prefix`` if call ids may start with it (tokens of letters, digits, ``_`` and ``-``, such as
+    ``alice.``); raises ``ValueError`` otherwise."""
+    if prefix and not _ID_PREFIX.match(prefix):
+        raise ValueError(f"the call id prefix {prefix!r} must be letters, digits, '_' or '-', "
+                         "in parts that end with '.' (such as 'alice.')")
+    return prefix
 
 
 def read_ack(ack: Msg, function: str, call_id: str) -> bool:
@@ -351,6 +454,8 @@ def read_ack(ack: Msg, function: str, call_id: str) -> bool:
     if error and refused_for_full_queue(error):
         raise QueueFull(f"the queue of {function} is full: the server holds as many of its invocations "
                         f"as its limit allows (max_queued); nothing was stored, try again later", call_id=call_id)
+    if error and "header size exceeds" in str(error.get("description", "")):
+        raise InvalidInput(f"the invocation of {function} was refused: {error['description']}", call_id=call_id)
     if error:
         raise Unavailable(f"the invocation of {function} could not be stored: "
                           f"{error.get('description', error)}", call_id=call_id)

@@ -6,7 +6,7 @@ Stored as JSON under the function's key in ``fn_manifests`` (``registry.py`` rea
 from __future__ import annotations
 
 import hashlib
-import importlib.util
+import importlib.machinery
 import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -21,17 +21,35 @@ ROLLED_BACK = "rolled back"
 CHANGES = (CREATED, UPDATED, ROLLED_BACK)   # how a stored revision came about
 
 
-def module_digest(handler: str) -> str | None:
-    """sha256 of the handler module's source file, or None if it has no file."""
-    module = handler.partition(":")[0]
-    try:
-        spec = importlib.util.find_spec(module)
-    except (ImportError, ValueError):
-        return None
+def find_module_file(module: str) -> str | None:
+    """The source file of ``module``, found without importing anything.
+
+    ``importlib.util.find_spec("a.b")`` imports package ``a`` first, running its code; this walks
+    the path finders package by package instead, so digesting a handler never runs module code.
+    """
+    spec = None
+    search: list[str] | None = None   # None: sys.path, for the top-level package
+    parts = module.split(".")
+    for depth in range(1, len(parts) + 1):
+        try:
+            spec = importlib.machinery.PathFinder.find_spec(".".join(parts[:depth]), search)
+        except (ImportError, ValueError):
+            return None
+        if spec is None:
+            return None
+        search = list(spec.submodule_search_locations or [])
     if spec is None or not spec.origin or not spec.has_location:
         return None
+    return spec.origin
+
+
+def module_digest(handler: str) -> str | None:
+    """sha256 of the handler module's source file, or None if it has no file."""
+    origin = find_module_file(handler.partition(":")[0])
+    if origin is None:
+        return None
     try:
-        with open(spec.origin, "rb") as f:
+        with open(origin, "rb") as f:
             return "sha256:" + hashlib.sha256(f.read()).hexdigest()[:16]
     except OSError:
         return None

@@ -145,6 +145,27 @@ class Cancelled(InvocationError):
     kind = "Cancelled"
 
 
+class PermissionDenied(InvocationError):
+    """Raised when the server refused a publish or subscription for lack of permission.
+
+    ``action`` is ``publish`` or ``subscribe``; ``subject`` is what the server named. Nothing was
+    stored or sent.
+    """
+
+    code = 403
+    kind = "PermissionDenied"
+
+    def __init__(self, message: str, *, subject: str = "", action: str = "",
+                 call_id: str | None = None) -> None:
+        super().__init__(message, call_id=call_id)
+        self.subject = subject
+        self.action = action
+
+
+class AuthError(FnRuntimeError):
+    """Raised when the NATS server refuses our credentials or certificate (retrying cannot help)."""
+
+
 class NotPending(FnRuntimeError):
     """Raised when cancelling a call that is not a delayed call still waiting (unknown, or fired already)."""
 

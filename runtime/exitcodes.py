@@ -12,4 +12,6 @@ RET_DECLINED = 6         # a destructive command was not confirmed (answered no,
 RET_NOT_FOUND = 7        # history, rollback: no such function or schedule, or no such revision of it
 RET_QUEUE_FULL = 8       # invoke: the function's queue is at its limit (max_queued); the call was not stored
 RET_NOT_PENDING = 9       # cancel: no delayed call of that id is waiting (unknown, or queued already)
+RET_AUTH = 10            # the server refused the credentials or the certificate (or they expired)
+RET_PERMISSION = 11      # the server refused a publish or subscription for lack of permission
 RET_INTERRUPTED = 130

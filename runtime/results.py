@@ -18,7 +18,9 @@ from .protocol import KV_DELETE, KV_OPERATION, is_tombstone, kv_stream, kv_subje
 from .streams import RESULTS_BUCKET
 from .wire import call_id_for, clip
 
-_KEY_OK = re.compile(r"^[-_=A-Za-z0-9]+$")
+# Dots are kept (a key of several tokens): ids under a per-caller prefix such as ``alice.`` are
+# stored under ``$KV.fn_results.alice.>``, which NATS permissions can grant to that caller alone.
+_KEY_OK = re.compile(r"^[-_=A-Za-z0-9]+(\.[-_=A-Za-z0-9]+)*$")
 # Every answer carries these and nothing else: the last two on failure only.
 REPLY_HEADERS = frozenset({H.CALL_ID, H.CONTENT_TYPE, H.SERVICE_ERROR, H.SERVICE_ERROR_CODE})
 

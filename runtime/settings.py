@@ -7,8 +7,10 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from .connection import ConnectOptions
 from .durations import Duration
 from .errors import ConfigError, format_problems, validation_problems
+from .trust import check_prefix
 
 
 class Settings(BaseModel):
@@ -17,6 +19,7 @@ class Settings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     server: str | None = None                 # None: start the embedded nats-server
+    connect: ConnectOptions = ConnectOptions()  # credentials and TLS for the server
     host: str = "127.0.0.1"                   # embedded server address
     port: int = 4222
     data_dir: Path = Path(".runtime")
@@ -32,6 +35,9 @@ class Settings(BaseModel):
     # Callers may be answered only on reply subjects under these prefixes (none: any that is not
     # a system or API subject, see wire.ReplyPolicy).
     reply_prefixes: tuple[str, ...] = ()
+    # Handler modules imported only under these prefixes, besides ``functions`` and the packages of
+    # ``manifests`` (see trust.py): the registry alone cannot make a runtime import any module.
+    trust: tuple[str, ...] = ()
     gateway: bool = True                      # fn.call.<name> micro endpoints
     dead_letters: bool = True                 # the advisory-driven dead-letter mover
     scheduler: bool = True                    # cron schedules
@@ -44,10 +50,15 @@ class Settings(BaseModel):
                 raise ValueError(f"{prefix!r} is not a reply subject prefix (such as _INBOX.)")
         return value
 
+    @field_validator("trust")
+    @classmethod
+    def _check_trust(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(check_prefix(prefix) for prefix in value)
+
     @classmethod
     def from_env(cls, **overrides: object) -> Settings:
         """Settings from ``NATS_URL`` / ``RUNTIME_DATA_DIR`` / ``RUNTIME_GRACE`` / ``RUNTIME_REPLY_PREFIX``
-        (comma-separated) / ``RUNTIME_MAX_QUEUED``, then ``overrides``."""
+        (comma-separated) / ``RUNTIME_MAX_QUEUED`` / ``RUNTIME_TRUST`` (comma-separated), then ``overrides``."""
         env: dict[str, object] = {}
         if os.environ.get("NATS_URL"):
             env["server"] = os.environ["NATS_URL"]
@@ -59,6 +70,8 @@ class Settings(BaseModel):
             env["reply_prefixes"] = tuple(p.strip() for p in os.environ["RUNTIME_REPLY_PREFIX"].split(",") if p.strip())
         if os.environ.get("RUNTIME_MAX_QUEUED"):
             env["max_queued"] = os.environ["RUNTIME_MAX_QUEUED"]
+        if os.environ.get("RUNTIME_TRUST"):
+            env["trust"] = tuple(p.strip() for p in os.environ["RUNTIME_TRUST"].split(",") if p.strip())
         env.update({k: v for k, v in overrides.items() if v is not None})
         try:
             return cls.model_validate(env)

@@ -38,10 +38,13 @@ class RuntimeState:
     outbox: Outbox | None = None
     monitor: LoopMonitor | None = None   # event-loop blocking by handlers, for the status
     workers: dict[str, FunctionWorker] = field(default_factory=dict)   # the functions served here
-    # Every function deployed to this runtime, served or failing: a request for one of them is not
-    # for an unknown function.
+    # Every function deployed to this runtime, served, failing or refused: a request for one of them
+    # is not for an unknown function.
     deployed: dict[str, FunctionManifest] = field(default_factory=dict)
     failing: dict[str, str] = field(default_factory=dict)   # function name -> why it is not served here
+    # Function name -> why its handler was not even imported: its module is outside the trusted prefixes.
+    refused: dict[str, str] = field(default_factory=dict)
+    trusted: tuple[str, ...] = ()   # the module prefixes handlers are imported from (see trust.py)
     watchers: list[ServingWatcher] = field(default_factory=list)
 
     @property

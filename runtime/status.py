@@ -38,6 +38,9 @@ class StatusResponder:
             "serving": {name: {"in_flight": w.in_flight, "completed": w.completed, "late": w.executor.late}
                         for name, w in state.workers.items()},
             "failing": dict(state.failing),
+            # Deployed, but its handler module is outside the trusted prefixes: never imported here.
+            "refused": dict(state.refused),
+            "trusted": list(state.trusted),
             "loop": None if monitor is None else monitor.counts(),   # event-loop blocking by handlers
             "outbox": None if outbox is None else {
                 "refused_replies": outbox.refused_replies, "kept_first": outbox.kept_first,

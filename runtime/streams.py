@@ -267,6 +267,8 @@ async def ensure_slots(js: JetStreamContext, manifest: FunctionManifest) -> None
 DLQ_STREAM = "FN_DLQ"
 DLQ_PREFIX = "fn.dead."
 EVENTS_STREAM = "FN_EVENTS"
+# The streams the runtime owns by name (besides the KV_ and OBJ_ streams of its buckets).
+OWNED_STREAMS = frozenset({INVOKE_STREAM, DELAYED_STREAM, SLOTS_STREAM, DLQ_STREAM, EVENTS_STREAM})
 ADVISORY_SUBJECTS = [
     f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{INVOKE_STREAM}.>",
     f"$JS.EVENT.ADVISORY.CONSUMER.MSG_TERMINATED.{INVOKE_STREAM}.>",

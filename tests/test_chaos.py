@@ -88,7 +88,8 @@ async def test_a_runtime_under_load_survives_every_poison(
         tmp_path: Path) -> None:
     modules = tmp_path / "modules"
     modules.mkdir()
-    proc = runtime_process(manifest_dir(**MANIFESTS), env={"PYTHONPATH": str(modules)})
+    proc = runtime_process(manifest_dir(**MANIFESTS), extra=["--trust", "exits_at_import"],
+                           env={"PYTHONPATH": str(modules)})
     await proc.wait_ready()
     nc = await nats.connect(nats_server.url)
     js = nc.jetstream()

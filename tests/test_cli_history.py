@@ -34,6 +34,7 @@ from .conftest import ROOT, RuntimeProcess, eventually
 
 PING = "name: {name}\nhandler: tests.handlers.deploy:ping\nconcurrency: {c}\ntimeout: {t}\n"
 LOCAL = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d")
+TRUST = {"RUNTIME_TRUST": "tests"}   # the handlers of these tests live in the tests package
 
 
 async def cli(server: EmbeddedServer, *args: str,
@@ -41,7 +42,7 @@ async def cli(server: EmbeddedServer, *args: str,
     # In a thread: a runtime under test may share this event loop.
     return await asyncio.to_thread(
         subprocess.run, [sys.executable, "-m", "runtime", *args, "--server", server.url], cwd=ROOT,
-        capture_output=True, text=True, timeout=30, env={**os.environ, **(env or {})})
+        capture_output=True, text=True, timeout=30, env={**os.environ, **TRUST, **(env or {})})
 
 
 def write(path: Path, text: str) -> Path:
@@ -128,7 +129,7 @@ async def test_history_says_when_and_what_changed_newest_first(nats_server: Embe
     (pkg / "histmod" / "__init__.py").write_text("")
     module = pkg / "histmod" / "fn.py"
     module.write_text("async def main(event):\n    return 1\n")
-    env = {"PYTHONPATH": str(pkg)}
+    env = {"PYTHONPATH": str(pkg), "RUNTIME_TRUST": "histmod"}
     manifest = "name: hist\nhandler: histmod.fn:main\nconcurrency: {c}\ntimeout: {t}\n"
     path = tmp_path / "hist.yaml"
     write(path, manifest.format(c=1, t="30s"))
@@ -234,7 +235,7 @@ async def test_unknown_names_and_revisions_are_one_line_with_their_own_exit_code
 async def test_a_running_runtime_serves_the_rolled_back_settings(
         nats_server: EmbeddedServer, nc: NATS, tmp_path: Path,
         runtime_process: Callable[..., RuntimeProcess]) -> None:
-    proc = runtime_process(None)
+    proc = runtime_process(None, env=TRUST)
     await proc.wait_ready()
     path = tmp_path / "slow.yaml"
     manifest = "name: slow\nhandler: tests.handlers.deploy:slow\ntimeout: {t}\nretry:\n  max_deliver: 1\n"

@@ -233,7 +233,8 @@ async def test_call_waits_in_the_queue_until_a_runtime_starts(
         call = asyncio.create_task(client.invoke("square", {"n": 12, "token": "late"}, timeout=60))
         await eventually(lambda: _pending(js, "square"), message="the call to be queued")
         assert not call.done()
-        proc = runtime_process(None)  # no manifests: it serves what the registry holds
+        # No manifests: it serves what the registry holds, from the package it is told to trust.
+        proc = runtime_process(None, env={"RUNTIME_TRUST": "tests"})
         assert await call == {"token": "late", "square": 144}
         assert "serving square" in proc.output()
 

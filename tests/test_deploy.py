@@ -25,11 +25,12 @@ from runtime.status import gather_status
 from .conftest import ROOT, RuntimeProcess, collect, eventually
 
 PING = "name: ping\nhandler: tests.handlers.deploy:ping\n"
+TRUST = {"RUNTIME_TRUST": "tests"}   # the handlers of these tests live in the tests package
 
 
 def cli(server: EmbeddedServer, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "runtime", *args, "--server", server.url], cwd=ROOT,
-                          capture_output=True, text=True, timeout=30, env={**os.environ, **(env or {})})
+                          capture_output=True, text=True, timeout=30, env={**os.environ, **TRUST, **(env or {})})
 
 
 def write(path: Path, text: str) -> Path:
@@ -44,7 +45,7 @@ async def serving(nc: NATS, name: str, count: int = 1) -> bool:
 
 async def empty_runtimes(runtime_process: Callable[..., RuntimeProcess], count: int,
                          env: dict[str, str] | None = None) -> list[RuntimeProcess]:
-    procs = [runtime_process(None, env=env) for _ in range(count)]
+    procs = [runtime_process(None, env={**TRUST, **(env or {})}) for _ in range(count)]
     await asyncio.gather(*(p.wait_ready() for p in procs))
     return procs
 
@@ -160,10 +161,11 @@ async def test_a_runtime_that_cannot_import_a_handler_keeps_serving_the_others(
     (elsewhere / "onlyhere").mkdir(parents=True)
     (elsewhere / "onlyhere" / "__init__.py").write_text("")
     (elsewhere / "onlyhere" / "fn.py").write_text("async def main(event):\n    return event\n")
-    proc = (await empty_runtimes(runtime_process, 1))[0]
+    trust = {"RUNTIME_TRUST": "tests,onlyhere"}
+    proc = (await empty_runtimes(runtime_process, 1, env=trust))[0]
     ping = write(tmp_path / "ping.yaml", PING)
     remote = write(tmp_path / "remote.yaml", "name: remote\nhandler: onlyhere.fn:main\n")
-    result = cli(nats_server, "deploy", str(ping), str(remote), env={"PYTHONPATH": str(elsewhere)})
+    result = cli(nats_server, "deploy", str(ping), str(remote), env={"PYTHONPATH": str(elsewhere), **trust})
     assert result.returncode == 0, result.stderr
     await eventually(lambda: "cannot serve remote" in proc.output(), timeout=3)
     seen, _ = await collect(nc, "test.events.ping")
@@ -185,7 +187,7 @@ async def test_redeploy_with_changed_module_reloads_it(nats_server: EmbeddedServ
     (pkg / "reloadme" / "__init__.py").write_text("")
     module = pkg / "reloadme" / "fn.py"
     module.write_text("async def main(event):\n    return {'version': 1}\n")
-    env = {"PYTHONPATH": str(pkg)}
+    env = {"PYTHONPATH": str(pkg), "RUNTIME_TRUST": "reloadme"}
     await empty_runtimes(runtime_process, 1, env=env)
     path = write(tmp_path / "r.yaml", "name: reloadme\nhandler: reloadme.fn:main\n")
     assert cli(nats_server, "deploy", str(path), env=env).returncode == 0

@@ -68,7 +68,7 @@ async def test_a_full_store_delays_outcomes_and_dead_letters_without_losing_any(
     assert await fill(js) > 0
 
     url = nats_server.url
-    rt = Runtime(Settings(project_root=ROOT, data_dir=tmp_path / "rt", grace=5.0), url)
+    rt = Runtime(Settings(project_root=ROOT, data_dir=tmp_path / "rt", grace=5.0, trust=("tests",)), url)
     await rt.start()
     try:
         assert rt.outbox is not None

@@ -250,7 +250,8 @@ async def test_handlers_run_only_once_the_runtime_has_started(
     first = await runtime(blocker=fn("blocker", "blocks", timeout="10s"))
     await first.stop()
     await js.publish("fn.invoke.blocker", b'{"seconds": 2.0}')
-    rt = Runtime(Settings(project_root=ROOT, data_dir=tmp_path / "rt2", grace=5.0), nats_server.url)
+    rt = Runtime(Settings(project_root=ROOT, data_dir=tmp_path / "rt2", grace=5.0, trust=("tests",)),
+                 nats_server.url)
     started = time.monotonic()
     await rt.start()
     try:

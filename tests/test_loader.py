@@ -178,7 +178,7 @@ async def _cli(*args: str, env: dict[str, str]) -> tuple[int, str, str]:
 async def test_modules_that_exit_at_import_neither_stop_a_runtime_nor_the_deploy(
         nats_server: EmbeddedServer, tmp_path: Path, runtime_process: Callable[..., RuntimeProcess]) -> None:
     modules = _modules_dir(tmp_path)
-    path = {"PYTHONPATH": str(modules)}
+    path = {"PYTHONPATH": str(modules), "RUNTIME_TRUST": ",".join([*BAD_MODULES, "healthy_mod"])}
     explode = {**path, "RT_TEST_EXPLODE": "1"}
     proc = runtime_process(None, env=explode)
     await proc.wait_ready()

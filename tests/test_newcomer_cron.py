@@ -156,10 +156,11 @@ async def test_a_runtime_only_says_it_stops_what_it_served(nats_server: Embedded
     early.write_text("name: early\nhandler: tests.handlers.deploy:ping\n")
     late = tmp_path / "late.yaml"
     late.write_text("name: late\nhandler: tests.handlers.deploy:ping\n")
-    for step in (("deploy", str(early)), ("undeploy", "early", "--yes"), ("deploy", str(late))):
+    for step in (("deploy", str(early), "--trust", "tests"), ("undeploy", "early", "--yes"),
+                 ("deploy", str(late), "--trust", "tests")):
         result = await cli(nats_server, *step)
         assert result.returncode == 0, result.stderr
-    proc = runtime_process(None)
+    proc = runtime_process(None, extra=["--trust", "tests"])
     await proc.wait_ready()
     assert await cli(nats_server, "undeploy", "late", "--yes")
     await eventually(lambda: "stopped serving late" in proc.output(), message="late to stop")

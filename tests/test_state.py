@@ -28,7 +28,7 @@ TICK = "kind: Schedule\nname: tick\ncron: '0 0 1 1 *'\nfunction: ping\n"
 
 def test_status_of_a_runtime_not_yet_started() -> None:
     assert StatusResponder(RuntimeState()).snapshot() | {"runtime": "-"} == {
-        "runtime": "-", "serving": {}, "failing": {}, "loop": None, "outbox": None}
+        "runtime": "-", "serving": {}, "failing": {}, "refused": {}, "trusted": [], "loop": None, "outbox": None}
 
 
 async def test_the_follower_hands_every_change_to_its_callbacks(nc: NATS, js: JetStreamContext,

@@ -11,11 +11,19 @@ from collections.abc import Iterator, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-from ..errors import ConnectionLost, FnRuntimeError, InvocationError
-from ..exitcodes import RET_CONNECTION_LOST, RET_DECLINED, RET_ERROR, RET_FAILED, RET_INTERRUPTED
-from . import cancel, common, deploy, dlq, invoke, queue, schedules, serve
+from ..errors import AuthError, ConnectionLost, FnRuntimeError, InvocationError, PermissionDenied
+from ..exitcodes import (
+    RET_AUTH,
+    RET_CONNECTION_LOST,
+    RET_DECLINED,
+    RET_ERROR,
+    RET_FAILED,
+    RET_INTERRUPTED,
+    RET_PERMISSION,
+)
+from . import cancel, common, deploy, dlq, invoke, queue, schedules, secure, serve
 
-COMMANDS = [serve, deploy, schedules, dlq, queue, invoke, cancel]
+COMMANDS = [serve, deploy, schedules, dlq, queue, invoke, cancel, secure]
 DISTRIBUTION = "nats-fn-runtime"
 DEBUG_HELP = "show tracebacks and debug logs"
 
@@ -82,28 +90,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         return code
     except KeyboardInterrupt:
         return RET_INTERRUPTED
-    except common.Declined as exc:
-        common.error(str(exc))
-        return RET_DECLINED
-    except InvocationError as exc:
-        if args.debug:
-            raise
-        common.error(f"{exc.described} (code {exc.code})")
-        return RET_FAILED
-    except ConnectionLost as exc:
-        common.error(str(exc))
-        return RET_CONNECTION_LOST
-    except (FnRuntimeError, OSError, TimeoutError) as exc:
-        if args.debug:
-            raise
-        common.error(common.describe(exc, common.url_of(args)))
-        return RET_ERROR
     except Exception as exc:
-        if args.debug:
+        if args.debug and not isinstance(exc, common.Declined | ConnectionLost):
             raise
+        message, code = failure(exc, args)
+        common.error(message)
+        return code
+
+
+def failure(exc: Exception, args: argparse.Namespace) -> tuple[str, int]:
+    """The one line and the exit code a command's error ends it with."""
+    if isinstance(exc, common.Declined):
+        return str(exc), RET_DECLINED
+    if isinstance(exc, PermissionDenied):
+        return exc.message, RET_PERMISSION
+    if isinstance(exc, AuthError):
+        return str(exc), RET_AUTH
+    if isinstance(exc, InvocationError):
+        return f"{exc.described} (code {exc.code})", RET_FAILED
+    if isinstance(exc, ConnectionLost):
+        return str(exc), RET_CONNECTION_LOST
+    if not isinstance(exc, FnRuntimeError | OSError | TimeoutError):
         logging.getLogger("runtime.cli").debug("unexpected error", exc_info=True)
-        common.error(common.describe(exc, common.url_of(args)))
-        return RET_ERROR
+    return common.describe(exc, common.url_of(args)), RET_ERROR
 
 
 def entry() -> None:

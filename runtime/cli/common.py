@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import json
 import logging
@@ -18,7 +19,8 @@ from nats.js import JetStreamContext
 from nats.js.errors import APIError, NoStreamResponseError, NotFoundError, ServiceUnavailableError
 
 from .. import errors
-from ..errors import ConfigError, LoadError, ManifestError, ServerError
+from ..connection import ENVIRONMENT, ConnectOptions, open_connection, permission_watch, redact_url
+from ..errors import AuthError, ConfigError, LoadError, ManifestError, PermissionDenied, ServerError
 from ..protocol import DEFAULT_URL, STREAM_NOT_FOUND
 from ..revisions import RegistryError
 from .style import ERROR, WARNING, Painter
@@ -29,11 +31,44 @@ STATE_COLUMNS = frozenset({"status", "state", "reason", "next (local)"})
 
 def add_server_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--server", "-s", metavar="URL", default=None,
-                        help=f"NATS server URL (default: $NATS_URL or {DEFAULT_URL})")
+                        help=f"NATS server URL, or several separated by commas (default: $NATS_URL or {DEFAULT_URL})")
+    add_auth_options(parser)
+
+
+def add_auth_options(parser: argparse.ArgumentParser) -> None:
+    """The nats CLI's connection flags; each defaults to its environment variable."""
+    group = parser.add_argument_group("connection (each flag defaults to the environment variable named)")
+    env = ENVIRONMENT
+    group.add_argument("--user", default=None, help=f"user name (${env['user']})")
+    group.add_argument("--password", default=None,
+                       help=f"password (${env['password']}; prefer the variable: arguments show in ps)")
+    group.add_argument("--token", default=None, help=f"authentication token (${env['token']})")
+    group.add_argument("--nkey", metavar="FILE", default=None, help=f"NKey seed file (${env['nkey']})")
+    group.add_argument("--creds", metavar="FILE", default=None, help=f"JWT credentials file (${env['creds']})")
+    group.add_argument("--tlscert", metavar="FILE", default=None,
+                       help=f"client certificate for mutual TLS (${env['tls_cert']})")
+    group.add_argument("--tlskey", metavar="FILE", default=None,
+                       help=f"private key of the client certificate (${env['tls_key']})")
+    group.add_argument("--tlsca", metavar="FILE", default=None,
+                       help=f"CA certificate that signed the server's (${env['tls_ca']})")
+    group.add_argument("--tls-first", action="store_true", default=None,
+                       help=f"start TLS before the server's greeting (${env['tls_first']})")
+    group.add_argument("--inbox-prefix", metavar="PREFIX", default=None,
+                       help=f"subscribe for replies under this prefix instead of _INBOX (${env['inbox_prefix']})")
 
 
 def server_url(args: argparse.Namespace) -> str:
     return str(args.server or os.environ.get("NATS_URL") or DEFAULT_URL)
+
+
+def connect_options(args: argparse.Namespace) -> ConnectOptions:
+    """The connection options of a command: its flags over the ``NATS_*`` environment."""
+    return ConnectOptions.from_env(
+        user=getattr(args, "user", None), password=getattr(args, "password", None),
+        token=getattr(args, "token", None), nkey=getattr(args, "nkey", None), creds=getattr(args, "creds", None),
+        tls_cert=getattr(args, "tlscert", None), tls_key=getattr(args, "tlskey", None),
+        tls_ca=getattr(args, "tlsca", None), tls_first=getattr(args, "tls_first", None),
+        inbox_prefix=getattr(args, "inbox_prefix", None))
 
 
 def add_json_option(parser: argparse.ArgumentParser) -> None:
@@ -93,7 +128,7 @@ def describe(exc: BaseException, url: str | None = None) -> str:
     user's terms: what is missing on which server, and what to do about it.
     """
     text = str(exc).strip()
-    if text and isinstance(exc, ManifestError | LoadError | ServerError | ConfigError | RegistryError):
+    if text and isinstance(exc, ManifestError | LoadError | ServerError | ConfigError | RegistryError | AuthError):
         return text
     if text and ("nats: no servers available" in text
                  or type(exc).__name__ in ("NoServersError", "ConnectionRefusedError")):
@@ -127,8 +162,8 @@ def url_of(args: argparse.Namespace) -> str | None:
     if not hasattr(args, "server"):
         return None
     if args.command == "serve":
-        return str(args.server or os.environ.get("NATS_URL") or "") or None
-    return server_url(args)
+        return redact_url(str(args.server or os.environ.get("NATS_URL") or "")) or None
+    return redact_url(server_url(args))
 
 
 def print_json(data: Any) -> None:
@@ -158,15 +193,42 @@ async def _quiet(exc: Exception) -> None:
 
 @contextlib.asynccontextmanager
 async def connection(args: argparse.Namespace) -> AsyncIterator[tuple[NATS, JetStreamContext]]:
-    """A short-lived connection for one command; a refused connection is one clear error."""
+    """A short-lived connection for one command; a refused connection is one clear error.
+
+    A publish or subscription the server refuses for lack of permission ends the command at once
+    with ``PermissionDenied`` (the server says so asynchronously; without this the command would
+    wait for an answer that never comes).
+    """
     url = server_url(args)
-    nc = NATS()
+    options = connect_options(args)
     try:
-        await nc.connect(url, connect_timeout=3, max_reconnect_attempts=1, reconnect_time_wait=0,
-                         error_cb=_quiet)
+        nc = await open_connection(url, options, name="runtime-cli", connect_timeout=3,
+                                   max_reconnect_attempts=1, reconnect_time_wait=0, error_cb=_quiet)
+    except (AuthError, ConfigError):
+        raise
     except Exception as exc:
-        raise ConfigError(f"cannot connect to the NATS server at {url}: {exc}") from None
+        raise ConfigError(f"cannot connect to the NATS server at {redact_url(url)}: {exc}") from None
+    task = asyncio.current_task()
+    denied: list[PermissionDenied] = []
+
+    def on_denied(exc: PermissionDenied) -> None:
+        if not denied and task is not None:
+            denied.append(exc)
+            task.cancel()
+
+    watch = permission_watch(nc)
+    assert watch is not None
+    stop_watching = watch.listen(on_denied)
     try:
         yield nc, nc.jetstream()
+    except asyncio.CancelledError:
+        if not denied:
+            raise
     finally:
-        await nc.close()
+        stop_watching()
+        with contextlib.suppress(asyncio.CancelledError):
+            await nc.close()
+    if denied:
+        assert task is not None
+        task.uncancel()
+        raise denied[0]

@@ -8,7 +8,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from .. import queue
+from .. import queue, trust
 from ..delay import delayed_count
 from ..errors import LoadError, ManifestError
 from ..exitcodes import RET_ERROR, RET_NOT_FOUND, RET_OK
@@ -44,6 +44,10 @@ def register(sub: Any) -> None:
             p.add_argument("--to", type=int, metavar="REV",
                            help="the revision to restore (default: the one before the current one); "
                                 "an undeployed function is deployed again")
+        if name == "deploy":
+            p.add_argument("--trust", action="append", default=[], metavar="PREFIX",
+                           help="also accept handlers under this module prefix (repeatable; $RUNTIME_TRUST, "
+                                "comma-separated); functions is always trusted")
         if name == "undeploy":
             p.add_argument("--force", action="store_true",
                            help="also undeploy the standalone schedules that target the function")
@@ -53,8 +57,19 @@ def register(sub: Any) -> None:
         p.set_defaults(func=func)
 
 
+def check_trusted(manifests: ManifestSet, prefixes: tuple[str, ...]) -> None:
+    """Refuse (ManifestError, naming the file) a handler outside ``prefixes``, before anything imports it."""
+    for manifest in manifests.functions.values():
+        reason = trust.refusal(manifest.name, manifest.handler, prefixes)
+        if reason is not None:
+            source = manifests.sources.get(f"Function:{manifest.name}", manifest.name)
+            raise ManifestError(source, [("", reason)])
+
+
 def cmd_deploy(args: argparse.Namespace) -> int:
     root = Path.cwd()
+    # The runtimes' own default plus what the deployer says: never the packages being deployed.
+    prefixes = trust.deploy_prefixes(trust.combine(trust.env_prefixes(), trust.parse_prefixes(args.trust)))
     if not manifest_files(args.paths):
         # Deploying nothing is a mistyped path far more often than an intent: say so before connecting.
         raise ManifestError(", ".join(args.paths), [("", "no manifests found (*.yaml or *.yml files)")])
@@ -64,14 +79,18 @@ def cmd_deploy(args: argparse.Namespace) -> int:
             registry = await Registry.open(js)
             known = {d.manifest.name for d in (await registry.all()).values() if d.manifest.kind == "Function"}
             manifests = ManifestSet.load(args.paths, known_functions=known)
+            check_trusted(manifests, prefixes)
             for manifest in manifests.functions.values():
                 # The same checks a runtime makes; a module that exits at import is one error line
                 # that names the manifest, as a bad field would.
+                source = manifests.sources.get(f"Function:{manifest.name}", manifest.name)
                 try:
-                    await load_handler_async(manifest.handler, root=root)
+                    handler = await load_handler_async(manifest.handler, root=root)
                 except LoadError as exc:
-                    source = manifests.sources.get(f"Function:{manifest.name}", manifest.name)
                     raise ManifestError(source, [("handler", str(exc))]) from None
+                outside = trust.defined_outside(manifest.name, manifest.handler, handler.func, prefixes)
+                if outside is not None:
+                    raise ManifestError(source, [("handler", outside)])
             return [vars(r) for r in await registry.deploy(manifests)]
 
     results = run(main())
@@ -202,6 +221,8 @@ async def _listing(args: argparse.Namespace) -> list[dict[str, Any]]:
             if isinstance(m, FunctionManifest):
                 state = waiting.get(m.name)
                 failing = {s["runtime"]: s["failing"][m.name] for s in statuses if m.name in s.get("failing", {})}
+                # Runtimes from before trusted prefixes report no "refused".
+                refused = {s["runtime"]: s["refused"][m.name] for s in statuses if m.name in s.get("refused", {})}
                 serving = [s["runtime"] for s in statuses if m.name in s.get("serving", {})]
                 row.update(settings=(f"concurrency={m.concurrency} priority={m.priority} timeout={m.timeout:g}s "
                                      f"max_deliver={m.retry.max_deliver}"
@@ -210,11 +231,11 @@ async def _listing(args: argparse.Namespace) -> list[dict[str, Any]]:
                            levels=per_level(state.subjects if state else {}, m.name, m.priority),
                            delayed=await delayed_count(js, m.name), max_queued=limit if limit > 0 else None,
                            runtimes=len(serving),
-                           status="failing" if failing else ("serving" if serving else "idle"), failing=failing)
+                           status=_function_status(failing, refused, serving), failing=failing, refused=refused)
             else:
                 row.update(settings=f"cron={m.cron!r} -> {m.function}", queued="", in_flight="", levels={},
                            delayed="", max_queued=None, runtimes="",
-                           status=_schedule_status(m.enabled, m.function in functions), failing={})
+                           status=_schedule_status(m.enabled, m.function in functions), failing={}, refused={})
             rows.append(row)
         return rows
 
@@ -241,6 +262,15 @@ def _queued_cell(row: dict[str, Any]) -> str:
     return f"{row['queued']} ({' '.join(f'{lv}:{n}' for lv, n in levels.items())})"
 
 
+def _function_status(failing: dict[str, str], refused: dict[str, str], serving: list[str]) -> str:
+    # A refusal is a decision, not a breakage: it says so even where another runtime fails or serves.
+    if refused:
+        return "refused"
+    if failing:
+        return "failing"
+    return "serving" if serving else "idle"
+
+
 def _schedule_status(enabled: bool, target_deployed: bool) -> str:
     # Runtimes do not run a schedule whose function is not deployed (one left from older versions).
     if not target_deployed:
@@ -261,4 +291,6 @@ def cmd_ls(args: argparse.Namespace) -> int:
     for r in rows:
         for runtime, error in r["failing"].items():
             print(f"  {r['name']} failing on {runtime}: {error}")
+        for runtime, reason in r["refused"].items():
+            print(f"  {r['name']} refused on {runtime}: {reason}")
     return RET_OK

@@ -5,16 +5,17 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import os
 import sys
 from datetime import datetime
 from typing import Any
 
 from nats.nuid import NUID
 
-from ..client import Call, Client
+from ..client import Call, Client, check_id_prefix
 from ..delay import parse_moment, rfc3339
 from ..durations import parse_duration
-from ..errors import InvocationError, InvocationTimeout, NoResult, QueueFull
+from ..errors import InvocationError, InvocationTimeout, NoResult, PermissionDenied, QueueFull
 from ..exitcodes import RET_FAILED, RET_NO_RESULT, RET_OK, RET_QUEUE_FULL, RET_USAGE
 from ..expiry import parse_ttl, ttl_header
 from ..loop import run
@@ -67,6 +68,8 @@ def register(sub: Any) -> None:
     p.add_argument("--timeout", "-t", type=_duration, default=30.0, metavar="DURATION",
                    help="how long to wait for the outcome, e.g. 500ms, 30s, 2m (default 30s)")
     p.add_argument("--call-id", metavar="ID", help="the call id (default: a new unique id)")
+    p.add_argument("--id-prefix", metavar="PREFIX", default=None,
+                   help="start a new call id with PREFIX, e.g. alice. (a caller's own results; $RUNTIME_ID_PREFIX)")
     p.add_argument("--priority", "-p", type=_level, metavar="LEVEL",
                    help="queue at this level, 1 (least urgent) to 10 (most urgent); default: the function's own")
     later = p.add_mutually_exclusive_group()
@@ -111,7 +114,12 @@ def cmd_invoke(args: argparse.Namespace) -> int:
         common.error("--delay and --at need --async: the call runs later; read its outcome then with "
                      "'runtime result CALL_ID --wait DURATION'")
         return RET_USAGE
-    call_id = args.call_id or NUID().next().decode()
+    try:
+        prefix = check_id_prefix(args.id_prefix or os.environ.get("RUNTIME_ID_PREFIX", ""))
+    except ValueError as exc:
+        common.error(str(exc))
+        return RET_USAGE
+    call_id = args.call_id or prefix + NUID().next().decode()
     common.show_warnings("runtime.client")   # e.g. a call id already used
 
     async def main() -> Call | Any:
@@ -124,6 +132,8 @@ def cmd_invoke(args: argparse.Namespace) -> int:
 
     try:
         outcome = run(main())
+    except PermissionDenied:
+        raise   # the server refused us, the function did not fail: cli.failure gives exit 11
     except InvocationError as exc:
         return _failed(args, exc)
     if isinstance(outcome, Call):
@@ -145,6 +155,8 @@ def cmd_result(args: argparse.Namespace) -> int:
 
     try:
         value = run(main())
+    except PermissionDenied:
+        raise
     except InvocationError as exc:
         return _failed(args, exc)
     except NoResult as exc:

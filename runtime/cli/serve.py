@@ -16,6 +16,8 @@ from ..logs import LEVELS, configure
 from ..loop import run
 from ..manifest import ManifestSet
 from ..settings import Settings
+from ..trust import combine, env_prefixes, parse_prefixes
+from . import common
 
 
 def register(sub: Any) -> None:
@@ -24,6 +26,7 @@ def register(sub: Any) -> None:
                    help="manifest file or directory to deploy at start (repeatable)")
     p.add_argument("--server", "-s", metavar="URL", default=None,
                    help="connect to this NATS server or cluster instead of starting one ($NATS_URL)")
+    common.add_auth_options(p)
     p.add_argument("--host", default=None, metavar="ADDRESS",
                    help="listen address of the embedded server (default 127.0.0.1; 0.0.0.0 for every interface)")
     p.add_argument("--port", type=int, default=None, help="port of the embedded server (default 4222)")
@@ -40,6 +43,13 @@ def register(sub: Any) -> None:
     p.add_argument("--reply-prefix", action="append", default=[], metavar="PREFIX",
                    help="answer callers only on reply subjects starting with PREFIX, e.g. _INBOX. (repeatable; "
                         "$RUNTIME_REPLY_PREFIX, comma-separated); subjects starting with $ are never answered")
+    p.add_argument("--trust", action="append", default=[], metavar="PREFIX",
+                   help="also import handlers under this module prefix, e.g. myapp or myapp.handlers (repeatable; "
+                        "$RUNTIME_TRUST, comma-separated); functions and the packages of --manifests are always "
+                        "trusted, and a deployed handler outside them is refused")
+    p.add_argument("--secure", action="store_true",
+                   help="start the embedded server with TLS on loopback and the users runtime, deployer and caller "
+                        "(credentials generated once under <data-dir>/secure); prints how to connect")
     p.add_argument("--log-level", type=str.upper, choices=LEVELS, default=None,
                    help="how much to log (case-insensitive; default $RUNTIME_LOG_LEVEL or INFO)")
     p.set_defaults(func=cmd_serve)
@@ -62,15 +72,34 @@ def log_level(given: str | None) -> str:
     return level
 
 
+def serve_secure(settings: Settings) -> int:
+    """``--secure``: the embedded server with the roles and TLS, the runtime connected as ``runtime``."""
+    from ..secure import prepare, usage
+    from ..secure import serve_secure as serve_with_roles
+
+    if settings.server is not None:
+        raise ConfigError("--secure starts the embedded server; it cannot be used with --server or NATS_URL")
+    settings, layout, url = prepare(settings)
+    print(f"Secure embedded server on {url}; credentials and certificates in {layout.directory}\n\n"
+          f"{usage(layout, url, start_server=False)}", flush=True)
+    run(serve_with_roles(settings, asyncio.Event()))
+    return RET_OK
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     configure("DEBUG" if args.debug else log_level(args.log_level))
     settings = Settings.from_env(server=args.server, host=args.host, port=args.port, data_dir=args.data_dir,
                                  nats_conf=args.nats_conf, grace=args.grace,
                                  dlq_retention=args.dlq_retention, results_ttl=args.results_ttl,
                                  max_queued=args.max_queued,
+                                 # Flags add to $RUNTIME_TRUST rather than replace it.
+                                 trust=combine(env_prefixes(), parse_prefixes(args.trust)) or None,
                                  manifests=tuple(Path(p) for p in args.manifests),
-                                 reply_prefixes=tuple(args.reply_prefix) or None)
+                                 reply_prefixes=tuple(args.reply_prefix) or None,
+                                 connect=common.connect_options(args))
     check_handlers(ManifestSet.load(settings.manifests), settings.project_root)
+    if getattr(args, "secure", False):
+        return serve_secure(settings)
 
     async def main() -> None:
         await serve_forever(settings, asyncio.Event())

@@ -23,6 +23,7 @@ RESET = "\033[0m"
 STATUS_ROLES = {
     "serving": OK, "enabled": OK, "scheduled": OK, "ok": OK, "deployed": OK,
     "failing": ERROR, "failed": ERROR, "error": ERROR, "max_deliver": ERROR, "timeout": ERROR,
+    "refused": ERROR,
     "idle": WARNING, "no runtime": WARNING, "no function": WARNING, "pending": WARNING, "missing": WARNING,
     "invalid_input": WARNING, "rejected": WARNING,
     "disabled": MUTED, "undeployed": MUTED, "unchanged": MUTED,
