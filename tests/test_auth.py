@@ -27,6 +27,7 @@ from .authservers import (
     OperatorServer,
     PasswordServer,
     SecuredServer,
+    TokenServer,
     User,
     permissions,
     start_operator_server,
@@ -127,6 +128,12 @@ async def test_password_in_the_url_is_never_shown(password_server: PasswordServe
     access = Access(password_server.credentials_url, secrets=(password_server.password,))
     await serves_hello(access, serve, tmp_path)
     assert "alice:***@" in serve[0].output()
+
+
+async def test_token(token_server: TokenServer, serve: list[RuntimeProcess], tmp_path: Path) -> None:
+    access = Access(token_server.url, (), (("NATS_TOKEN", token_server.token),), (("token", token_server.token),),
+                    (token_server.token,))
+    await serves_hello(access, serve, tmp_path)
 
 
 async def test_nkey_seed_file(nkey_server: NKeyServer, serve: list[RuntimeProcess], tmp_path: Path) -> None:
