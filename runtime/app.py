@@ -35,6 +35,7 @@ from .worker import FunctionWorker
 log = logging.getLogger("runtime.app")
 
 CONNECTION_CHECK = 0.5   # seconds between checks that the connection is still open
+COMPONENT_STOP = 10.0   # seconds a part may take to stop, beyond the grace period its work gets
 PERMISSION_LOG_EVERY = 60.0  # seconds between log lines about the same refused permission
 
 
@@ -315,6 +316,17 @@ class Runtime:
             await worker.stop(self.settings.grace)
             log.info("stopped serving %s", name)
 
+    @staticmethod
+    async def _stop_component(component: Component, within: float) -> None:
+        """Stop one part; a part that does not stop in time is logged and left, so that shutdown
+        stays bounded whatever it waits for."""
+        try:
+            await asyncio.wait_for(component.stop(), within)
+        except TimeoutError:
+            log.warning("%s did not stop within %gs; shutting down without it", type(component).__name__, within)
+        except Exception:
+            log.debug("stopping %s failed", type(component).__name__, exc_info=True)
+
     async def stop(self) -> None:
         """Stop fetching, let in-flight work finish within the grace period, then drain."""
         self._stopping = True
@@ -325,8 +337,7 @@ class Runtime:
         # Without a connection nothing can be acknowledged: in-flight work is redelivered anyway.
         grace = 0.0 if self.lost.is_set() else self.settings.grace
         for component in reversed(self.components):
-            with contextlib.suppress(Exception):
-                await component.stop()
+            await self._stop_component(component, grace + COMPONENT_STOP)
         self.components.clear()
         state = self.state
         workers = list(state.workers.values())

@@ -262,3 +262,25 @@ async def test_handlers_run_only_once_the_runtime_has_started(
         assert worker.feed.delivered <= 1
     finally:
         await rt.stop()
+
+
+async def test_a_part_that_does_not_stop_leaves_the_shutdown_bounded(
+        runtime: RuntimeFactory, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    import runtime.app as app
+
+    monkeypatch.setattr(app, "COMPONENT_STOP", 0.3)
+    rt = await runtime({"grace": 0.2}, greet=GREET)
+
+    class Stuck:
+        async def start(self) -> None:
+            pass
+
+        async def stop(self) -> None:
+            await asyncio.Event().wait()
+
+    rt.components.append(Stuck())
+    started = time.monotonic()
+    await rt.stop()
+    assert time.monotonic() - started < 5
+    assert "Stuck did not stop within 0.5s; shutting down without it" in caplog.text
+    assert rt.nc is None or rt.nc.is_closed
