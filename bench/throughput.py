@@ -124,7 +124,7 @@ store_results: {store}
 
 
 async def runtime_rate(url: str, n: int, concurrency: int, store: bool, workdir: Path,
-                       secure: SecureServer | None = None) -> tuple[float, int]:
+                       secure: SecureServer | None = None, http: str | None = None) -> tuple[float, int]:
     manifests = workdir / "manifests"
     manifests.mkdir(exist_ok=True)
     manifest = MANIFEST.format(name="noop", concurrency=concurrency, store=str(store).lower())
@@ -134,15 +134,61 @@ async def runtime_rate(url: str, n: int, concurrency: int, store: bool, workdir:
     await provision_base(js)
     await ensure_consumer(js, FunctionManifest(name="noop", handler="bench.handlers:noop", concurrency=concurrency))
     await prefill(js, "fn.invoke.noop", n)
-    proc = start_runtime(url, manifests, workdir / "runtime-rate.log", secure.env if secure else None)
+    env = {**(secure.env if secure else {}), **({"RUNTIME_HTTP": http} if http else {})}
+    proc = start_runtime(url, manifests, workdir / "runtime-rate.log", env)
+    scraper = asyncio.create_task(scrape_forever(http)) if http else None
     try:
         seconds = await drain_time(js, "FN", "noop", n)
         rss = rss_peak_kb(proc.pid)
     finally:
+        if scraper is not None:
+            scraper.cancel()
         proc.terminate()
         await asyncio.to_thread(proc.wait, 30)
         await nc.close()
     return n / seconds, rss
+
+
+async def scrape_forever(http: str, every: float = 1.0) -> None:
+    """Read /metrics like a (busy) Prometheus would while the runtime works."""
+    import urllib.request
+
+    def scrape() -> None:
+        with urllib.request.urlopen(f"http://{http}/metrics", timeout=5) as response:
+            response.read()
+
+    while True:
+        await asyncio.sleep(every)
+        try:
+            await asyncio.to_thread(scrape)
+        except OSError:
+            pass   # not listening yet
+
+
+async def http_compare_bench(n: int, reps: int, concurrency: int, store: bool) -> dict[str, object]:
+    """The runtime without, then with, its HTTP endpoint and metrics (scraped every second), same run."""
+    server = private_server()
+    await server.start()
+    results: dict[str, list[float]] = {"http_off": [], "http_on": []}
+    try:
+        with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+            workdir = Path(tmp)
+            for rep in range(reps):
+                # Alternating which goes first: the second run of a pair finds a warmer server.
+                for key in ("http_off", "http_on") if rep % 2 == 0 else ("http_on", "http_off"):
+                    http = f"127.0.0.1:{free_port()}" if key == "http_on" else None
+                    results[key].append((await runtime_rate(server.url, n, concurrency, store, workdir,
+                                                            http=http))[0])
+                log(f"rep {rep}: " + ", ".join(f"{k}={v[-1]:.0f}/s" for k, v in results.items()))
+    finally:
+        await server.stop()
+    med = {k: sorted(v)[len(v) // 2] for k, v in results.items()}
+    return {
+        "bench": "throughput-http", "messages": n, "reps": reps, "store_results": store,
+        "rate_per_s": {k: round(v) for k, v in med.items()},
+        "all_rates": {k: [round(x) for x in v] for k, v in results.items()},
+        "ratio_http_on_vs_off": round(med["http_on"] / med["http_off"], 3),
+    }
 
 
 async def runtime_latency(url: str, count: int, workdir: Path) -> dict[str, float]:
@@ -281,13 +327,15 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=512)
     ap.add_argument("--no-store-results", action="store_true", help="manifest store_results: false")
     ap.add_argument("--secure", action="store_true", help="plain server against TLS + user/password, same run")
+    ap.add_argument("--http-compare", action="store_true",
+                    help="the runtime without, then with, --http and a scrape of /metrics every second, same run")
     ap.add_argument("--role", choices=["main", "fetch", "cb"], default="main")
     ap.add_argument("--url", default="")
     args = ap.parse_args()
     if args.role != "main":
         run(raw_worker(args.url, args.role, args.n))
         return
-    bench = secure_bench if args.secure else main_bench
+    bench = secure_bench if args.secure else http_compare_bench if args.http_compare else main_bench
     print(json.dumps(run(bench(args.n, args.reps, args.concurrency, not args.no_store_results))))
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from .client import Call, Client
+from .client import Call, Client, Final, Progress
+from .connection import ConnectOptions
 from .context import Context
 from .errors import (
+    AuthError,
     Cancelled,
     Expired,
     FnRuntimeError,
@@ -17,6 +19,7 @@ from .errors import (
     NoResult,
     NotPending,
     PayloadTooLarge,
+    PermissionDenied,
     QueueFull,
     Reject,
     Rejected,
@@ -32,6 +35,9 @@ __all__ = [
     # calling functions
     "Call",
     "Client",
+    "ConnectOptions",
+    "Final",
+    "Progress",
     # writing functions
     "Context",
     "Reject",
@@ -40,6 +46,7 @@ __all__ = [
     "FunctionManifest",
     "Settings",
     # errors
+    "AuthError",
     "Cancelled",
     "Expired",
     "FnRuntimeError",
@@ -52,6 +59,7 @@ __all__ = [
     "NoResult",
     "NotPending",
     "PayloadTooLarge",
+    "PermissionDenied",
     "QueueFull",
     "Rejected",
     "ResultTooLarge",

@@ -19,6 +19,7 @@ from .follower import RegistryFollower
 from .gateway import Gateway
 from .loader import Handler, ensure_on_path, load_handler_async, module_changed
 from .manifest import FunctionManifest, ManifestSet, Schedule
+from .metrics import monitoring_for
 from .mover import DeadLetterMover
 from .outbox import Outbox
 from .registry import Registry
@@ -35,6 +36,7 @@ from .worker import FunctionWorker
 log = logging.getLogger("runtime.app")
 
 CONNECTION_CHECK = 0.5   # seconds between checks that the connection is still open
+PROVISION_TIMEOUT = 15.0   # seconds a provisioning request may take to be answered
 COMPONENT_STOP = 10.0   # seconds a part may take to stop, beyond the grace period its work gets
 PERMISSION_LOG_EVERY = 60.0  # seconds between log lines about the same refused permission
 
@@ -71,12 +73,16 @@ async def connect(url: str, name: str = "runtime", on_closed: Callable[[], None]
         if on_closed is not None:
             on_closed()
 
+    def server() -> str:
+        # The one server of a cluster's list this connection is on.
+        return redact_url(nc.connected_url.geturl()) if nc.connected_url else where
+
     async def on_disconnect() -> None:
         if not nc.is_closed and not nc.is_draining:
-            log.warning("disconnected from %s; reconnecting", where)
+            log.warning("disconnected from %s; reconnecting", server())
 
     async def on_reconnect() -> None:
-        log.info("reconnected to %s", where)
+        log.info("reconnected to %s", server())
 
     nc: NATS = await open_connection(
         url, options, name=name, max_reconnect_attempts=-1, reconnect_time_wait=1,
@@ -96,7 +102,7 @@ class Runtime:
     watchers' ``serving``/``stopped_serving``).
     """
 
-    def __init__(self, settings: Settings, url: str) -> None:
+    def __init__(self, settings: Settings, url: str, *, embedded: bool = False) -> None:
         self.settings = settings
         self.url = url
         self.state = RuntimeState()
@@ -113,6 +119,9 @@ class Runtime:
         self._watch: asyncio.Task[None] | None = None
         self._serving = False   # workers pull only once every component has started
         self._lock = asyncio.Lock()
+        # /healthz, /readyz, /metrics: on by default only beside the embedded server (settings.http).
+        self.monitoring = monitoring_for(settings.http_address(embedded), self.state,
+                                         lambda: self.follower.functions.keys())
         ensure_on_path(settings.project_root)
 
     # The state's parts, as the runtime's own attributes (read-only: the state is the one place).
@@ -160,6 +169,9 @@ class Runtime:
     async def start(self) -> None:
         """Connect, provision and serve; a start that fails half way stops what it started."""
         try:
+            if self.monitoring is not None:
+                # Before the connection: the probes say "not ready" while it is tried again and again.
+                await self.monitoring.open()
             await self._start()
         except BaseException:
             await self.stop()
@@ -181,13 +193,17 @@ class Runtime:
     async def _start(self) -> None:
         self._stopping = False
         state = self.state
+        state.draining = False
         state.nc = nc = await connect(self.url, on_closed=self._on_closed, options=self.settings.connect)
         self._watch = asyncio.create_task(self._watch_connection(nc), name="connection-watch")
         state.js = js = nc.jetstream()
         state.outbox = Outbox(nc, js, ReplyPolicy(self.settings.reply_prefixes))
         s = self.settings
-        await provision_base(js, results_ttl=s.results_ttl, dlq_retention=s.dlq_retention,
-                             replicas=s.replicas, max_queued=s.max_queued)
+        # A cluster electing leaders (a node just died, streams being scaled) can take longer than
+        # nats-py's default 5 s to answer; provisioning waits longer rather than failing the start.
+        await provision_base(nc.jetstream(timeout=PROVISION_TIMEOUT), results_ttl=s.results_ttl,
+                             dlq_retention=s.dlq_retention, replicas=s.replicas, max_queued=s.max_queued)
+        state.provisioned = True
         if s.manifests:
             # Development mode: deploy the given manifests, then follow the registry like any runtime.
             registry = await Registry.open(js, s.replicas)
@@ -204,19 +220,22 @@ class Runtime:
         self._serving = True
         for worker in list(self.state.workers.values()):
             await worker.start()
+        state.serving = True
 
     def _components(self) -> list[Component]:
         """The parts of a runtime, each with start/stop, in start order."""
         # The loop monitor comes first so that it also watches the start-up of every function.
         components: list[Component] = [self.monitor, self.follower, StatusResponder(self.state)]
         if self.settings.scheduler:
-            self.scheduler = Scheduler(self.connection[1])
+            self.scheduler = Scheduler(self.connection[1], stats=self.state.cron)
             components.append(self.scheduler)
         if self.settings.dead_letters:
             components.append(DeadLetterMover(*self.connection, store_results=self._stores_results,
                                               outbox=self.outbox))
         if self.settings.gateway:
             components.append(Gateway(self.state))
+        if self.monitoring is not None:
+            components.append(self.monitoring)   # reads queue depths and dead letters
         return components
 
     def _set_schedules(self, schedules: list[Schedule]) -> None:
@@ -258,7 +277,7 @@ class Runtime:
             state.deployed[manifest.name] = manifest
             if current is None:
                 assert state.outbox is not None
-                worker = FunctionWorker(nc, js, manifest, handler, state.outbox)
+                worker = FunctionWorker(nc, js, manifest, handler, state.outbox, state.stats_for(manifest.name))
                 if self._serving:
                     await worker.start()
                 state.workers[manifest.name] = worker
@@ -331,6 +350,8 @@ class Runtime:
         """Stop fetching, let in-flight work finish within the grace period, then drain."""
         self._stopping = True
         self._serving = False
+        # First of all: the readiness probe fails at once, so load balancers stop sending work.
+        self.state.draining = True
         if self._watch is not None:
             self._watch.cancel()
             self._watch = None
@@ -352,6 +373,9 @@ class Runtime:
             with contextlib.suppress(Exception):
                 await nc.drain()
         state.nc = state.js = None
+        state.provisioned = state.serving = False
+        if self.monitoring is not None:
+            await self.monitoring.close()   # the very end: probes answered "draining" until now
 
     async def __aenter__(self) -> Runtime:
         await self.start()
@@ -362,8 +386,12 @@ class Runtime:
         await self.stop()
 
 
-async def serve(settings: Settings, stop: asyncio.Event, *, handle_signals: bool = True) -> None:
-    """Run a runtime (and the embedded server when no URL is set) until ``stop`` is set."""
+async def serve(settings: Settings, stop: asyncio.Event, *, handle_signals: bool = True,
+                embedded: bool = False) -> None:
+    """Run a runtime (and the embedded server when no URL is set) until ``stop`` is set.
+
+    ``embedded``: the URL is an embedded server started by the caller (``--secure``), so the
+    HTTP endpoints are on by default as beside the one started here."""
     from .signals import capture_signals
 
     # Signals are handled from the very start: a SIGTERM while the embedded server starts must
@@ -379,7 +407,7 @@ async def serve(settings: Settings, stop: asyncio.Event, *, handle_signals: bool
                 url = server.url
             if stop.is_set():
                 return
-            async with Runtime(settings, url) as runtime:
+            async with Runtime(settings, url, embedded=embedded or server is not None) as runtime:
                 log.info("runtime ready on %s", redact_url(url))
                 stopped = asyncio.create_task(stop.wait())
                 lost = asyncio.create_task(runtime.lost.wait())

@@ -10,11 +10,12 @@ call's deadline.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import itertools
 import json
 import logging
 import re
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -71,6 +72,45 @@ class Call:
     function: str
     duplicate: bool = False  # this call id was already stored: the function runs once for both
     due: datetime | None = None  # a delayed call: when it is queued to run (UTC, whole seconds)
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """An update a function sent while it ran (``ctx.progress``): ``seq`` counts from 1 within
+    ``attempt``, so a retried attempt's updates start again at 1 with the next attempt number."""
+
+    call_id: str
+    attempt: int
+    seq: int
+    data: Any
+
+
+@dataclass(frozen=True, slots=True)
+class Final:
+    """The last item :meth:`Client.stream` yields: the call's result."""
+
+    call_id: str
+    value: Any
+
+
+def _progress_reader(call_id: str, callback: Callable[[Progress], object]) -> Callable[[Msg], None]:
+    """Turns progress messages into :class:`Progress` for ``callback`` (a coroutine result is scheduled)."""
+    def on_msg(msg: Msg) -> None:
+        hdrs = msg.headers or {}
+        try:
+            attempt, seq = int(hdrs.get(H.ATTEMPT, "1")), int(hdrs.get(H.PROGRESS, "0"))
+        except ValueError:
+            return   # not an update the runtime sent
+        outcome = callback(Progress(hdrs.get(H.CALL_ID, call_id), attempt, seq,
+                                    codec.decode(msg.data, hdrs.get(H.CONTENT_TYPE))))
+        if inspect.isawaitable(outcome):
+            task = asyncio.ensure_future(outcome)
+            _CALLBACKS.add(task)   # kept until done: the loop holds tasks only weakly
+            task.add_done_callback(_CALLBACKS.discard)
+    return on_msg
+
+
+_CALLBACKS: set[asyncio.Future[Any]] = set()
 
 
 class Client:
@@ -185,7 +225,8 @@ class Client:
 
     async def invoke(self, function: str, payload: Any = None, *, timeout: float = 30.0,
                      call_id: str | None = None, headers: Mapping[str, str] | None = None,
-                     priority: int | None = None, ttl: float | None = None) -> Any:
+                     priority: int | None = None, ttl: float | None = None,
+                     on_progress: Callable[[Progress], object] | None = None) -> Any:
         """Run ``function`` with ``payload`` and return its decoded result.
 
         Raises the typed error of a failed call (``FunctionError`` after the last attempt,
@@ -195,7 +236,8 @@ class Client:
         10, most urgent last) queues it at that level; by default at the function's own level.
         ``ttl`` (seconds, instead of the manifest's) bounds how long it may wait in the queue: a call
         still queued then is not run and fails with ``Expired``. ``QueueFull`` means the function's
-        queue is at its limit and the call was not stored.
+        queue is at its limit and the call was not stored. ``on_progress`` is called with each
+        :class:`Progress` update the function sends (``ctx.progress``) while it runs.
         """
         nc = self.nc
         loop = asyncio.get_running_loop()
@@ -207,6 +249,10 @@ class Client:
         inbox = self._replies
         reply_subject, reply = inbox.expect(deadline)
         hdrs[H.REPLY_TO] = reply_subject
+        progress_subject = None
+        if on_progress is not None:
+            progress_subject = inbox.listen(deadline, _progress_reader(call_id, on_progress))
+            hdrs[H.PROGRESS_TO] = progress_subject
         try:
             duplicate = await self._store(nc, subject, function, body, hdrs, call_id, deadline)
             if duplicate:
@@ -220,10 +266,39 @@ class Client:
                 response = None if msg is None else Response(call_id, msg.data, msg.headers or {})
         finally:
             inbox.forget(reply_subject)
+            if progress_subject is not None:
+                inbox.forget(progress_subject)
         if response is None:
             raise InvocationTimeout(f"no outcome from {function} within {timeout:g}s; it may still run: "
                                     f"read it later with result({call_id!r})", call_id=call_id)
         return response.value()
+
+    async def stream(self, function: str, payload: Any = None, *, timeout: float = 30.0,
+                     call_id: str | None = None, **options: Any) -> AsyncIterator[Progress | Final]:
+        """Run ``function`` like :meth:`invoke`, yielding its :class:`Progress` updates as they come,
+        then one :class:`Final` with the result. A failed call raises its typed error at the end.
+
+        ``async for event in fn.stream("report", {...}): ...``
+        """
+        call_id = call_id or self._new_id()
+        updates: asyncio.Queue[Progress] = asyncio.Queue()
+        call = asyncio.ensure_future(self.invoke(function, payload, timeout=timeout, call_id=call_id,
+                                                 on_progress=updates.put_nowait, **options))
+        try:
+            while not call.done():
+                update = asyncio.ensure_future(updates.get())
+                await asyncio.wait((update, call), return_when=asyncio.FIRST_COMPLETED)
+                if update.done():
+                    yield update.result()
+                else:
+                    update.cancel()
+            while not updates.empty():
+                yield updates.get_nowait()
+            yield Final(call_id, call.result())
+        finally:
+            if not call.done():
+                call.cancel()
+                await asyncio.gather(call, return_exceptions=True)
 
     async def submit(self, function: str, payload: Any = None, *, call_id: str | None = None,
                      headers: Mapping[str, str] | None = None, priority: int | None = None,
@@ -262,7 +337,7 @@ class Client:
     async def _prepare(self, function: str, payload: Any, call_id: str | None,
                        headers: Mapping[str, str] | None) -> tuple[str, bytes, dict[str, str]]:
         """The call id, body and headers of a new call; unknown functions fail here, before sending."""
-        call_id = call_id or self._id_base + str(next(self._ids))
+        call_id = call_id or self._new_id()
         body, hdrs = self._encode(payload, headers)
         if self._known.get(function, 0.0) <= asyncio.get_running_loop().time():
             await self._check_known(function, call_id)
@@ -314,6 +389,9 @@ class Client:
                 await sub.unsubscribe()
 
     # ------------------------------------------------------------------ internals
+
+    def _new_id(self) -> str:
+        return self._id_base + str(next(self._ids))
 
     def _on_denied(self, denied: PermissionDenied) -> None:
         """Fail at once whatever waits on a publish or subscription the server refused."""

@@ -21,7 +21,6 @@ import os
 import re
 import ssl
 import time
-import weakref
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,10 +29,11 @@ from urllib.parse import urlsplit, urlunsplit
 
 from nats.aio.client import Client as NATS
 from nats.errors import AuthorizationError
-from nats.errors import Error as NatsError
 from pydantic import BaseModel, ConfigDict, SecretStr, ValidationError, field_validator
 
-from .errors import AuthError, ConfigError, PermissionDenied, format_problems, validation_problems
+from .errors import AuthError, ConfigError, format_problems, validation_problems
+from .permissions import permission_denied, watch_permissions
+from .permissions import permission_watch as permission_watch
 
 # Option name -> environment variable, as the nats CLI names them.
 ENVIRONMENT = {
@@ -52,7 +52,6 @@ ENVIRONMENT = {
 # What the server says when it will not accept these credentials (nats-py passes the text on).
 _REFUSALS = ("authorization violation", "authentication expired", "authentication revoked",
              "account authentication expired", "user authentication expired")
-_PERMISSION = re.compile(r"permissions violation for (publish|subscription) to \"?([^\"']+)\"?", re.I)
 _JWT_BLOCK = re.compile(r"-{3,}BEGIN NATS USER JWT-{3,}\s*(\S+)\s*-{3,}END NATS USER JWT-{3,}")
 _SEED_BLOCK = re.compile(r"-{3,}BEGIN USER NKEY SEED-{3,}\s*(\S+)\s*-{3,}END USER NKEY SEED-{3,}")
 log = logging.getLogger("runtime.connection")
@@ -237,6 +236,17 @@ def _jwt_claims(token: str) -> dict[str, Any] | None:
 # ------------------------------------------------------------------ URLs and errors
 
 
+def server_list(url: str) -> list[str]:
+    """The servers of ``url``: one URL, or several separated by commas (as the nats CLI takes them).
+
+    nats-py connects to one of them and, when that one goes away, reconnects to any other.
+    """
+    servers = [part.strip() for part in url.split(",") if part.strip()]
+    if not servers:
+        raise ConfigError(f"{url!r} names no NATS server")
+    return servers
+
+
 def redact_url(url: str) -> str:
     """``url`` (or a comma-separated list) with any password or token in it replaced by ``***``."""
     return ",".join(_redact_one(part) for part in url.split(","))
@@ -302,92 +312,6 @@ def _ssl_reason(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-def permission_denied(exc: BaseException) -> PermissionDenied | None:
-    """nats-py's report of a permissions violation, as ``PermissionDenied``; None for other errors."""
-    if not isinstance(exc, NatsError):
-        return None
-    match = _PERMISSION.search(str(exc))
-    if match is None:
-        return None
-    action = "publish to" if match.group(1).lower() == "publish" else "subscribe to"
-    subject = restore_case(match.group(2))
-    return PermissionDenied(f"permission denied: {action} {subject}", subject=subject, action=action.split()[0])
-
-
-def restore_case(subject: str) -> str:
-    """The system subject nats-py reported in lower case, with its upper-case tokens restored.
-
-    nats-py lower-cases the server's error text. The runtime's own names are lower case (function
-    names, buckets), so only the NATS prefixes (``$JS.API.…``, ``$KV``, ``_INBOX``) and stream names
-    need restoring; an inbox token's case is lost for good.
-    """
-    tokens = subject.split(".")
-    head = tokens[0].upper()
-    if head in ("$KV", "$O", "_INBOX"):
-        return ".".join([head, *tokens[1:]])
-    if head == "$SRV":
-        return ".".join([head, tokens[1].upper(), *tokens[2:]]) if len(tokens) > 1 else head
-    if head != "$JS":
-        return subject
-    restored = [head]
-    for i, token in enumerate(tokens[1:], start=1):
-        stream = _stream_name(token)
-        if stream is not None:
-            rest = tokens[i + 1:]
-            return ".".join([*restored, stream, *([restore_case(".".join(rest))] if rest else [])])
-        restored.append(token.upper())
-    return ".".join(restored)
-
-
-def _stream_name(token: str) -> str | None:
-    from .streams import OWNED_STREAMS
-
-    upper = token.upper()
-    if upper in OWNED_STREAMS:
-        return upper
-    for prefix in ("KV_", "OBJ_"):
-        if upper.startswith(prefix):
-            return prefix + token[len(prefix):]
-    return None
-
-
-# ------------------------------------------------------------------ permission errors
-
-DeniedCallback = Callable[[PermissionDenied], None]
-
-
-class PermissionWatch:
-    """The permission errors of one connection, passed on to whoever waits on what was refused.
-
-    The server reports a refused publish or subscription asynchronously (nats-py's error
-    callback), not to the call that made it; listeners match it to their own subjects.
-    """
-
-    def __init__(self) -> None:
-        self._listeners: list[DeniedCallback] = []
-
-    def listen(self, callback: DeniedCallback) -> Callable[[], None]:
-        """Call ``callback`` with every ``PermissionDenied``; returns what stops it."""
-        self._listeners.append(callback)
-
-        def stop() -> None:
-            if callback in self._listeners:
-                self._listeners.remove(callback)
-        return stop
-
-    def notify(self, denied: PermissionDenied) -> None:
-        for callback in list(self._listeners):
-            callback(denied)
-
-
-_WATCHES: weakref.WeakKeyDictionary[NATS, PermissionWatch] = weakref.WeakKeyDictionary()
-
-
-def permission_watch(nc: NATS) -> PermissionWatch | None:
-    """The watch of a connection made by :func:`open_connection`; None for any other connection."""
-    return _WATCHES.get(nc)
-
-
 # ------------------------------------------------------------------ connecting
 
 ErrorCallback = Callable[[Exception], Awaitable[None]]
@@ -405,7 +329,6 @@ async def open_connection(url: str, options: ConnectOptions | None = None, *,
     options.check()
     refused: list[AuthError] = []
     connecting = True
-    watch = PermissionWatch()
 
     async def on_error(exc: Exception) -> None:
         if connecting:
@@ -423,9 +346,9 @@ async def open_connection(url: str, options: ConnectOptions | None = None, *,
             await error_cb(denied or exc)
 
     nc = NATS()
-    _WATCHES[nc] = watch
+    watch = watch_permissions(nc)
     try:
-        await nc.connect(url, error_cb=on_error, **options.nats_kwargs(url), **kwargs)
+        await nc.connect(server_list(url), error_cb=on_error, **options.nats_kwargs(url), **kwargs)
     except Exception as exc:
         await _close_quietly(nc)
         found = refused[0] if refused else refusal(exc, url, options)

@@ -45,6 +45,8 @@ class Context:
     scheduled_at: datetime | None = None
     schedule: str | None = None
     limits: WireLimits | None = None
+    progress_to: str | None = None   # where the caller follows progress (checked against the reply policy)
+    progress_sent: int = 0
 
     @property
     def remaining(self) -> float:
@@ -74,6 +76,22 @@ class Context:
                 raise QueueFull(f"the queue of {function} is full: the invocation was not stored") from None
             raise
         return int(ack.seq)
+
+    async def progress(self, data: Any) -> bool:
+        """Send ``data`` (JSON-able, or bytes) to the caller as a progress update while the function runs.
+
+        Updates are not stored: a caller that follows the call (``Client.stream``, ``on_progress=``,
+        ``runtime invoke --follow``) gets them, in order, each marked with this attempt's number;
+        nobody else does. Returns False when the caller did not ask for them.
+        """
+        if self.progress_to is None:
+            return False
+        body = data if isinstance(data, bytes) else codec.encode(data)
+        self.progress_sent += 1
+        headers = {H.CALL_ID: self.call_id, H.PROGRESS: str(self.progress_sent), H.ATTEMPT: str(self.attempt)}
+        self._check(self.progress_to, body, headers)
+        await self.nc.publish(self.progress_to, body, headers=headers)
+        return True
 
     async def publish(self, subject: str, payload: Any, headers: dict[str, str] | None = None) -> None:
         """Publish a core NATS message (events, notifications)."""

@@ -24,6 +24,7 @@ from nats.js.errors import NotFoundError
 
 from . import headers as H
 from .errors import FnRuntimeError
+from .logs import call_fields
 from .protocol import kv_stream, kv_subject
 from .streams import DLQ_BODIES_BUCKET, DLQ_PREFIX, ERRORS_BUCKET
 from .wire import STATUS_LINE, header_line, header_size, sendable_header_name
@@ -188,9 +189,15 @@ async def write_dead_letter(js: JetStreamContext, function: str, body: bytes, he
         await store_original(js, fit.ref, encode_headers(headers) + body, max_payload=max_payload)
         log.info("dead letter %s of %s is too large to carry its body (%d bytes); stored as %s/%s%s",
                  fit.ref, function, len(body), DLQ_BODIES_BUCKET, fit.ref,
-                 f", without headers {', '.join(fit.dropped)}" if fit.dropped else "")
+                 f", without headers {', '.join(fit.dropped)}" if fit.dropped else "",
+                 extra=call_fields(function, headers.get(H.CALL_ID), _number(headers.get(H.DELIVERIES)),
+                                   _number(headers.get(H.ORIGINAL_SEQ))))
     ack = await js.publish(f"{DLQ_PREFIX}{function}", fit.body, headers=fit.headers)
     return int(ack.seq)
+
+
+def _number(text: str | None) -> int | None:
+    return int(text) if text and text.isdigit() else None
 
 
 def _digest(data: bytes) -> str:

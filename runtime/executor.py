@@ -20,19 +20,22 @@ from typing import Any
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
-from . import codec, expiry
+from . import cache, codec, expiry
 from . import headers as H
 from .context import Context
 from .deadletter import dead_letter_headers, record_error, write_dead_letter
 from .errors import InvocationError
 from .invocation import Invocation
 from .loader import Handler
+from .logs import InvocationLogger, fields
 from .manifest import FunctionManifest
 from .outbox import Outbox
 from .policy import Ack, AttemptEnd, DeadLetter, Overran, RetryAfter, Undecodable, decide, encode_result
 from .protocol import ACK, NAK, nak_after, term
+from .ratelimit import RateLimiter
 from .results import Response
-from .wire import WireLimits
+from .stats import FunctionStats, outcome_of
+from .wire import ReplyPolicy, WireLimits
 
 log = logging.getLogger("runtime.executor")
 
@@ -41,7 +44,7 @@ class Executor:
     """Runs invocations of one function with its current manifest and handler."""
 
     def __init__(self, nc: NATS, js: JetStreamContext, manifest: FunctionManifest, handler: Handler,
-                 threads: ThreadExecutor | None, outbox: Outbox) -> None:
+                 threads: ThreadExecutor | None, outbox: Outbox, stats: FunctionStats | None = None) -> None:
         self.nc = nc
         self.js = js
         self.manifest = manifest
@@ -56,8 +59,10 @@ class Executor:
         self._next_check = float("inf")
         self.wake = asyncio.Event()
         self.late = 0
+        self.stats = FunctionStats() if stats is None else stats   # read by the metrics and the status
         # Told of every message handed back for redelivery, and after how many seconds.
         self.requeued: Callable[[Invocation, float], None] = lambda inv, delay: None
+        self.limiter = RateLimiter(js, manifest.name)   # used only with a rate_limit
 
     def expire(self) -> float | None:
         """Cancel attempts past their deadline; seconds until the next deadline (None: none pending)."""
@@ -87,13 +92,22 @@ class Executor:
             # Past its TTL (or with one that cannot be read): never run, dead-lettered like any failure.
             refused = decide(stale, inv.delivered, manifest)
             assert isinstance(refused, DeadLetter)
+            self.stats.record(outcome_of(refused), None, inv.delivered)
             await self.fail_for_good(inv, refused.reason, refused.error, manifest)
+            return
+        if manifest.cache is not None and (hit := await cache.answer(self.js, manifest, inv)) is not None:
+            self.stats.record(outcome_of(Ack()), None, inv.delivered)
+            await self._succeed(inv, manifest, hit.body, hit)
             return
         task = asyncio.current_task()
         assert task is not None
+        started = time.monotonic()
         try:
+            if manifest.rate_limit is not None:   # wait for the fleet's permit; the message stays held
+                started += await self.limiter.acquire(manifest)
             outcome, body = await attempt(inv, manifest, handler, lambda deadline: self._watch(task, deadline, inv),
-                                          self.nc, self.js, self.outbox.limits, self.threads)
+                                          self.nc, self.js, self.outbox.limits, self.threads,
+                                          self.outbox.replies)
         except asyncio.CancelledError:
             # Shut down before the attempt finished: hand it back for another runtime at once.
             await self.nc.publish(inv.msg.reply, NAK)
@@ -105,15 +119,19 @@ class Executor:
             self.late += 1
         # The policy decides; what follows only carries the decision out.
         decision = decide(outcome, inv.delivered, manifest)
+        self.stats.record(outcome_of(decision), started, inv.delivered)
         if isinstance(decision, Ack):
+            if manifest.cache is not None:
+                await cache.keep(self.js, manifest, inv, body)
             await self._succeed(inv, manifest, body)
         elif isinstance(decision, RetryAfter):
             await self._retry(inv, manifest, decision)
         else:
             await self.fail_for_good(inv, decision.reason, decision.error, manifest)
 
-    async def _succeed(self, inv: Invocation, manifest: FunctionManifest, body: bytes) -> None:
-        response = Response.success(inv.call_id, body, codec.CONTENT_TYPES[manifest.encoding])
+    async def _succeed(self, inv: Invocation, manifest: FunctionManifest, body: bytes,
+                       response: Response | None = None) -> None:
+        response = response or Response.success(inv.call_id, body, codec.CONTENT_TYPES[manifest.encoding])
         await self.outbox.answer(inv.reply_to, response)
         if manifest.store_results:
             # Acked only once the outcome is kept: a full store delays the ack, it never loses a result.
@@ -123,7 +141,8 @@ class Executor:
 
     async def _retry(self, inv: Invocation, manifest: FunctionManifest, decision: RetryAfter) -> None:
         self.logger.warning("attempt %d/%d of %s failed, retrying in %gs: %s", inv.delivered,
-                            manifest.retry.max_deliver, inv.call_id, decision.delay, decision.error.message)
+                            manifest.retry.max_deliver, inv.call_id, decision.delay, decision.error.message,
+                            extra=fields(inv))
         await record_error(self.nc, inv.stream_seq, inv.delivered, decision.error.described)
         await self.nc.publish(inv.msg.reply, nak_after(decision.delay))
         self.requeued(inv, decision.delay)
@@ -140,7 +159,7 @@ class Executor:
         error.call_id = inv.call_id
         described = error.described
         self.logger.warning("%s failed for good after %d attempt(s) (%s): %s", inv.call_id, inv.delivered,
-                            reason, described)
+                            reason, described, extra=fields(inv))
         dead = dead_letter_headers(inv.headers, function=manifest.name, subject=inv.msg.subject,
                                    seq=inv.stream_seq, deliveries=inv.delivered, reason=reason,
                                    error=described, call_id=inv.call_id)
@@ -157,7 +176,7 @@ class Executor:
 
 async def attempt(inv: Invocation, manifest: FunctionManifest, handler: Handler, watch: Callable[[float], None],
                   nc: NATS, js: JetStreamContext, limits: WireLimits,
-                  threads: ThreadExecutor | None) -> tuple[AttemptEnd, bytes]:
+                  threads: ThreadExecutor | None, replies: ReplyPolicy | None = None) -> tuple[AttemptEnd, bytes]:
     """Decode the input, call the handler with it and encode its result.
 
     Returns what the attempt came to (for :func:`runtime.policy.decide`) and the result's body.
@@ -173,7 +192,8 @@ async def attempt(inv: Invocation, manifest: FunctionManifest, handler: Handler,
     deadline = started + manifest.timeout
     watch(deadline)
     try:
-        args = (event, make_context(inv, manifest, deadline, nc, js, limits)) if handler.takes_ctx else (event,)
+        args = (event, make_context(inv, manifest, deadline, nc, js, limits, replies)) if handler.takes_ctx \
+            else (event,)
         if handler.is_async:
             result = await handler.func(*args)
         else:
@@ -195,7 +215,7 @@ async def attempt(inv: Invocation, manifest: FunctionManifest, handler: Handler,
 
 
 def make_context(inv: Invocation, manifest: FunctionManifest, deadline: float, nc: NATS, js: JetStreamContext,
-                 limits: WireLimits) -> Context:
+                 limits: WireLimits, replies: ReplyPolicy | None = None) -> Context:
     """The ``ctx`` a handler gets for one attempt."""
     scheduled = inv.headers.get(H.SCHEDULED_AT)
     scheduled_at = None
@@ -204,9 +224,16 @@ def make_context(inv: Invocation, manifest: FunctionManifest, deadline: float, n
             scheduled_at = datetime.fromisoformat(scheduled.replace("Z", "+00:00"))
         except ValueError:
             scheduled_at = None
-    logger = logging.LoggerAdapter(logging.getLogger(f"runtime.fn.{manifest.name}"),
-                                   {"call_id": inv.call_id, "attempt": inv.delivered})
+    logger = InvocationLogger(logging.getLogger(f"runtime.fn.{manifest.name}"), inv)
     return Context(function=manifest.name, call_id=inv.call_id, attempt=inv.delivered,
                    max_attempts=manifest.retry.max_deliver, deadline=deadline, subject=inv.msg.subject,
                    stream_seq=inv.stream_seq, headers=inv.headers, logger=logger, nc=nc, js=js,
-                   scheduled_at=scheduled_at, schedule=inv.headers.get(H.SCHEDULE), limits=limits)
+                   scheduled_at=scheduled_at, schedule=inv.headers.get(H.SCHEDULE), limits=limits,
+                   progress_to=progress_subject(inv.headers.get(H.PROGRESS_TO), replies))
+
+
+def progress_subject(subject: str | None, replies: ReplyPolicy | None) -> str | None:
+    """Where progress updates may go: the caller's subject, if the runtime may answer there."""
+    if not subject or replies is None or replies.problem(subject) is not None:
+        return None
+    return subject

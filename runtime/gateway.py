@@ -41,6 +41,7 @@ from .errors import (
     describe,
 )
 from .inbox import ReplyInbox
+from .logs import call_fields
 from .manifest import FunctionManifest
 from .micro import MicroService, reply_subject
 from .outbox import Outbox
@@ -199,7 +200,7 @@ class Gateway:
             except Exception:
                 # Never raise to nats.micro: it would answer the error on the request's reply
                 # subject without the checks every answer of the runtime goes through.
-                log.exception("could not forward a call of %s", name)
+                log.exception("could not forward a call of %s", name, extra=call_fields(name))
 
         return handle
 
@@ -231,7 +232,7 @@ class Gateway:
             error = PayloadTooLarge(f"the input of {name} is {len(data)} bytes; at most {room} fit in an "
                                     f"invocation (the server's max_payload is {outbox.limits.max_payload})",
                                     call_id=call_id)
-            log.warning("refused a call of %s: %s", name, error.message)
+            log.warning("refused a call of %s: %s", name, error.message, extra=call_fields(name, call_id))
             self.count_error(name, error)
             # Kept by call id as well, so the refused call can be looked up like any other.
             response = Response.failure(call_id, error)
@@ -269,11 +270,13 @@ class Gateway:
         except QueueFull as exc:
             held = self._refusals.due(storing.function)
             if held is not None:
-                log.warning("refused a call of %s: %s%s", storing.function, exc.message, held_back(held))
+                log.warning("refused a call of %s: %s%s", storing.function, exc.message, held_back(held),
+                            extra=call_fields(storing.function, storing.call_id))
             await self._reply_error(storing.function, storing.reply, storing.call_id, exc)
             return
         except Unavailable as exc:
-            log.warning("could not store a call of %s: %s", storing.function, exc.message)
+            log.warning("could not store a call of %s: %s", storing.function, exc.message,
+                        extra=call_fields(storing.function, storing.call_id))
             await self._reply_error(storing.function, storing.reply, storing.call_id, exc)
             return
         if duplicate and storing.reply:

@@ -15,6 +15,12 @@ SERVICE_ERROR_CODE = "Nats-Service-Error-Code"
 PRIORITY = "Fn-Priority"   # on a fn.call request: the level (1-10) to queue the invocation at
 ENDPOINT = "Fn-Endpoint"   # set by the gateway: the invocation came through this micro endpoint
 TTL = "Fn-TTL"             # how long the invocation may wait in the queue: a duration (30s) or seconds
+PROGRESS_TO = "Fn-Progress-To"   # on a call: where the function's progress updates go (core NATS, not stored)
+PROGRESS = "Fn-Progress"         # on an update: its number within the attempt, from 1
+ATTEMPT = "Fn-Attempt"           # on an update: the attempt that sent it, from 1
+CACHE = "Fn-Cache"               # on an answer: "hit" (from the result cache); on a call: "bypass" (run it anyway)
+MSG_TTL = "Nats-TTL"             # on a write to a stream that allows message TTLs: how long the server keeps it
+TIME_STAMP = "Nats-Time-Stamp"   # set by the server on a direct get: when the message was stored
 
 # delayed calls (the server's message scheduler): set on a call in FN_DELAYED
 NATS_SCHEDULE = "Nats-Schedule"                 # "@at <RFC 3339>": when the server queues the call
@@ -48,7 +54,7 @@ PENDING_MESSAGES = "Nats-Pending-Messages"   # what a pull left undelivered
 # published to, never one it is copied to later (a dead letter, a replay).
 NOT_CARRIED_OVER = frozenset({
     MSG_ID, "Nats-Expected-Stream", "Nats-Expected-Last-Msg-Id", "Nats-Expected-Last-Sequence",
-    EXPECTED_LAST_SUBJECT_SEQ, "Nats-Rollup", "Nats-TTL", STATUS, DESCRIPTION,
+    EXPECTED_LAST_SUBJECT_SEQ, "Nats-Rollup", MSG_TTL, STATUS, DESCRIPTION,
     # A copy keeping these would be scheduled again, or would mislead FN about how far it has
     # sourced FN_DELAYED (it reads that position back from this header).
     NATS_SCHEDULE, SCHEDULE_TARGET, SCHEDULE_TTL, "Nats-Schedule-Next", STREAM_SOURCE,

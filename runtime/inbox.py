@@ -38,6 +38,8 @@ class ReplyInbox:
         self._cut = 0
         self._tokens = itertools.count(1)
         self._pending: dict[str, tuple[Waiter | OnReply, float]] = {}
+        # Subjects that take many messages (progress updates) until forgotten or their deadline.
+        self._listeners: dict[str, tuple[Callable[[Msg], None], float]] = {}
         self._sub: Subscription | None = None
         self._watchdog: asyncio.Task[None] | None = None
 
@@ -74,6 +76,7 @@ class ReplyInbox:
                 await self._watchdog
             self._watchdog = None
         pending, self._pending = self._pending, {}
+        self._listeners.clear()
         for target, _ in pending.values():
             if isinstance(target, asyncio.Future):
                 target.cancel()
@@ -89,9 +92,18 @@ class ReplyInbox:
         """A reply subject whose reply (or None at ``deadline``) is passed to ``callback``."""
         return self._add(callback, deadline)
 
+    def listen(self, deadline: float, callback: Callable[[Msg], None]) -> str:
+        """A subject every message on which is passed to ``callback`` until :meth:`forget` or
+        ``deadline``."""
+        token = str(next(self._tokens))
+        self._listeners[token] = (callback, deadline)
+        return self._prefix + token
+
     def forget(self, subject: str) -> None:
         """No longer wait for a reply on ``subject`` (the caller is done with it)."""
-        self._pending.pop(subject[self._cut:], None)
+        token = subject[self._cut:]
+        self._pending.pop(token, None)
+        self._listeners.pop(token, None)
 
     def _add(self, target: Waiter | OnReply, deadline: float) -> str:
         token = str(next(self._tokens))
@@ -99,9 +111,14 @@ class ReplyInbox:
         return self._prefix + token
 
     async def _on_msg(self, msg: Msg) -> None:
-        entry = self._pending.pop(msg.subject[self._cut:], None)
+        token = msg.subject[self._cut:]
+        entry = self._pending.pop(token, None)
         if entry is not None:
             await self._settle(entry[0], msg)
+        elif self._listeners:
+            listener = self._listeners.get(token)
+            if listener is not None:
+                listener[0](msg)
 
     async def _expire(self) -> None:
         # One watchdog for every request: cheaper than a timer per request on the hot path.
@@ -109,6 +126,8 @@ class ReplyInbox:
         while True:
             await asyncio.sleep(self.tick)
             now = loop.time()
+            for token in [t for t, (_, deadline) in self._listeners.items() if deadline <= now]:
+                del self._listeners[token]
             late = [token for token, (_, deadline) in self._pending.items() if deadline <= now]
             for token in late:
                 entry = self._pending.pop(token, None)

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from . import codec
 from .documents import read_yaml_file, short
@@ -110,6 +110,39 @@ def _check_duration(value: float | None) -> None:
         raise ValueError(f"must be at most {MAX_DURATION / 86400:g} days")
 
 
+_RATE = re.compile(r"^\s*(\d+)\s*/\s*(s|m|h)\s*$")
+RATE_PERIODS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+MAX_RATE = 1_000_000
+
+
+def parse_rate(value: Any) -> str:
+    """``60/m`` (per ``s``, ``m`` or ``h``), written the one way the runtime reads it back."""
+    match = _RATE.match(value) if isinstance(value, str) else None
+    if match is None:
+        raise ValueError(f"{short(value)} is not a rate; use <count>/<s|m|h>, such as 60/m")
+    count = int(match.group(1))
+    if not 1 <= count <= MAX_RATE:
+        raise ValueError(f"the count must be between 1 and {MAX_RATE:,}")
+    return f"{count}/{match.group(2)}"
+
+
+Rate = Annotated[str, BeforeValidator(parse_rate)]
+
+
+class CachePolicy(_Model):
+    """Keep successful results by input: the same input within ``ttl`` is answered without running."""
+
+    ttl: Duration
+
+    @field_validator("ttl")
+    @classmethod
+    def _check_ttl(cls, value: float) -> float:
+        if value < 1:
+            raise ValueError("must be at least 1s")
+        _check_duration(value)
+        return value
+
+
 class FunctionManifest(_Model):
     """One deployable function."""
 
@@ -126,6 +159,8 @@ class FunctionManifest(_Model):
     encoding: Literal["json", "msgpack"] = "json"
     store_results: bool = True
     schedules: list[ScheduleSpec] = Field(default_factory=list, max_length=MAX_SCHEDULES)
+    rate_limit: Rate | None = None    # invocation starts across all runtimes, such as 60/m
+    cache: CachePolicy | None = None
 
     @field_validator("handler")
     @classmethod
@@ -174,6 +209,14 @@ class FunctionManifest(_Model):
     @property
     def subject(self) -> str:
         return f"fn.invoke.{self.name}"
+
+    @property
+    def start_interval(self) -> float | None:
+        """Seconds between invocation starts that ``rate_limit`` asks for; None without a limit."""
+        if self.rate_limit is None:
+            return None
+        count, _, unit = self.rate_limit.partition("/")
+        return RATE_PERIODS[unit] / int(count)
 
     @property
     def effective_ack_wait(self) -> float:

@@ -37,6 +37,7 @@ from nats.js.errors import NotFoundError, ServerError
 from . import headers as H
 from .deadletter import REASONS, WORKER_LOST, dead_letter_headers, last_error, write_dead_letter
 from .errors import Expired, FunctionError, InvalidInput, InvocationError, InvocationTimeout, Rejected
+from .logs import call_fields
 from .outbox import Outbox
 from .priority import function_of_consumer
 from .protocol import ADVISORY_MAX_DELIVERIES, ADVISORY_TERMINATED, NO_MESSAGE_FOUND, fallback_call_id
@@ -192,7 +193,8 @@ class DeadLetterMover:
                 await self.move(advisory)
         except Exception as exc:
             log.warning("could not move message %s of %s; trying again: %s", advisory and advisory.stream_seq,
-                        advisory and advisory.function, exc)
+                        advisory and advisory.function, exc,
+                        extra=call_fields(advisory.function, stream_seq=advisory.stream_seq) if advisory else None)
             with contextlib.suppress(Exception):
                 await msg.nak(delay=2)
             return
@@ -297,5 +299,6 @@ class DeadLetterMover:
             return False  # gone meanwhile: moved by another mover
         self.moved += 1
         log.warning("dead-lettered message %d of %s after %d deliveries: %s", seq, advisory.function,
-                    advisory.deliveries, stored_hdrs.get(H.ERROR, error))
+                    advisory.deliveries, stored_hdrs.get(H.ERROR, error),
+                    extra=call_fields(advisory.function, call_id, advisory.deliveries, seq))
         return True

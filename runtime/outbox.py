@@ -34,6 +34,7 @@ from nats.js.errors import APIError, BadRequestError, NotFoundError
 from . import headers as H
 from .errors import InvocationError
 from .inbox import ReplyInbox
+from .logs import call_fields
 from .protocol import ACK, IN_PROGRESS, WRONG_LAST_SEQUENCE, is_tombstone, kv_stream
 from .results import Response, result_subject
 from .streams import RESULTS_BUCKET
@@ -123,7 +124,7 @@ class Outbox:
         self.refused_replies += 1
         if self.throttle.allow("reply"):
             log.warning("not answering call %s on reply subject %r: %s (its outcome is still stored)",
-                        call_id[:64], subject[:80], problem)
+                        call_id[:64], subject[:80], problem, extra=call_fields(call_id=call_id[:64] or None))
         return None
 
     def endpoint_failed(self, function: str, error: InvocationError) -> None:
@@ -138,12 +139,14 @@ class Outbox:
             return
         if not self.limits.fits(reply, response.body, response.headers):
             if self.throttle.allow("answer-size"):
-                log.warning("the answer to call %s does not fit a message; it is only stored", response.call_id)
+                log.warning("the answer to call %s does not fit a message; it is only stored", response.call_id,
+                            extra=call_fields(call_id=response.call_id))
             return
         try:
             await self.nc.publish(reply, response.body, headers=response.headers)
         except Exception as exc:  # the caller misses the answer; the outcome is still stored
-            log.warning("could not answer call %s: %s", response.call_id, exc)
+            log.warning("could not answer call %s: %s", response.call_id, exc,
+                        extra=call_fields(call_id=response.call_id))
 
     # ------------------------------------------------------------------ the result store
 
@@ -177,7 +180,8 @@ class Outbox:
                 continue
             self.kept_first += 1
             if self.throttle.allow("kept-first"):
-                log.warning("call id %s already has a stored outcome; keeping the first one", response.call_id)
+                log.warning("call id %s already has a stored outcome; keeping the first one", response.call_id,
+                            extra=call_fields(call_id=response.call_id))
             return False
 
     async def deliver(self, response: Response, reply_to: str | None, store: bool, *, patient: bool = True) -> None:

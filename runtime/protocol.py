@@ -94,6 +94,9 @@ STREAM_NOT_FOUND = 10059       # a stream (or a bucket's stream) that does not e
 WRONG_LAST_SEQUENCE = 10071    # Nats-Expected-Last-Subject-Sequence did not match
 STORE_FAILED = 10077           # a publish the stream refused to store; with the description below:
 PER_SUBJECT_FULL = "maximum messages per subject exceeded"   # FN's queue limit (max_msgs_per_subject)
+REPLICAS_NOT_CLUSTERED = 10074  # replicas > 1 asked of a server that is not part of a cluster
+NO_PEERS_FOR_PLACEMENT = 10005  # fewer cluster nodes available than the replicas asked for
+INSUFFICIENT_RESOURCES = 10023  # the nodes there are lack the room (or are too few) for the replicas
 
 
 # ------------------------------------------------------------------ call ids

@@ -80,12 +80,14 @@ class Registry:
         self.kv = kv
 
     @classmethod
-    async def open(cls, js: JetStreamContext, replicas: int = 1) -> Registry:
+    async def open(cls, js: JetStreamContext, replicas: int | None = None) -> Registry:
+        """The registry; ``replicas`` None (a command not told how many) keeps what exists and
+        creates what is missing with one replica."""
         await ensure_kv(js, MANIFESTS_BUCKET, history=HISTORY, replicas=replicas)
         # Deploying before any runtime ran needs the streams the consumers live on; an existing
         # stream is left as the runtimes configured it.
-        await ensure_stream(js, invoke_stream_config(replicas), update=False)
-        await ensure_stream(js, slots_stream_config(replicas), update=False)
+        for config in (invoke_stream_config(), slots_stream_config()):
+            await ensure_stream(js, replace(config, num_replicas=replicas), update=False)
         return cls(js, await js.key_value(MANIFESTS_BUCKET))
 
     async def _head(self, key: str) -> _Head:

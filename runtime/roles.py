@@ -24,6 +24,7 @@ from typing import Literal
 from .protocol import ACK_PREFIX, INVOKE_PREFIX, QUEUED_PREFIX, SLOT_PREFIX, kv_stream, kv_subject
 from .status import STATUS_SUBJECT
 from .streams import (
+    CACHE_BUCKET,
     CRON_BUCKET,
     DELAYED_PREFIX,
     DELAYED_STREAM,
@@ -34,6 +35,7 @@ from .streams import (
     EVENTS_STREAM,
     INVOKE_STREAM,
     MANIFESTS_BUCKET,
+    RATE_BUCKET,
     RESULTS_BUCKET,
     SLOTS_STREAM,
 )
@@ -53,11 +55,13 @@ RESULTS_STREAM = kv_stream(RESULTS_BUCKET)
 ERRORS_STREAM = kv_stream(ERRORS_BUCKET)
 MANIFESTS_STREAM = kv_stream(MANIFESTS_BUCKET)
 CRON_STREAM = kv_stream(CRON_BUCKET)
+CACHE_STREAM = kv_stream(CACHE_BUCKET)
+RATE_STREAM = kv_stream(RATE_BUCKET)
 DLQ_BODIES_STREAM = f"OBJ_{DLQ_BODIES_BUCKET}"
 
 # Every stream a runtime creates (streams.provision_base); it may manage these and no other.
 RUNTIME_STREAMS = (INVOKE_STREAM, DELAYED_STREAM, SLOTS_STREAM, DLQ_STREAM, EVENTS_STREAM, RESULTS_STREAM,
-                   ERRORS_STREAM, MANIFESTS_STREAM, CRON_STREAM, DLQ_BODIES_STREAM)
+                   ERRORS_STREAM, MANIFESTS_STREAM, CRON_STREAM, DLQ_BODIES_STREAM, CACHE_STREAM, RATE_STREAM)
 
 
 # ------------------------------------------------------------------ JetStream API subjects
@@ -154,6 +158,7 @@ def runtime_permissions(user: str = "runtime") -> Permissions:
         kv_subject(RESULTS_BUCKET, ">"), kv_subject(ERRORS_BUCKET, ">"),
         kv_subject(MANIFESTS_BUCKET, ">"),  # serve --manifests deploys what it is given
         kv_subject(CRON_BUCKET, ">"), f"$O.{DLQ_BODIES_BUCKET}.>",
+        kv_subject(CACHE_BUCKET, ">"), kv_subject(RATE_BUCKET, ">"),   # result cache, rate limits
         f"{INBOX}.>",               # answers, on whatever inbox a caller's reply subject names
     ]
     subscribe = [

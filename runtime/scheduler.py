@@ -28,6 +28,7 @@ from .manifest import Schedule
 from .priority import invoke_subject
 from .protocol import entry_value
 from .queuelimit import Throttle, held_back, is_queue_full
+from .stats import CronStats
 from .streams import CRON_BUCKET, DUPLICATE_WINDOW
 
 log = logging.getLogger("runtime.scheduler")
@@ -198,8 +199,10 @@ class _Runner:
 class Scheduler:
     """Publishes the ticks of a set of schedules; ``set_schedules`` replaces the set at any time."""
 
-    def __init__(self, js: JetStreamContext, schedules: Iterable[Schedule] = ()) -> None:
+    def __init__(self, js: JetStreamContext, schedules: Iterable[Schedule] = (),
+                 stats: CronStats | None = None) -> None:
         self.js = js
+        self.stats = CronStats() if stats is None else stats   # ticks stored, for the metrics
         self.schedules: dict[str, Schedule] = {s.name: s for s in schedules}
         self.runners: dict[str, _Runner] = {}
         self.kv: KeyValue | None = None
@@ -300,6 +303,8 @@ class Scheduler:
                 delay = min(delay * 2, 5.0)
         log.debug("tick %s of %s -> %s (seq %d%s)", stamp, schedule.name, subject, ack.seq,
                   ", duplicate" if ack.duplicate else "")
+        if not ack.duplicate:   # every runtime publishes each tick; the one whose copy was stored counts it
+            self.stats.fired(schedule.name, (now() - tick).total_seconds())
         try:
             await self._record(schedule, tick)
         except Exception as exc:

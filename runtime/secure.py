@@ -292,6 +292,6 @@ async def serve_secure(settings: Settings, stop: asyncio.Event) -> None:
         try:
             if not stop.is_set():
                 url = f"tls://127.0.0.1:{settings.port}"
-                await serve(settings.model_copy(update={"server": url}), stop, handle_signals=False)
+                await serve(settings.model_copy(update={"server": url}), stop, handle_signals=False, embedded=True)
         finally:
             await server.stop()

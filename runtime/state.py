@@ -7,6 +7,7 @@ runtime itself.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -15,6 +16,7 @@ from nats.js import JetStreamContext
 
 from .loader import Handler
 from .manifest import FunctionManifest
+from .stats import CronStats, FunctionStats
 
 if TYPE_CHECKING:
     from .blocking import LoopMonitor
@@ -46,12 +48,25 @@ class RuntimeState:
     refused: dict[str, str] = field(default_factory=dict)
     trusted: tuple[str, ...] = ()   # the module prefixes handlers are imported from (see trust.py)
     watchers: list[ServingWatcher] = field(default_factory=list)
+    # For the probes and metrics (see http.py, metrics.py). Stats outlive a worker: counters never go back.
+    stats: dict[str, FunctionStats] = field(default_factory=dict)
+    cron: CronStats = field(default_factory=CronStats)
+    started: float = field(default_factory=time.time)   # wall clock, for the status' uptime
+    provisioned: bool = False   # the base streams exist
+    serving: bool = False       # every component started and the workers pull
+    draining: bool = False      # shutting down: not ready, in-flight work finishing
 
     @property
     def connection(self) -> tuple[NATS, JetStreamContext]:
         if self.nc is None or self.js is None:
             raise RuntimeError("the runtime is not started")
         return self.nc, self.js
+
+    def stats_for(self, name: str) -> FunctionStats:
+        stats = self.stats.get(name)
+        if stats is None:
+            stats = self.stats[name] = FunctionStats()
+        return stats
 
     def served(self) -> list[FunctionManifest]:
         """The manifests of the functions served here now."""

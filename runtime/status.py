@@ -6,6 +6,9 @@ import asyncio
 import json
 import os
 import socket
+import time
+from datetime import UTC, datetime
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from nats.aio.client import Client as NATS
@@ -13,12 +16,30 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from .state import RuntimeState
+from .worker import FunctionWorker
 
 STATUS_SUBJECT = "fn.admin.status"
+DISTRIBUTION = "nats-fn-runtime"
 
 
 def runtime_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def package_version() -> str:
+    try:
+        return version(DISTRIBUTION)
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def function_status(worker: FunctionWorker) -> dict[str, Any]:
+    stats = worker.executor.stats
+    completed_1m, failed_1m = stats.last_minute()
+    p50, p99 = stats.percentiles(0.5, 0.99)
+    return {"in_flight": worker.in_flight, "completed": worker.completed, "late": worker.executor.late,
+            "outcomes": stats.counts(), "completed_1m": completed_1m, "failed_1m": failed_1m,
+            "p50": p50, "p99": p99}
 
 
 class StatusResponder:
@@ -27,16 +48,27 @@ class StatusResponder:
     def __init__(self, state: RuntimeState) -> None:
         self.state = state
         self.id = runtime_id()
+        self.host = socket.gethostname()
+        self.pid = os.getpid()
+        self.version = package_version()
         self._sub: Subscription | None = None
 
     def snapshot(self) -> dict[str, Any]:
+        """What this runtime does now. Per served function: ``in_flight``, ``completed`` (invocations
+        settled), ``late``, ``outcomes`` (attempts by outcome since start, the labels of
+        ``fn_invocations_total``), ``completed_1m`` / ``failed_1m`` (attempts that succeeded / did not
+        in the last minute) and ``p50`` / ``p99`` (seconds, attempts of the last minute; None without any)."""
         state = self.state
         outbox = state.outbox
         monitor = state.monitor
         return {
             "runtime": self.id,
-            "serving": {name: {"in_flight": w.in_flight, "completed": w.completed, "late": w.executor.late}
-                        for name, w in state.workers.items()},
+            "host": self.host,
+            "pid": self.pid,
+            "version": self.version,
+            "started": datetime.fromtimestamp(state.started, UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
+            "uptime": round(time.time() - state.started, 3),
+            "serving": {name: function_status(w) for name, w in state.workers.items()},
             "failing": dict(state.failing),
             # Deployed, but its handler module is outside the trusted prefixes: never imported here.
             "refused": dict(state.refused),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import dataclasses
 import logging
 
@@ -20,16 +21,27 @@ from nats.js.api import (
     StreamSource,
     SubjectTransform,
 )
-from nats.js.errors import BadRequestError, NotFoundError
+from nats.js.errors import APIError, NotFoundError
 
 from . import priority
+from .errors import ConfigError
 from .manifest import FunctionManifest
+from .protocol import (
+    INSUFFICIENT_RESOURCES,
+    NO_PEERS_FOR_PLACEMENT,
+    QUEUED_PREFIX,
+    REPLICAS_NOT_CLUSTERED,
+    SLOT_PREFIX,
+    STREAM_NAME_IN_USE,
+    kv_stream,
+    kv_subject,
+)
 from .protocol import INVOKE_PREFIX as INVOKE_PREFIX  # where the other modules have always found it
-from .protocol import QUEUED_PREFIX, SLOT_PREFIX, STREAM_NAME_IN_USE, kv_stream, kv_subject
 
 log = logging.getLogger("runtime.streams")
 
 INVOKE_STREAM = "FN"
+MAX_REPLICAS = 5   # JetStream keeps at most five copies of a stream
 DUPLICATE_WINDOW = 120.0
 
 
@@ -139,27 +151,87 @@ def merged_config(current: StreamConfig, wanted: StreamConfig) -> StreamConfig:
     return dataclasses.replace(current, **changes)
 
 
+def placement_error(exc: APIError, config: StreamConfig) -> ConfigError | None:
+    """The server's refusal to keep ``config.num_replicas`` copies of a stream, said in the user's
+    terms; None for any other error."""
+    replicas, name = config.num_replicas, config.name
+    if exc.err_code == REPLICAS_NOT_CLUSTERED:
+        return ConfigError(f"cannot keep {replicas} replicas of stream {name}: the NATS server is not part of a "
+                           f"cluster (more than one replica needs a JetStream cluster of at least that many "
+                           f"nodes); use --replicas 1, or connect to a cluster")
+    if exc.err_code in (NO_PEERS_FOR_PLACEMENT, INSUFFICIENT_RESOURCES):
+        return ConfigError(f"cannot keep {replicas} replicas of stream {name}: the cluster has fewer than "
+                           f"{replicas} JetStream nodes available ({exc.description}); start more nodes or "
+                           f"lower --replicas")
+    return None
+
+
+SCALE_WAIT = 30.0   # seconds a scaled stream gets to have its replicas in place
+# Streams scaled during provision_base, waited for together at its end (one at a time would add a
+# second or so per stream).
+_SCALED: contextvars.ContextVar[list[tuple[str, int]] | None] = contextvars.ContextVar("scaled", default=None)
+
+
+async def settled(js: JetStreamContext, name: str, replicas: int) -> None:
+    """Wait until ``name`` has ``replicas`` current copies: while a stream is being scaled, the
+    server refuses to add consumers to it ("insufficient resources")."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + SCALE_WAIT
+    while True:
+        cluster = (await js.stream_info(name)).cluster
+        peers = list(cluster.replicas or []) if cluster else []
+        if cluster is None or (cluster.leader and len(peers) + 1 == replicas and all(p.current for p in peers)):
+            return
+        if loop.time() > deadline:
+            log.warning("stream %s: its %d replicas are not all in place after %gs; going on", name, replicas,
+                        SCALE_WAIT)
+            return
+        await asyncio.sleep(0.1)
+
+
 async def ensure_stream(js: JetStreamContext, config: StreamConfig, update: bool = True) -> None:
-    """Create ``config.name``, or bring an existing stream in line with ``config`` if ``update``."""
+    """Create ``config.name``, or bring an existing stream in line with ``config`` if ``update``.
+
+    A different ``num_replicas`` scales the stream in place (JetStream copies it to the new
+    peers, or drops some); None leaves an existing stream's as it is. Replicas the server cannot
+    place raise ``ConfigError``.
+    """
     assert config.name is not None
     try:
         info = await js.stream_info(config.name)
     except NotFoundError:
         try:
             await js.add_stream(config)
-            log.info("created stream %s", config.name)
+            log.info("created stream %s (%d replica%s)", config.name, config.num_replicas or 1,
+                     "s" * ((config.num_replicas or 1) > 1))
             return
-        except BadRequestError as exc:
+        except APIError as exc:
             if exc.err_code != STREAM_NAME_IN_USE:  # created meanwhile by another runtime
-                raise
+                raise placement_error(exc, config) or exc from None
             info = await js.stream_info(config.name)
+    have_replicas = info.config.num_replicas or 1
     if not update:
+        if config.num_replicas and config.num_replicas != have_replicas:
+            log.warning("stream %s has %d replica(s), not %d: it is left as the runtimes configured it "
+                        "(runtime serve --replicas %d scales it)", config.name, have_replicas,
+                        config.num_replicas, config.num_replicas)
         return
     merged = merged_config(info.config, config)
     have, want = info.config.as_dict(), merged.as_dict()
     changed = sorted(k for k in have.keys() | want.keys() if have.get(k) != want.get(k))
     if changed:
-        await js.update_stream(merged)
+        try:
+            await js.update_stream(merged)
+        except APIError as exc:
+            raise placement_error(exc, config) or exc from None
+        if "num_replicas" in changed:
+            log.info("scaled stream %s from %d to %d replica(s)", config.name, have_replicas,
+                     merged.num_replicas or 1)
+            batch = _SCALED.get()
+            if batch is None:
+                await settled(js, config.name, merged.num_replicas or 1)
+            else:
+                batch.append((config.name, merged.num_replicas or 1))
         log.info("updated stream %s: %s", config.name, ", ".join(changed))
 
 
@@ -211,11 +283,13 @@ async def ensure_consumer(js: JetStreamContext, manifest: FunctionManifest) -> N
         if sorted(_filters(info.config)) != filters.get(name):
             await js.delete_consumer(INVOKE_STREAM, name)
             log.info("removed consumer %s: the subjects of %s's levels changed", name, manifest.name)
-    for config in wanted:
-        await js.add_consumer(INVOKE_STREAM, config)
-    await ensure_slots(js, manifest)
+    # At once: on a cluster with a node down, a new replicated consumer can take several seconds to
+    # elect its leader (one of its peers cannot vote), and a function has one per priority level.
+    await asyncio.gather(*(js.add_consumer(INVOKE_STREAM, config, timeout=CONSUMER_CREATE_TIMEOUT)
+                           for config in wanted), ensure_slots(js, manifest))
 
 
+CONSUMER_CREATE_TIMEOUT = 20.0   # seconds; see ensure_consumer
 _LIST_PAGE = 256   # consumers per JetStream list reply
 
 
@@ -233,7 +307,7 @@ async def ensure_slots(js: JetStreamContext, manifest: FunctionManifest) -> None
     """Make ``FN_SLOTS`` hold exactly ``concurrency`` slots of the function, and its slot consumer."""
     subject = f"{SLOT_PREFIX}{manifest.name}"
     want = manifest.concurrency
-    await js.add_consumer(SLOTS_STREAM, slot_consumer_config(manifest))
+    await js.add_consumer(SLOTS_STREAM, slot_consumer_config(manifest), timeout=CONSUMER_CREATE_TIMEOUT)
     state = (await js.stream_info(SLOTS_STREAM, subjects_filter=subject)).state
     have = (state.subjects or {}).get(subject, 0)
     if have < want:
@@ -278,6 +352,8 @@ ERRORS_BUCKET = "fn_errors"
 DLQ_BODIES_BUCKET = "fn_dlq_bodies"  # the full originals of dead letters too large to carry them
 MANIFESTS_BUCKET = "fn_manifests"
 CRON_BUCKET = "fn_cron"
+CACHE_BUCKET = "fn_cache"   # results kept by input (manifest ``cache``), each entry with its own TTL
+RATE_BUCKET = "fn_rate"     # per function: when its next invocation may start (manifest ``rate_limit``)
 
 DAY = 86400.0
 
@@ -309,7 +385,7 @@ def events_stream_config(replicas: int = 1) -> StreamConfig:
 
 
 def kv_stream_config(bucket: str, history: int = 1, ttl: float | None = None,
-                     replicas: int = 1) -> StreamConfig:
+                     replicas: int | None = 1) -> StreamConfig:
     """The stream behind a key-value bucket, shaped as nats-py's ``create_key_value`` makes it."""
     return StreamConfig(
         name=kv_stream(bucket),
@@ -328,7 +404,8 @@ def kv_stream_config(bucket: str, history: int = 1, ttl: float | None = None,
 
 
 async def ensure_kv(js: JetStreamContext, bucket: str, history: int = 1, ttl: float | None = None,
-                    replicas: int = 1) -> None:
+                    replicas: int | None = 1) -> None:
+    """Create or update a bucket; ``replicas`` None keeps an existing bucket's replicas."""
     await ensure_stream(js, kv_stream_config(bucket, history, ttl, replicas))
 
 
@@ -349,7 +426,20 @@ def object_stream_config(bucket: str, ttl: float | None = None, replicas: int = 
 
 async def provision_base(js: JetStreamContext, *, results_ttl: float = DAY, dlq_retention: float = 30 * DAY,
                          replicas: int = 1, max_queued: int | None = None) -> None:
-    """Everything a runtime needs before serving, created or updated in place."""
+    """Everything a runtime needs before serving, created or updated in place (and, for streams
+    scaled to other replicas, in place on every peer)."""
+    batch: list[tuple[str, int]] = []
+    token = _SCALED.set(batch)
+    try:
+        await _provision(js, results_ttl=results_ttl, dlq_retention=dlq_retention, replicas=replicas,
+                         max_queued=max_queued)
+    finally:
+        _SCALED.reset(token)
+    await asyncio.gather(*(settled(js, name, n) for name, n in batch))
+
+
+async def _provision(js: JetStreamContext, *, results_ttl: float, dlq_retention: float,
+                     replicas: int, max_queued: int | None) -> None:
     await ensure_stream(js, delayed_stream_config(replicas))
     await ensure_stream(js, invoke_stream_config(replicas, max_queued))
     await ensure_stream(js, slots_stream_config(replicas))
@@ -360,3 +450,6 @@ async def provision_base(js: JetStreamContext, *, results_ttl: float = DAY, dlq_
     await ensure_kv(js, ERRORS_BUCKET, ttl=DAY, replicas=replicas)
     await ensure_kv(js, MANIFESTS_BUCKET, history=16, replicas=replicas)
     await ensure_kv(js, CRON_BUCKET, replicas=replicas)
+    # Entries of one function live as long as its own cache ttl says: a message TTL each (Nats-TTL).
+    await ensure_stream(js, dataclasses.replace(kv_stream_config(CACHE_BUCKET, replicas=replicas), allow_msg_ttl=True))
+    await ensure_kv(js, RATE_BUCKET, replicas=replicas)

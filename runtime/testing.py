@@ -37,7 +37,7 @@ from .policy import Ack, AttemptEnd, DeadLetter, Decision, RetryAfter, decide
 from .server import EmbeddedServer, free_port
 from .settings import Settings
 from .streams import INVOKE_PREFIX, INVOKE_STREAM
-from .wire import WireLimits
+from .wire import ReplyPolicy, WireLimits
 
 if TYPE_CHECKING:
     from nats.aio.client import Client as NATS
@@ -47,6 +47,7 @@ __all__ = ["DeadLetter", "Message", "Outcome", "RecordingConnection", "ServedCli
 
 DEFAULT_MAX_PAYLOAD = 1024 * 1024   # nats-server's default max_payload
 SERVE_GRACE = 2.0                   # serve(): in-flight work gets this long when the test ends
+PROGRESS_SUBJECT = "_INBOX.testing.progress"   # call(): where ctx.progress updates are recorded
 
 Target = str | Path | FunctionManifest | Callable[..., Any]
 
@@ -141,6 +142,7 @@ class Outcome:
     content_type: str = codec.JSON
     published: tuple[Message, ...] = ()
     invoked: tuple[Message, ...] = ()
+    progress: tuple[Any, ...] = ()   # what the handler sent with ctx.progress, decoded, in order
 
     @property
     def acked(self) -> bool:
@@ -205,8 +207,10 @@ async def acall(target: Target, payload: Any = None, *, attempt: int = 1, header
     decision = decide(outcome, attempt, manifest)
     if not isinstance(decision, Ack):
         decision.error.call_id = inv.call_id
+    published = [m for m in conn.published if m.subject != PROGRESS_SUBJECT]
+    progress = tuple(m.value for m in conn.published if m.subject == PROGRESS_SUBJECT)
     return Outcome(decision, inv.call_id, attempt, body, codec.CONTENT_TYPES[manifest.encoding],
-                   tuple(conn.published), tuple(conn.js.published))
+                   tuple(published), tuple(conn.js.published), progress)
 
 
 async def _attempt(inv: Invocation, manifest: FunctionManifest, handler: Handler,
@@ -226,7 +230,8 @@ async def _attempt(inv: Invocation, manifest: FunctionManifest, handler: Handler
     # The recording stand-ins have the methods Context calls; the types are nats-py's.
     nc, js = cast("NATS", conn), cast("JetStreamContext", conn.js)
     try:
-        return await run_attempt(inv, manifest, handler, watch, nc, js, WireLimits(conn.max_payload), threads)
+        return await run_attempt(inv, manifest, handler, watch, nc, js, WireLimits(conn.max_payload), threads,
+                                 ReplyPolicy())
     finally:
         for timer in timers:
             timer.cancel()
@@ -246,6 +251,7 @@ def _invocation(manifest: FunctionManifest, payload: Any, headers: Mapping[str, 
     hdrs = dict(headers or {})
     if call_id is not None:
         hdrs[H.MSG_ID] = call_id
+    hdrs.setdefault(H.PROGRESS_TO, PROGRESS_SUBJECT)   # ctx.progress is recorded as a follower would see it
     if isinstance(payload, bytes | bytearray | memoryview):
         body = bytes(payload)
     else:

@@ -15,10 +15,12 @@ from .dispatch import PriorityFeed
 from .executor import Executor
 from .invocation import Invocation
 from .loader import Handler
+from .logs import call_fields, fields
 from .manifest import FunctionManifest
 from .outbox import Outbox
 from .pool import WorkerPool
 from .protocol import IN_PROGRESS, NAK
+from .stats import FunctionStats
 
 log = logging.getLogger("runtime.worker")
 
@@ -27,14 +29,14 @@ class FunctionWorker:
     """Serves one function until stopped; settings can change while it runs."""
 
     def __init__(self, nc: NATS, js: JetStreamContext, manifest: FunctionManifest, handler: Handler,
-                 outbox: Outbox) -> None:
+                 outbox: Outbox, stats: FunctionStats | None = None) -> None:
         self.nc = nc
         self.name = manifest.name
         self.threads: ThreadPoolExecutor | None = None
         self._thread_count = 0   # the size of ``threads``
         if not handler.is_async:
             self._new_threads(manifest.concurrency)
-        self.executor = Executor(nc, js, manifest, handler, self.threads, outbox)
+        self.executor = Executor(nc, js, manifest, handler, self.threads, outbox, stats)
         self.pool: WorkerPool[Invocation] = WorkerPool(self._process, manifest.concurrency, name=manifest.name)
         self.feed = PriorityFeed(nc, manifest, self._sink)
         self.executor.requeued = lambda inv, delay: self.feed.requeued(inv.msg.reply, delay)
@@ -79,7 +81,8 @@ class FunctionWorker:
         try:
             inv = Invocation.from_msg(msg, self.name)
         except (ValueError, IndexError):
-            log.error("ignoring a message without a JetStream ack subject on %s", msg.subject)
+            log.error("ignoring a message without a JetStream ack subject on %s", msg.subject,
+                      extra=call_fields(self.name))
             self.feed.release(msg.reply)
             return
         self.held[msg.reply] = inv
@@ -93,7 +96,7 @@ class FunctionWorker:
         except Exception:
             # The executor settles every outcome itself; reaching here is a bug or a lost
             # connection. The message is redelivered after ack_wait.
-            log.exception("invocation %s of %s could not be settled", inv.call_id, self.name)
+            log.exception("invocation %s of %s could not be settled", inv.call_id, self.name, extra=fields(inv))
         finally:
             self.completed += 1
             self.held.pop(inv.msg.reply, None)

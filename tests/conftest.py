@@ -33,6 +33,7 @@ from .authservers import (  # noqa: F401 (fixtures: secured servers and certific
     tls_server,
     token_server,
 )
+from .cluster import cluster  # noqa: F401 (fixture: a three-node JetStream cluster)
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -14,8 +14,9 @@ from nats.errors import Error as NatsError
 
 from runtime.cli import build_parser
 from runtime.cli.common import connect_options
-from runtime.connection import ConnectOptions, check_creds, permission_denied, redact_url, refusal
+from runtime.connection import ConnectOptions, check_creds, redact_url, refusal
 from runtime.errors import AuthError, ConfigError
+from runtime.permissions import permission_denied
 from runtime.settings import Settings
 
 
@@ -129,3 +130,18 @@ def test_an_inbox_prefix_must_be_a_subject_prefix() -> None:
     assert ConnectOptions.from_env({}, inbox_prefix="_INBOX.alice").inbox_prefix == "_INBOX.alice"
     with pytest.raises(ConfigError, match="inbox_prefix"):
         ConnectOptions.from_env({}, inbox_prefix="_INBOX.>")
+
+
+@pytest.mark.parametrize(("reported", "subject"), [
+    ("$js.api.direct.get.kv_fn_manifests.$kv.fn_manifests.payroll",
+     "$JS.API.DIRECT.GET.KV_fn_manifests.$KV.fn_manifests.payroll"),
+    ("$js.api.stream.info.fn_dlq", "$JS.API.STREAM.INFO.FN_DLQ"),
+    ("$js.api.consumer.msg.next.fn.hello", "$JS.API.CONSUMER.MSG.NEXT.FN.hello"),
+    ("$js.api.info", "$JS.API.INFO"),
+    ("_inbox.abc.*", "_INBOX.abc.*"),
+    ("$kv.fn_results.alice.x", "$KV.fn_results.alice.x"),
+    ("fn.invoke.payroll", "fn.invoke.payroll"),
+])
+def test_subjects_nats_py_lowered_are_said_as_the_server_knows_them(reported: str, subject: str) -> None:
+    denied = permission_denied(NatsError(f'nats: permissions violation for publish to "{reported}"'))
+    assert denied is not None and denied.subject == subject

@@ -78,16 +78,36 @@ def test_primes_past_its_timeout_is_retried_once_then_dead_lettered(fn_call: Cal
     assert last.dead_letter is not None and last.dead_letter.reason == "timeout"
 
 
-# ------------------------------------------------------------------ all three, served for real
+# ------------------------------------------------------------------ report: an LLM call (test_llm.py serves it)
 
 
-async def test_the_examples_served(fn_serve: ServedClient) -> None:
+def test_report_without_an_api_key_is_rejected_saying_why(fn_call: Caller, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    out = fn_call("manifests/report.yaml", {"text": "JetStream keeps every invocation."})
+    assert out.dead_letter is not None and out.dead_letter.reason == "rejected"
+    assert out.dead_letter.error.message.startswith("OPENAI_API_KEY is not set")
+
+
+def test_report_needs_a_text_and_a_known_style(fn_call: Caller) -> None:
+    out = fn_call("manifests/report.yaml", {"text": "", "style": "long"})
+    assert out.dead_letter is not None and out.dead_letter.reason == "invalid_input"
+    assert out.dead_letter.error.message == ("text: String should have at least 1 character; "
+                                             "style: Input should be 'brief' or 'detailed'")
+
+
+# ------------------------------------------------------------------ all of them, served for real
+
+
+async def test_the_examples_served(fn_serve: ServedClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     assert await fn_serve.invoke("hello", {"name": "Ada"}, timeout=5) == {"greeting": "Hello, Ada!"}
     assert await fn_serve.invoke("primes", {"limit": 100}, timeout=5) == {"limit": 100, "count": 25, "largest": 97}
     with pytest.raises(InvalidInput, match="name: Field required"):
         await fn_serve.invoke("hello", {}, timeout=5)
     with pytest.raises(Rejected, match="asked to reject"):
         await fn_serve.invoke("flaky", {"reject": True}, timeout=5)
+    with pytest.raises(Rejected, match="OPENAI_API_KEY is not set"):   # served without a key, refused with why
+        await fn_serve.invoke("report", {"text": "JetStream keeps every invocation."}, timeout=5)
 
 
 @pytest.mark.fn_serve("manifests/flaky.yaml")

@@ -25,7 +25,7 @@ from runtime.wire import call_id_for
 
 from .conftest import ROOT, RuntimeFactory, RuntimeProcess, eventually
 
-REPORT = ROOT / "manifests" / "report.yaml"
+DIGEST = ROOT / "manifests" / "digest.yaml"
 HEARTBEAT = ROOT / "manifests" / "heartbeat.yaml"
 
 
@@ -54,21 +54,21 @@ def readme_manifest(path: str) -> dict[str, Any]:
 # ------------------------------------------------------------------ the example ships and runs
 
 
-@pytest.mark.parametrize("path", [REPORT, HEARTBEAT])
+@pytest.mark.parametrize("path", [DIGEST, HEARTBEAT])
 def test_the_readme_cron_manifests_are_the_shipped_ones(path: Path) -> None:
     shipped = yaml.safe_load(path.read_text())
     shown = readme_manifest(f"manifests/{path.name}")
     assert {key: shipped.get(key) for key in shown} == shown
 
 
-def test_report_covers_the_day_before_its_tick(fn_call: Caller) -> None:
-    out = fn_call(str(REPORT), {"scope": "daily"},
-                  headers={"Fn-Schedule": "nightly-report", "Fn-Scheduled-At": "2026-10-25T01:30:00Z"})
-    assert out.result == {"scope": "daily", "schedule": "nightly-report", "period_start": "2026-10-24T01:30:00Z",
+def test_digest_covers_the_day_before_its_tick(fn_call: Caller) -> None:
+    out = fn_call(str(DIGEST), {"scope": "daily"},
+                  headers={"Fn-Schedule": "nightly-digest", "Fn-Scheduled-At": "2026-10-25T01:30:00Z"})
+    assert out.result == {"scope": "daily", "schedule": "nightly-digest", "period_start": "2026-10-24T01:30:00Z",
                           "period_end": "2026-10-25T01:30:00Z"}
 
 
-async def test_a_schedule_without_payload_runs_the_report(runtime: RuntimeFactory, nc: NATS,
+async def test_a_schedule_without_payload_runs_the_digest(runtime: RuntimeFactory, nc: NATS,
                                                           nats_server: EmbeddedServer) -> None:
     # The shipped heartbeat, every second rather than every ten, so the test waits for one tick only.
     heartbeat = HEARTBEAT.read_text().replace('"*/10 * * * * *"', '"* * * * * *"')
@@ -78,8 +78,8 @@ async def test_a_schedule_without_payload_runs_the_report(runtime: RuntimeFactor
     async def on_tick(msg: Msg) -> None:
         ticks.append(msg)
 
-    await nc.subscribe("fn.invoke.report", cb=on_tick)
-    await runtime(report=REPORT.read_text(), heartbeat=heartbeat)
+    await nc.subscribe("fn.invoke.digest", cb=on_tick)
+    await runtime(digest=DIGEST.read_text(), heartbeat=heartbeat)
     await eventually(lambda: ticks, timeout=5, message="a heartbeat tick")
     tick = ticks[0]
     assert tick.data == b"{}", "a schedule without payload sends an empty object, not null"
@@ -104,27 +104,27 @@ async def deployed(server: EmbeddedServer) -> tuple[dict[str, str], list[str]]:
 
 
 async def test_undeploying_a_scheduled_function_is_refused_unless_forced(nats_server: EmbeddedServer) -> None:
-    created = await cli(nats_server, "deploy", str(REPORT), str(HEARTBEAT))
+    created = await cli(nats_server, "deploy", str(DIGEST), str(HEARTBEAT))
     assert created.returncode == 0, created.stderr
 
-    refused = await cli(nats_server, "undeploy", "report")
-    assert "function 'report' is still the target of schedule heartbeat" in one_error_line(refused)
+    refused = await cli(nats_server, "undeploy", "digest")
+    assert "function 'digest' is still the target of schedule heartbeat" in one_error_line(refused)
     assert "--force" in refused.stderr
-    assert await deployed(nats_server) == ({"report": "idle", "heartbeat": "enabled"},
-                                           ["heartbeat", "nightly-report"])
+    assert await deployed(nats_server) == ({"digest": "idle", "heartbeat": "enabled"},
+                                           ["heartbeat", "nightly-digest"])
 
     schedule = await cli(nats_server, "undeploy", "heartbeat", "--yes")
     assert schedule.returncode == 0, schedule.stderr
     assert schedule.stdout.strip() == "schedule heartbeat: undeployed (it fires no more; its function stays deployed)"
-    assert await deployed(nats_server) == ({"report": "idle"}, ["nightly-report"])
+    assert await deployed(nats_server) == ({"digest": "idle"}, ["nightly-digest"])
 
     again = await cli(nats_server, "deploy", str(HEARTBEAT))
     assert again.returncode == 0, again.stderr
-    forced = await cli(nats_server, "undeploy", "report", "--force", "--yes")
+    forced = await cli(nats_server, "undeploy", "digest", "--force", "--yes")
     assert forced.returncode == 0, forced.stderr
     assert forced.stdout.splitlines() == [
-        "schedule heartbeat: undeployed (it targeted report)",
-        "function report: undeployed, with its schedule nightly-report "
+        "schedule heartbeat: undeployed (it targeted digest)",
+        "function digest: undeployed, with its schedule nightly-digest "
         "(queued messages are kept until it is deployed again)"]
     assert await deployed(nats_server) == ({}, [])
 

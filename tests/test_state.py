@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,8 +28,11 @@ TICK = "kind: Schedule\nname: tick\ncron: '0 0 1 1 *'\nfunction: ping\n"
 
 
 def test_status_of_a_runtime_not_yet_started() -> None:
-    assert StatusResponder(RuntimeState()).snapshot() | {"runtime": "-"} == {
-        "runtime": "-", "serving": {}, "failing": {}, "refused": {}, "trusted": [], "loop": None, "outbox": None}
+    snapshot = StatusResponder(RuntimeState()).snapshot()
+    assert snapshot["runtime"] == f"{snapshot['host']}:{snapshot['pid']}" and snapshot["pid"] == os.getpid()
+    assert snapshot["uptime"] >= 0 and snapshot["started"].endswith("Z")
+    assert {k: v for k, v in snapshot.items() if k not in ("runtime", "host", "pid", "version", "started", "uptime")} \
+        == {"serving": {}, "failing": {}, "refused": {}, "trusted": [], "loop": None, "outbox": None}
 
 
 async def test_the_follower_hands_every_change_to_its_callbacks(nc: NATS, js: JetStreamContext,

@@ -21,9 +21,9 @@ from ..exitcodes import (
     RET_INTERRUPTED,
     RET_PERMISSION,
 )
-from . import cancel, common, deploy, dlq, invoke, queue, schedules, secure, serve
+from . import cancel, common, deploy, dlq, invoke, queue, schedules, secure, serve, status
 
-COMMANDS = [serve, deploy, schedules, dlq, queue, invoke, cancel, secure]
+COMMANDS = [serve, deploy, schedules, dlq, queue, invoke, cancel, secure, status]
 DISTRIBUTION = "nats-fn-runtime"
 DEBUG_HELP = "show tracebacks and debug logs"
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
@@ -10,7 +11,7 @@ from typing import Any
 
 from .. import queue, trust
 from ..delay import delayed_count
-from ..errors import LoadError, ManifestError
+from ..errors import ConfigError, LoadError, ManifestError
 from ..exitcodes import RET_ERROR, RET_NOT_FOUND, RET_OK
 from ..loader import load_handler_async
 from ..loop import run
@@ -19,7 +20,7 @@ from ..priority import split_subject
 from ..registry import SCHEDULE_PREFIX, Registry, Undeployed
 from ..revisions import HISTORY, NotDeployed, RegistryError
 from ..status import gather_status
-from ..streams import INVOKE_STREAM
+from ..streams import INVOKE_STREAM, MAX_REPLICAS
 from . import common
 
 
@@ -48,6 +49,9 @@ def register(sub: Any) -> None:
             p.add_argument("--trust", action="append", default=[], metavar="PREFIX",
                            help="also accept handlers under this module prefix (repeatable; $RUNTIME_TRUST, "
                                 "comma-separated); functions is always trusted")
+            p.add_argument("--replicas", type=int, default=None, metavar="N",
+                           help="copies of the registry bucket, and of the invocation streams if no runtime "
+                                "created them yet ($RUNTIME_REPLICAS; default: keep what exists, else 1)")
         if name == "undeploy":
             p.add_argument("--force", action="store_true",
                            help="also undeploy the standalone schedules that target the function")
@@ -66,6 +70,17 @@ def check_trusted(manifests: ManifestSet, prefixes: tuple[str, ...]) -> None:
             raise ManifestError(source, [("", reason)])
 
 
+def replicas(given: int | None) -> int | None:
+    """``--replicas``, else ``$RUNTIME_REPLICAS`` (checked like the option), else None: keep what exists."""
+    value: object = given if given is not None else os.environ.get("RUNTIME_REPLICAS", "").strip() or None
+    if value is None:
+        return None
+    if not str(value).isdigit() or not 1 <= int(str(value)) <= MAX_REPLICAS:
+        source = "--replicas" if given is not None else "RUNTIME_REPLICAS"
+        raise ConfigError(f"{source}={value!r}: replicas is a number from 1 to {MAX_REPLICAS}")
+    return int(str(value))
+
+
 def cmd_deploy(args: argparse.Namespace) -> int:
     root = Path.cwd()
     # The runtimes' own default plus what the deployer says: never the packages being deployed.
@@ -76,7 +91,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
     async def main() -> list[dict[str, Any]]:
         async with common.connection(args) as (_, js):
-            registry = await Registry.open(js)
+            registry = await Registry.open(js, replicas(args.replicas))
             known = {d.manifest.name for d in (await registry.all()).values() if d.manifest.kind == "Function"}
             manifests = ManifestSet.load(args.paths, known_functions=known)
             check_trusted(manifests, prefixes)

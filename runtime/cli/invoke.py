@@ -12,7 +12,7 @@ from typing import Any
 
 from nats.nuid import NUID
 
-from ..client import Call, Client, check_id_prefix
+from ..client import Call, Client, Progress, check_id_prefix
 from ..delay import parse_moment, rfc3339
 from ..durations import parse_duration
 from ..errors import InvocationError, InvocationTimeout, NoResult, PermissionDenied, QueueFull
@@ -68,6 +68,8 @@ def register(sub: Any) -> None:
     p.add_argument("--timeout", "-t", type=_duration, default=30.0, metavar="DURATION",
                    help="how long to wait for the outcome, e.g. 500ms, 30s, 2m (default 30s)")
     p.add_argument("--call-id", metavar="ID", help="the call id (default: a new unique id)")
+    p.add_argument("--follow", "-f", action="store_true",
+                   help="print the function's progress updates on stderr as they come, then the result")
     p.add_argument("--id-prefix", metavar="PREFIX", default=None,
                    help="start a new call id with PREFIX, e.g. alice. (a caller's own results; $RUNTIME_ID_PREFIX)")
     p.add_argument("--priority", "-p", type=_level, metavar="LEVEL",
@@ -91,6 +93,11 @@ def register(sub: Any) -> None:
     common.add_server_option(p)
     common.add_json_option(p)
     p.set_defaults(func=cmd_result)
+
+
+def _print_progress(update: Progress) -> None:
+    data = update.data if isinstance(update.data, str) else json.dumps(update.data, default=repr)
+    print(f"progress [attempt {update.attempt}] {data}", file=sys.stderr, flush=True)
 
 
 def _payload(text: str | None) -> Any:
@@ -128,7 +135,8 @@ def cmd_invoke(args: argparse.Namespace) -> int:
                 return await fn.submit(args.name, payload, call_id=call_id, priority=args.priority,
                                        delay=args.delay, at=args.at, ttl=args.ttl)
             return await fn.invoke(args.name, payload, timeout=args.timeout, call_id=call_id,
-                                   priority=args.priority, ttl=args.ttl)
+                                   priority=args.priority, ttl=args.ttl,
+                                   on_progress=_print_progress if args.follow else None)
 
     try:
         outcome = run(main())

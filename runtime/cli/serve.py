@@ -12,7 +12,7 @@ from ..app import serve as serve_forever
 from ..errors import ConfigError
 from ..exitcodes import RET_OK
 from ..loader import load_handler
-from ..logs import LEVELS, configure
+from ..logs import FORMATS, LEVELS, configure
 from ..loop import run
 from ..manifest import ManifestSet
 from ..settings import Settings
@@ -25,7 +25,8 @@ def register(sub: Any) -> None:
     p.add_argument("--manifests", "-m", action="append", default=[], metavar="PATH",
                    help="manifest file or directory to deploy at start (repeatable)")
     p.add_argument("--server", "-s", metavar="URL", default=None,
-                   help="connect to this NATS server or cluster instead of starting one ($NATS_URL)")
+                   help="connect to this NATS server instead of starting one, or to a cluster: its servers "
+                        "separated by commas ($NATS_URL)")
     common.add_auth_options(p)
     p.add_argument("--host", default=None, metavar="ADDRESS",
                    help="listen address of the embedded server (default 127.0.0.1; 0.0.0.0 for every interface)")
@@ -40,6 +41,10 @@ def register(sub: Any) -> None:
     p.add_argument("--max-queued", type=int, default=None, metavar="N",
                    help="refuse new invocations of a function (per priority level) while N are stored "
                         "($RUNTIME_MAX_QUEUED; default: no limit; give every runtime of a fleet the same)")
+    p.add_argument("--replicas", type=int, default=None, metavar="N",
+                   help="copies of every stream and bucket the runtime owns: 3 on a three-node cluster, so that "
+                        "losing a node loses nothing acknowledged ($RUNTIME_REPLICAS; default 1; existing streams "
+                        "are scaled to N in place)")
     p.add_argument("--reply-prefix", action="append", default=[], metavar="PREFIX",
                    help="answer callers only on reply subjects starting with PREFIX, e.g. _INBOX. (repeatable; "
                         "$RUNTIME_REPLY_PREFIX, comma-separated); subjects starting with $ are never answered")
@@ -47,11 +52,16 @@ def register(sub: Any) -> None:
                    help="also import handlers under this module prefix, e.g. myapp or myapp.handlers (repeatable; "
                         "$RUNTIME_TRUST, comma-separated); functions and the packages of --manifests are always "
                         "trusted, and a deployed handler outside them is refused")
+    p.add_argument("--http", default=None, metavar="HOST:PORT",
+                   help="serve /healthz, /readyz and /metrics on this address, or off ($RUNTIME_HTTP; default "
+                        "127.0.0.1:9090 with the embedded server, skipped if that port is taken; off with --server)")
     p.add_argument("--secure", action="store_true",
                    help="start the embedded server with TLS on loopback and the users runtime, deployer and caller "
                         "(credentials generated once under <data-dir>/secure); prints how to connect")
     p.add_argument("--log-level", type=str.upper, choices=LEVELS, default=None,
                    help="how much to log (case-insensitive; default $RUNTIME_LOG_LEVEL or INFO)")
+    p.add_argument("--log-format", type=str.lower, choices=FORMATS, default=None,
+                   help="text for people, json for one object per line (default $RUNTIME_LOG_FORMAT or text)")
     p.set_defaults(func=cmd_serve)
 
 
@@ -72,6 +82,17 @@ def log_level(given: str | None) -> str:
     return level
 
 
+def log_format(given: str | None) -> str:
+    """``--log-format``, else ``$RUNTIME_LOG_FORMAT`` (checked like the option), else text."""
+    if given:
+        return given
+    fmt = os.environ.get("RUNTIME_LOG_FORMAT", "").strip().lower() or "text"
+    if fmt not in FORMATS:
+        raise ConfigError(f"RUNTIME_LOG_FORMAT={os.environ['RUNTIME_LOG_FORMAT']!r} is not a log format "
+                          f"(choose from {', '.join(FORMATS)})")
+    return fmt
+
+
 def serve_secure(settings: Settings) -> int:
     """``--secure``: the embedded server with the roles and TLS, the runtime connected as ``runtime``."""
     from ..secure import prepare, usage
@@ -87,11 +108,11 @@ def serve_secure(settings: Settings) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    configure("DEBUG" if args.debug else log_level(args.log_level))
+    configure("DEBUG" if args.debug else log_level(args.log_level), log_format(args.log_format))
     settings = Settings.from_env(server=args.server, host=args.host, port=args.port, data_dir=args.data_dir,
                                  nats_conf=args.nats_conf, grace=args.grace,
                                  dlq_retention=args.dlq_retention, results_ttl=args.results_ttl,
-                                 max_queued=args.max_queued,
+                                 max_queued=args.max_queued, http=args.http, replicas=args.replicas,
                                  # Flags add to $RUNTIME_TRUST rather than replace it.
                                  trust=combine(env_prefixes(), parse_prefixes(args.trust)) or None,
                                  manifests=tuple(Path(p) for p in args.manifests),
