@@ -17,6 +17,7 @@ from .connection import ConnectOptions, open_connection, redact_url
 from .errors import ConnectionLost, LoadError, PermissionDenied
 from .follower import RegistryFollower
 from .gateway import Gateway
+from .httpgateway import HttpGateway
 from .loader import Handler, ensure_on_path, load_handler_async, module_changed
 from .manifest import FunctionManifest, ManifestSet, Schedule
 from .metrics import monitoring_for
@@ -37,6 +38,7 @@ log = logging.getLogger("runtime.app")
 
 CONNECTION_CHECK = 0.5   # seconds between checks that the connection is still open
 PROVISION_TIMEOUT = 15.0   # seconds a provisioning request may take to be answered
+JS_TIMEOUT = 10.0          # seconds any other JetStream request of the runtime may take
 COMPONENT_STOP = 10.0   # seconds a part may take to stop, beyond the grace period its work gets
 PERMISSION_LOG_EVERY = 60.0  # seconds between log lines about the same refused permission
 
@@ -122,6 +124,8 @@ class Runtime:
         # /healthz, /readyz, /metrics: on by default only beside the embedded server (settings.http).
         self.monitoring = monitoring_for(settings.http_address(embedded), self.state,
                                          lambda: self.follower.functions.keys())
+        # POST /function/<name>, /async-function/<name>, GET /calls/<id> on that listener.
+        self.http_gateway = HttpGateway.install(self.monitoring, settings)
         ensure_on_path(settings.project_root)
 
     # The state's parts, as the runtime's own attributes (read-only: the state is the one place).
@@ -196,7 +200,8 @@ class Runtime:
         state.draining = False
         state.nc = nc = await connect(self.url, on_closed=self._on_closed, options=self.settings.connect)
         self._watch = asyncio.create_task(self._watch_connection(nc), name="connection-watch")
-        state.js = js = nc.jetstream()
+        # nats-py's default 5 s is short for a cluster under load creating replicated consumers.
+        state.js = js = nc.jetstream(timeout=JS_TIMEOUT)
         state.outbox = Outbox(nc, js, ReplyPolicy(self.settings.reply_prefixes))
         s = self.settings
         # A cluster electing leaders (a node just died, streams being scaled) can take longer than
@@ -234,6 +239,8 @@ class Runtime:
                                               outbox=self.outbox))
         if self.settings.gateway:
             components.append(Gateway(self.state))
+        if self.http_gateway is not None:
+            components.append(self.http_gateway)
         if self.monitoring is not None:
             components.append(self.monitoring)   # reads queue depths and dead letters
         return components

@@ -239,6 +239,17 @@ class Client:
         queue is at its limit and the call was not stored. ``on_progress`` is called with each
         :class:`Progress` update the function sends (``ctx.progress``) while it runs.
         """
+        response = await self.invoke_response(function, payload, timeout=timeout, call_id=call_id, headers=headers,
+                                              priority=priority, ttl=ttl, on_progress=on_progress)
+        return response.value()
+
+    async def invoke_response(self, function: str, payload: Any = None, *, timeout: float = 30.0,
+                              call_id: str | None = None, headers: Mapping[str, str] | None = None,
+                              priority: int | None = None, ttl: float | None = None,
+                              on_progress: Callable[[Progress], object] | None = None) -> Response:
+        """Like :meth:`invoke`, but the outcome as it travels (body and headers, undecoded): a call
+        that ran and failed is returned (``Response.error``), not raised; what kept it from running
+        (unknown function, full queue, no outcome in time) is raised as by :meth:`invoke`."""
         nc = self.nc
         loop = asyncio.get_running_loop()
         subject = invoke_subject(function, priority)
@@ -271,7 +282,7 @@ class Client:
         if response is None:
             raise InvocationTimeout(f"no outcome from {function} within {timeout:g}s; it may still run: "
                                     f"read it later with result({call_id!r})", call_id=call_id)
-        return response.value()
+        return response
 
     async def stream(self, function: str, payload: Any = None, *, timeout: float = 30.0,
                      call_id: str | None = None, **options: Any) -> AsyncIterator[Progress | Final]:

@@ -8,18 +8,26 @@ not ready while connecting, starting or draining.
 
 from __future__ import annotations
 
+import hmac
+import ipaddress
 import json
 import logging
 from collections.abc import Awaitable, Callable, Collection, Iterable
 from dataclasses import dataclass
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from .state import RuntimeState
 
 log = logging.getLogger("runtime.http")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+DEFAULT_MAX_BODY = 1024 * 1024   # bytes of a request body (413 beyond)
+# Answered without the bearer token: probes and scrapes come from the platform, and say nothing
+# a caller could act on; the dashboard's page (``/``) is static, its data comes from routes that ask.
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/"})
 
 
 @dataclass(frozen=True)
@@ -38,6 +46,9 @@ class HttpServer:
         self.host = host
         self.port = port
         self.routes: list[Route] = list(routes)
+        # Set before ``start``: every route outside OPEN_PATHS then requires ``Authorization: Bearer``.
+        self.token: str | None = None
+        self.max_body = DEFAULT_MAX_BODY
         self._runner: web.AppRunner | None = None
 
     def add(self, route: Route) -> None:
@@ -53,7 +64,11 @@ class HttpServer:
 
     async def start(self) -> None:
         """Listen; OSError if the address cannot be bound (taken, not local)."""
-        app = web.Application()
+        if self.token is None and not is_loopback(self.host):
+            log.warning("the HTTP listener on %s is reachable from other hosts and has no token: anyone who "
+                        "reaches it may call functions (set --http-token or $RUNTIME_HTTP_TOKEN)", self.url)
+        middlewares = [] if self.token is None else [bearer_middleware(self.token)]
+        app = web.Application(client_max_size=self.max_body, middlewares=middlewares)
         for route in self.routes:
             app.router.add_route(route.method, route.path, route.handler)
         # No access log: probes and scrapes every few seconds would drown what matters. A scraper's
@@ -72,6 +87,36 @@ class HttpServer:
         runner, self._runner = self._runner, None
         if runner is not None:
             await runner.cleanup()
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def authorized(request: web.Request, token: str) -> bool:
+    """True if ``request`` carries ``Authorization: Bearer <token>`` (compared in constant time)."""
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
+
+
+def bearer_middleware(token: str, open_paths: Collection[str] = OPEN_PATHS) -> Middleware:
+    """An aiohttp middleware answering 401 to any request outside ``open_paths`` without the token."""
+
+    @web.middleware
+    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path in open_paths or authorized(request, token):
+            return await handler(request)
+        response = json_response(401, {"error": {"type": "Unauthorized", "code": 401,
+                                                 "message": "missing or wrong bearer token"}})
+        response.headers["WWW-Authenticate"] = "Bearer"
+        return response
+
+    return check
 
 
 def json_response(status: int, body: dict[str, object]) -> web.Response:

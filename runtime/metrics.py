@@ -23,6 +23,7 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
+from .dashboard import dashboard_routes
 from .errors import ConfigError
 from .http import HttpServer, Route, probe_routes
 from .priority import function_of_consumer
@@ -162,7 +163,8 @@ class Monitoring:
         self.queues = QueueNumbers()
         self.registry = registry_for(state, self.queues)
         metrics = Route("GET", "/metrics", self.metrics)
-        self.server: HttpServer | None = HttpServer(host, port, [*probe_routes(state, expected), metrics])
+        self.server: HttpServer | None = HttpServer(host, port, [*probe_routes(state, expected), metrics,
+                                                                 *dashboard_routes(state)])
         self._task: asyncio.Task[None] | None = None
 
     async def metrics(self, request: web.Request) -> web.Response:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 from .connection import ConnectOptions
 from .durations import Duration
@@ -59,6 +59,9 @@ class Settings(BaseModel):
     # HOST:PORT of /healthz, /readyz and /metrics (http.py); "off"; None: DEFAULT_HTTP when the
     # embedded server is used (and skipped with a warning if that port is taken), off otherwise.
     http: str | None = None
+    # Required as ``Authorization: Bearer`` on that listener, but for the probes and metrics (None: open).
+    http_token: SecretStr | None = None
+    http_max_body: int = Field(default=1024 * 1024, ge=1)   # bytes of an HTTP request body (413 beyond)
 
     @field_validator("reply_prefixes")
     @classmethod
@@ -96,7 +99,7 @@ class Settings(BaseModel):
     def from_env(cls, **overrides: object) -> Settings:
         """Settings from ``NATS_URL`` / ``RUNTIME_DATA_DIR`` / ``RUNTIME_GRACE`` / ``RUNTIME_REPLY_PREFIX``
         (comma-separated) / ``RUNTIME_MAX_QUEUED`` / ``RUNTIME_REPLICAS`` / ``RUNTIME_TRUST`` (comma-separated) /
-        ``RUNTIME_HTTP``, then ``overrides``."""
+        ``RUNTIME_HTTP`` / ``RUNTIME_HTTP_TOKEN`` / ``RUNTIME_HTTP_MAX_BODY``, then ``overrides``."""
         env: dict[str, object] = {}
         if os.environ.get("NATS_URL"):
             env["server"] = os.environ["NATS_URL"]
@@ -112,6 +115,10 @@ class Settings(BaseModel):
             env["replicas"] = os.environ["RUNTIME_REPLICAS"]
         if os.environ.get("RUNTIME_HTTP"):
             env["http"] = os.environ["RUNTIME_HTTP"]
+        if os.environ.get("RUNTIME_HTTP_TOKEN"):
+            env["http_token"] = os.environ["RUNTIME_HTTP_TOKEN"]
+        if os.environ.get("RUNTIME_HTTP_MAX_BODY"):
+            env["http_max_body"] = os.environ["RUNTIME_HTTP_MAX_BODY"]
         if os.environ.get("RUNTIME_TRUST"):
             env["trust"] = tuple(p.strip() for p in os.environ["RUNTIME_TRUST"].split(",") if p.strip())
         env.update({k: v for k, v in overrides.items() if v is not None})

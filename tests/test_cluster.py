@@ -400,9 +400,11 @@ async def test_node_down_runtime_reconnects_dead_letters_and_deploys_keep_workin
         assert not rt.lost.is_set()
 
 
-async def retried(call: Callable[[], Any], attempts: int = 20) -> Any:
-    """A call made again (same arguments) while the cluster elects new leaders."""
-    for _ in range(attempts - 1):
+async def retried(call: Callable[[], Any], within: float = 30.0) -> Any:
+    """A call made again (same arguments) while the cluster elects new leaders, for up to ``within`` s."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while loop.time() < deadline:
         try:
             return await call()
         except (InvocationTimeout, NoResult):

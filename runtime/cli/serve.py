@@ -55,6 +55,11 @@ def register(sub: Any) -> None:
     p.add_argument("--http", default=None, metavar="HOST:PORT",
                    help="serve /healthz, /readyz and /metrics on this address, or off ($RUNTIME_HTTP; default "
                         "127.0.0.1:9090 with the embedded server, skipped if that port is taken; off with --server)")
+    p.add_argument("--http-token", default=None, metavar="TOKEN",
+                   help="require Authorization: Bearer TOKEN on the HTTP listener, except /healthz, /readyz and "
+                        "/metrics ($RUNTIME_HTTP_TOKEN, preferred: a flag shows in the process list; default: none)")
+    p.add_argument("--http-max-body", type=int, default=None, metavar="BYTES",
+                   help="largest HTTP request body, 413 beyond ($RUNTIME_HTTP_MAX_BODY; default 1048576)")
     p.add_argument("--secure", action="store_true",
                    help="start the embedded server with TLS on loopback and the users runtime, deployer and caller "
                         "(credentials generated once under <data-dir>/secure); prints how to connect")
@@ -113,6 +118,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                                  nats_conf=args.nats_conf, grace=args.grace,
                                  dlq_retention=args.dlq_retention, results_ttl=args.results_ttl,
                                  max_queued=args.max_queued, http=args.http, replicas=args.replicas,
+                                 http_token=args.http_token, http_max_body=args.http_max_body,
                                  # Flags add to $RUNTIME_TRUST rather than replace it.
                                  trust=combine(env_prefixes(), parse_prefixes(args.trust)) or None,
                                  manifests=tuple(Path(p) for p in args.manifests),
