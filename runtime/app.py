@@ -10,6 +10,7 @@ from types import TracebackType
 from typing import Protocol
 
 from nats.aio.client import Client as NATS
+from nats.errors import TimeoutError as NatsTimeout
 from nats.js import JetStreamContext
 
 from .blocking import LoopMonitor
@@ -37,6 +38,7 @@ from .worker import FunctionWorker
 log = logging.getLogger("runtime.app")
 
 CONNECTION_CHECK = 0.5   # seconds between checks that the connection is still open
+START_ATTEMPTS = 5         # start-ups tried when the server does not answer in time
 PROVISION_TIMEOUT = 15.0   # seconds a provisioning request may take to be answered
 JS_TIMEOUT = 10.0          # seconds any other JetStream request of the runtime may take
 COMPONENT_STOP = 10.0   # seconds a part may take to stop, beyond the grace period its work gets
@@ -393,6 +395,27 @@ class Runtime:
         await self.stop()
 
 
+async def start_patiently(settings: Settings, url: str, embedded: bool, stop: asyncio.Event) -> Runtime | None:
+    """A started runtime; a start-up the server did not answer in time (a busy cluster electing
+    leaders) is tried again a few times rather than ending the process. None if stopped meanwhile."""
+    for attempt in range(1, START_ATTEMPTS + 1):
+        runtime = Runtime(settings, url, embedded=embedded)
+        try:
+            await runtime.start()
+            return runtime
+        except (NatsTimeout, TimeoutError):
+            if attempt == START_ATTEMPTS or stop.is_set():
+                raise
+            delay = min(2.0 * attempt, 10.0)
+            log.warning("the NATS server did not answer in time during start-up; starting again in %gs", delay)
+        try:
+            await asyncio.wait_for(stop.wait(), delay)
+            return None
+        except TimeoutError:
+            pass
+    return None
+
+
 async def serve(settings: Settings, stop: asyncio.Event, *, handle_signals: bool = True,
                 embedded: bool = False) -> None:
     """Run a runtime (and the embedded server when no URL is set) until ``stop`` is set.
@@ -414,7 +437,10 @@ async def serve(settings: Settings, stop: asyncio.Event, *, handle_signals: bool
                 url = server.url
             if stop.is_set():
                 return
-            async with Runtime(settings, url, embedded=embedded or server is not None) as runtime:
+            runtime = await start_patiently(settings, url, embedded or server is not None, stop)
+            if runtime is None:
+                return
+            try:
                 log.info("runtime ready on %s", redact_url(url))
                 stopped = asyncio.create_task(stop.wait())
                 lost = asyncio.create_task(runtime.lost.wait())
@@ -422,6 +448,8 @@ async def serve(settings: Settings, stop: asyncio.Event, *, handle_signals: bool
                 stopped.cancel()
                 lost.cancel()
                 log.info("shutting down")
+            finally:
+                await runtime.stop()
             if runtime.lost.is_set():
                 raise ConnectionLost("the connection to NATS was closed for good; exiting so that a supervisor "
                                      "restarts the runtime")
