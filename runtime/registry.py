@@ -10,6 +10,7 @@ entries of each key; an undeploy is one of them.
 
 from __future__ import annotations
 
+import asyncio
 import re
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -36,6 +37,7 @@ from .streams import (
 
 SCHEDULE_PREFIX = "schedule."
 WRITE_ATTEMPTS = 5  # a write raced by another deploy is re-read and redone this many times
+HISTORY_RETRY = 0.3  # seconds before a name with no revisions is looked up once more
 
 
 def registry_key(manifest: Manifest) -> str:
@@ -205,10 +207,13 @@ class Registry:
     async def revisions_of(self, name: str) -> tuple[str, list[Revision]]:
         """The registry key of ``name`` (a function, else a standalone schedule) and its kept revisions."""
         if re.fullmatch(NAME_PATTERN, name) and len(name) <= MAX_NAME:
-            for key in (name, SCHEDULE_PREFIX + name):
-                kept = await self.history(key)
-                if kept:
-                    return key, kept
+            # nats-py's history watcher can end before the entries on a busy server: look twice.
+            for pause in (0.0, HISTORY_RETRY):
+                await asyncio.sleep(pause)
+                for key in (name, SCHEDULE_PREFIX + name):
+                    kept = await self.history(key)
+                    if kept:
+                        return key, kept
         raise NotDeployed(f"nothing named {name!r} has been deployed")
 
     async def rollback(self, name: str, to: int | None = None) -> DeployResult:
