@@ -13,6 +13,7 @@ from nats.aio.client import Client as NATS
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js import JetStreamContext
 
+from . import triggers
 from .blocking import LoopMonitor
 from .connection import ConnectOptions, open_connection, redact_url
 from .errors import ConnectionLost, LoadError, PermissionDenied
@@ -31,6 +32,7 @@ from .settings import Settings
 from .state import RuntimeState
 from .status import StatusResponder
 from .streams import ensure_consumer, provision_base
+from .triggers import Binding
 from .trust import defined_outside, refusal, serve_prefixes
 from .wire import ReplyPolicy
 from .worker import FunctionWorker
@@ -283,17 +285,30 @@ class Runtime:
             state.refused.pop(manifest.name, None)
             # The deploy created the consumer; ensuring it here also restores one deleted by hand.
             await ensure_consumer(js, manifest)
+            bindings = await self._bind_triggers(manifest)
             state.deployed[manifest.name] = manifest
             if current is None:
                 assert state.outbox is not None
                 worker = FunctionWorker(nc, js, manifest, handler, state.outbox, state.stats_for(manifest.name))
+                await worker.set_triggers(bindings)
                 if self._serving:
                     await worker.start()
                 state.workers[manifest.name] = worker
             else:
                 current.update(manifest, handler)
+                await current.set_triggers(bindings)
                 log.info("updated %s", manifest.name)
             await self._tell_watchers(manifest.name, manifest)
+
+    async def _bind_triggers(self, manifest: FunctionManifest) -> list[Binding]:
+        """The consumers of the function's triggers, created or updated; one that cannot be bound is
+        logged and recorded, and the function is served with the others."""
+        failed: dict[str, str] = {}
+        bindings = await triggers.bind(self.state.connection[1], manifest, self.settings.replicas, failed)
+        for reason in failed.values():
+            log.error("not serving %s", reason)
+        self.state.trigger_failures[manifest.name] = failed
+        return bindings
 
     async def _not_served(self, manifest: FunctionManifest, current: FunctionWorker | None, *,
                           failing: str | None = None, refused: str | None = None) -> None:

@@ -46,6 +46,7 @@ class Context:
     schedule: str | None = None
     limits: WireLimits | None = None
     progress_to: str | None = None   # where the caller follows progress (checked against the reply policy)
+    trigger: str | None = None       # the trigger that ran it, for an event
     progress_sent: int = 0
 
     @property

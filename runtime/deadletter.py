@@ -48,9 +48,12 @@ class DeadLetterTooLarge(FnRuntimeError):
     """Raised when even a dead letter without its body and original headers exceeds ``max_payload``."""
 
 
-def dead_letter_id(stream_seq: int) -> str:
-    """The deterministic ``Nats-Msg-Id`` of the dead letter of one ``FN`` message."""
-    return f"dlq:{stream_seq}"
+def dead_letter_id(stream_seq: int, stream: str = "FN", function: str = "") -> str:
+    """The deterministic ``Nats-Msg-Id`` of the dead letter of one message: of one ``FN`` message,
+    or of one event for one function (an event fans out to several, each may fail on it)."""
+    if stream == "FN":
+        return f"dlq:{stream_seq}"
+    return f"dlq:{stream}:{stream_seq}:{function}"
 
 
 def now_rfc3339() -> str:
@@ -58,12 +61,18 @@ def now_rfc3339() -> str:
 
 
 def dead_letter_headers(original: dict[str, str], *, function: str, subject: str, seq: int, deliveries: int,
-                        reason: str, error: str, call_id: str | None) -> dict[str, str]:
+                        reason: str, error: str, call_id: str | None, stream: str = "FN",
+                        trigger: str | None = None) -> dict[str, str]:
     hdrs = {k: v for k, v in original.items() if k not in H.NOT_CARRIED_OVER}
     if original.get(H.MSG_ID) and not call_id:
         call_id = original[H.MSG_ID]
+    if trigger:
+        # Kept by a replay, which goes to this function alone: it still sees the event's subject
+        # and trigger (the original subject is the event's only on the first letter of an event).
+        hdrs.setdefault(H.EVENT_SUBJECT, subject)
+        hdrs[H.TRIGGER] = trigger
     hdrs.update({
-        H.MSG_ID: dead_letter_id(seq),
+        H.MSG_ID: dead_letter_id(seq, stream, function),
         H.FUNCTION: function,
         H.ORIGINAL_SUBJECT: subject,
         H.ORIGINAL_SEQ: str(seq),
@@ -233,16 +242,16 @@ async def delete_original(js: JetStreamContext, name: str) -> bool:
     return True
 
 
-async def record_error(nc: NATS, stream_seq: int, attempt: int, error: str) -> None:
-    """Remember an attempt's error by stream sequence, so a dead letter can name it later."""
+async def record_error(nc: NATS, key: int | str, attempt: int, error: str) -> None:
+    """Remember an attempt's error by message (``Invocation.error_key``), so a dead letter can name it later."""
     payload = json.dumps({"attempt": attempt, "error": error}).encode()
-    await nc.publish(kv_subject(ERRORS_BUCKET, str(stream_seq)), payload)
+    await nc.publish(kv_subject(ERRORS_BUCKET, str(key)), payload)
 
 
-async def last_error(js: JetStreamContext, stream_seq: int, deliveries: int) -> str:
+async def last_error(js: JetStreamContext, key: int | str, deliveries: int) -> str:
     """The error recorded for the last attempt, or ``worker lost`` if that attempt left none."""
     try:
-        raw = await js.get_msg(kv_stream(ERRORS_BUCKET), subject=kv_subject(ERRORS_BUCKET, str(stream_seq)),
+        raw = await js.get_msg(kv_stream(ERRORS_BUCKET), subject=kv_subject(ERRORS_BUCKET, str(key)),
                                direct=True)
     except NotFoundError:
         return WORKER_LOST

@@ -19,6 +19,7 @@ from typing import Any
 
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
+from nats.js.errors import NoStreamResponseError
 
 from . import cache, codec, expiry
 from . import headers as H
@@ -132,6 +133,8 @@ class Executor:
     async def _succeed(self, inv: Invocation, manifest: FunctionManifest, body: bytes,
                        response: Response | None = None) -> None:
         response = response or Response.success(inv.call_id, body, codec.CONTENT_TYPES[manifest.encoding])
+        if manifest.output is not None:
+            await self._emit(inv, manifest, manifest.output, body)
         await self.outbox.answer(inv.reply_to, response)
         if manifest.store_results:
             # Acked only once the outcome is kept: a full store delays the ack, it never loses a result.
@@ -143,9 +146,27 @@ class Executor:
         self.logger.warning("attempt %d/%d of %s failed, retrying in %gs: %s", inv.delivered,
                             manifest.retry.max_deliver, inv.call_id, decision.delay, decision.error.message,
                             extra=fields(inv))
-        await record_error(self.nc, inv.stream_seq, inv.delivered, decision.error.described)
+        await record_error(self.nc, inv.error_key, inv.delivered, decision.error.described)
         await self.nc.publish(inv.msg.reply, nak_after(decision.delay))
         self.requeued(inv, decision.delay)
+
+    async def _emit(self, inv: Invocation, manifest: FunctionManifest, subject: str, body: bytes) -> None:
+        """Publish the result as an event on the manifest's ``output`` subject, before the call is acked.
+
+        Its ``Nats-Msg-Id`` is made of the call id, so the event of a call run again (a retry, a
+        redelivery after a crash) is stored once by a stream that captures the subject. With no
+        stream there, it goes out as a plain NATS message for whoever subscribes.
+        """
+        headers = {H.CALL_ID: inv.call_id, H.FUNCTION: manifest.name, H.MSG_ID: f"out:{manifest.name}:{inv.call_id}",
+                   H.CONTENT_TYPE: codec.CONTENT_TYPES[manifest.encoding]}
+
+        async def publish() -> None:
+            try:
+                await self.js.publish(subject, body, headers=headers)
+            except NoStreamResponseError:
+                await self.nc.publish(subject, body, headers=headers)
+
+        await self.outbox.persist(f"output of call {inv.call_id} to {subject}", publish)
 
     async def fail_for_good(self, inv: Invocation, reason: str, error: InvocationError,
                             manifest: FunctionManifest | None = None) -> None:
@@ -162,7 +183,8 @@ class Executor:
                             reason, described, extra=fields(inv))
         dead = dead_letter_headers(inv.headers, function=manifest.name, subject=inv.msg.subject,
                                    seq=inv.stream_seq, deliveries=inv.delivered, reason=reason,
-                                   error=described, call_id=inv.call_id)
+                                   error=described, call_id=inv.call_id, stream=inv.stream,
+                                   trigger=inv.trigger)
         max_payload = self.outbox.limits.max_payload
         await self.outbox.persist(
             f"dead letter of call {inv.call_id}",
@@ -226,8 +248,8 @@ def make_context(inv: Invocation, manifest: FunctionManifest, deadline: float, n
             scheduled_at = None
     logger = InvocationLogger(logging.getLogger(f"runtime.fn.{manifest.name}"), inv)
     return Context(function=manifest.name, call_id=inv.call_id, attempt=inv.delivered,
-                   max_attempts=manifest.retry.max_deliver, deadline=deadline, subject=inv.msg.subject,
-                   stream_seq=inv.stream_seq, headers=inv.headers, logger=logger, nc=nc, js=js,
+                   max_attempts=manifest.retry.max_deliver, deadline=deadline, subject=inv.subject,
+                   stream_seq=inv.stream_seq, headers=inv.headers, logger=logger, nc=nc, js=js, trigger=inv.trigger,
                    scheduled_at=scheduled_at, schedule=inv.headers.get(H.SCHEDULE), limits=limits,
                    progress_to=progress_subject(inv.headers.get(H.PROGRESS_TO), replies))
 

@@ -9,9 +9,9 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from .errors import FnRuntimeError
-from .manifest import FunctionManifest, Schedule, ScheduleManifest
+from .manifest import FunctionManifest, Schedule, ScheduleManifest, TriggerManifest, with_triggers
 from .protocol import entry_value
-from .registry import SCHEDULE_PREFIX, Deployment, Registry, deployed_set
+from .registry import SCHEDULE_PREFIX, TRIGGER_PREFIX, Deployment, Registry, deployed_set
 from .state import RuntimeState
 
 log = logging.getLogger("runtime.follower")
@@ -38,6 +38,7 @@ class RegistryFollower:
         self.on_schedules = on_schedules
         self.functions: dict[str, FunctionManifest] = {}
         self.schedules: dict[str, ScheduleManifest] = {}
+        self.triggers: dict[str, TriggerManifest] = {}   # standalone ones, by name
         self._watcher: Any = None
         self._task: asyncio.Task[None] | None = None
         self._removals: set[asyncio.Task[None]] = set()
@@ -91,6 +92,9 @@ class RegistryFollower:
                 if dep is not None and isinstance(dep.manifest, ScheduleManifest):
                     self.schedules[name] = dep.manifest
             return
+        if key.startswith(TRIGGER_PREFIX):
+            await self._handle_trigger(key[len(TRIGGER_PREFIX):], None if deleted else self._decode(entry))
+            return
         if deleted:
             self.functions.pop(key, None)
             if key in self.state.workers:
@@ -107,7 +111,18 @@ class RegistryFollower:
         if dep is None or not isinstance(dep.manifest, FunctionManifest):
             return
         self.functions[key] = dep.manifest
-        await self.apply(dep.manifest)
+        await self.apply(with_triggers(dep.manifest, self.triggers.values()))
+
+    async def _handle_trigger(self, name: str, dep: Deployment | None) -> None:
+        """A standalone trigger changed: its function (if deployed) is applied again with it, or without it."""
+        before = self.triggers.pop(name, None)
+        if dep is not None and isinstance(dep.manifest, TriggerManifest):
+            self.triggers[name] = dep.manifest
+        targets = {t.function for t in (before, self.triggers.get(name)) if t is not None}
+        for function in sorted(targets):
+            manifest = self.functions.get(function)
+            if manifest is not None:
+                await self.apply(with_triggers(manifest, self.triggers.values()))
 
     @staticmethod
     def _decode(entry: Any) -> Deployment | None:

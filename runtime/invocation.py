@@ -8,6 +8,7 @@ from nats.aio.msg import Msg
 
 from . import headers as H
 from .protocol import fallback_call_id, parse_ack
+from .streams import INVOKE_STREAM
 from .wire import call_id_for
 
 
@@ -21,6 +22,7 @@ class Invocation:
     headers: dict[str, str]
     call_id: str
     timed_out: bool = False
+    trigger: str | None = None   # the trigger that ran it, for an event (or a replayed one)
 
     @classmethod
     def from_msg(cls, msg: Msg, function: str) -> Invocation:
@@ -30,7 +32,30 @@ class Invocation:
         call_id = (call_id_for(hdrs.get(H.CALL_ID) or hdrs.get(H.MSG_ID))
                    or fallback_call_id(ack.stream, ack.stream_seq))
         return cls(msg=msg, function=function, stream=ack.stream, stream_seq=ack.stream_seq,
-                   delivered=ack.delivered, headers=hdrs, call_id=call_id)
+                   delivered=ack.delivered, headers=hdrs, call_id=call_id, trigger=hdrs.get(H.TRIGGER) or None)
+
+    @classmethod
+    def from_event(cls, msg: Msg, function: str, trigger: str) -> Invocation:
+        """An event delivered by a trigger's consumer.
+
+        Its call id is its own, made of the function, the trigger and the event's place in its
+        stream: every function an event fans out to is a call of its own (an id the event carries,
+        such as the ``Fn-Call-Id`` of the call whose output it is, names what caused it instead).
+        """
+        ack = parse_ack(msg.reply)
+        call_id = call_id_for(f"ev-{function}-{trigger}-{ack.stream_seq}") or ""
+        return cls(msg=msg, function=function, stream=ack.stream, stream_seq=ack.stream_seq,
+                   delivered=ack.delivered, headers=msg.headers or {}, call_id=call_id, trigger=trigger)
+
+    @property
+    def subject(self) -> str:
+        """The subject the function was called on: for an event (even replayed), the event's."""
+        return self.headers.get(H.EVENT_SUBJECT) or self.msg.subject if self.trigger else self.msg.subject
+
+    @property
+    def error_key(self) -> str:
+        """Where an attempt's error is kept (see ``deadletter.record_error``) for its dead letter."""
+        return error_key(self.stream, self.stream_seq, self.function)
 
     @property
     def reply_to(self) -> str | None:
@@ -39,3 +64,9 @@ class Invocation:
     @property
     def content_type(self) -> str | None:
         return self.headers.get(H.CONTENT_TYPE)
+
+
+def error_key(stream: str, seq: int, function: str) -> str:
+    """The key of an attempt's error: the sequence for ``FN``; for other streams, whose events
+    several functions consume, the stream, the sequence and the function."""
+    return str(seq) if stream == INVOKE_STREAM else f"{stream}.{seq}.{function}"

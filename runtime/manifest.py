@@ -15,6 +15,7 @@ from . import codec
 from .documents import read_yaml_file, short
 from .durations import Duration
 from .errors import ManifestError, validation_problems
+from .subjects import MAX_PATTERN, RESERVED, name_for, pattern_problem
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]*$"
 HANDLER_PATTERN = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
@@ -30,6 +31,11 @@ MAX_PAYLOAD = 64 * 1024          # a schedule's payload as encoded JSON, publish
 MAX_SCHEDULES = 100
 MAX_BACKOFF = 100
 MAX_DURATION = 7 * 86400.0       # ack_wait goes to the server in nanoseconds (int64)
+MAX_TRIGGERS = 32
+MAX_STREAM_NAME = 64
+STREAM_PATTERN = r"^[A-Za-z0-9_-]+$"
+# Streams a trigger may not name: the runtime's own, and the ones behind buckets.
+OWN_STREAM = re.compile(r"^(FN|FN_.*|KV_.*|OBJ_.*)$")
 
 
 class _Model(BaseModel):
@@ -105,6 +111,15 @@ def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _store_mode(value: Any) -> Any:
+    # true and false, from before "auto" existed, keep what they said: every outcome, or none.
+    return {True: "always", False: "never"}.get(value, value) if isinstance(value, bool) else value
+
+
+# Which outcomes go to fn_results (see results.should_store): auto keeps those someone can ask for.
+StoreResults = Annotated[Literal["auto", "always", "never"], BeforeValidator(_store_mode)]
+
+
 def _check_duration(value: float | None) -> None:
     if value is not None and value > MAX_DURATION:
         raise ValueError(f"must be at most {MAX_DURATION / 86400:g} days")
@@ -127,6 +142,35 @@ def parse_rate(value: Any) -> str:
 
 
 Rate = Annotated[str, BeforeValidator(parse_rate)]
+
+
+class TriggerSpec(_Model):
+    """Events that run a function: every message on ``subject`` (wildcards allowed), captured
+    by the runtime's event stream, or by the user's existing ``stream`` when it is named."""
+
+    subject: str = Field(max_length=MAX_PATTERN)
+    stream: Annotated[str, Field(pattern=STREAM_PATTERN, max_length=MAX_STREAM_NAME)] | None = None
+    name: Annotated[str, Field(pattern=NAME_PATTERN, max_length=MAX_NAME)] | None = None
+
+    @field_validator("subject")
+    @classmethod
+    def _check_subject(cls, value: str) -> str:
+        problem = pattern_problem(value)
+        if problem:
+            raise ValueError(f"{short(value)} cannot be a trigger subject: {problem}")
+        return value
+
+    @field_validator("stream")
+    @classmethod
+    def _check_stream(cls, value: str | None) -> str | None:
+        if value is not None and OWN_STREAM.match(value):
+            raise ValueError(f"{value} is one of the runtime's own streams; name a stream of yours")
+        return value
+
+    @property
+    def trigger_name(self) -> str:
+        """The trigger's name (``ctx.trigger``): given, or made from the subject."""
+        return self.name or name_for(self.subject)
 
 
 class CachePolicy(_Model):
@@ -157,10 +201,34 @@ class FunctionManifest(_Model):
     ttl: Duration | None = None       # an invocation still queued this long after it was stored never runs
     retry: RetryPolicy = Field(default_factory=RetryPolicy)
     encoding: Literal["json", "msgpack"] = "json"
-    store_results: bool = True
+    store_results: StoreResults = "auto"
     schedules: list[ScheduleSpec] = Field(default_factory=list, max_length=MAX_SCHEDULES)
     rate_limit: Rate | None = None    # invocation starts across all runtimes, such as 60/m
     cache: CachePolicy | None = None
+    triggers: list[TriggerSpec] = Field(default_factory=list, max_length=MAX_TRIGGERS)
+    output: str | None = Field(default=None, max_length=MAX_PATTERN)   # results published here as events
+
+    @field_validator("output")
+    @classmethod
+    def _check_output(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        from .wire import subject_problem
+
+        problem = subject_problem(value)
+        if problem is None and value.startswith(RESERVED):
+            problem = "subjects starting with $, _INBOX. or fn. belong to NATS and the runtime"
+        if problem:
+            raise ValueError(f"{short(value)} cannot be an output subject: {problem}")
+        return value
+
+    @model_validator(mode="after")
+    def _check_triggers(self) -> FunctionManifest:
+        names = [t.trigger_name for t in self.triggers]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"trigger names repeat: {', '.join(dupes)} (give each trigger its own name:)")
+        return self
 
     @field_validator("handler")
     @classmethod
@@ -237,7 +305,29 @@ class ScheduleManifest(ScheduleSpec):
     function: Annotated[str, Field(pattern=NAME_PATTERN, max_length=MAX_NAME)]
 
 
-Manifest = FunctionManifest | ScheduleManifest
+class TriggerManifest(TriggerSpec):
+    """A standalone trigger of a function declared elsewhere (``kind: Trigger``)."""
+
+    kind: Literal["Trigger"]
+    name: Annotated[str, Field(pattern=NAME_PATTERN, max_length=MAX_NAME)]
+    function: Annotated[str, Field(pattern=NAME_PATTERN, max_length=MAX_NAME)]
+
+    def spec(self) -> TriggerSpec:
+        return TriggerSpec(subject=self.subject, stream=self.stream, name=self.name)
+
+
+Manifest = FunctionManifest | ScheduleManifest | TriggerManifest
+
+
+def with_triggers(function: FunctionManifest, standalone: Iterable[TriggerManifest]) -> FunctionManifest:
+    """``function`` with the standalone triggers that target it added to its own (theirs first win
+    nothing: a standalone trigger named like one of the function's own is left out)."""
+    own = {t.trigger_name for t in function.triggers}
+    extra = [t.spec() for t in sorted(standalone, key=lambda t: t.name)
+             if t.function == function.name and t.name not in own]
+    if not extra:
+        return function
+    return function.model_copy(update={"triggers": [*function.triggers, *extra]})
 
 
 class Schedule(ScheduleSpec):
@@ -257,13 +347,15 @@ def parse_manifest(data: Any, source: str) -> Manifest:
     if not isinstance(data, dict):
         raise ManifestError(source, [("", "a manifest must be a mapping of fields")])
     kind = data.get("kind", "Function")
-    model: type[FunctionManifest] | type[ScheduleManifest]
+    model: type[FunctionManifest] | type[ScheduleManifest] | type[TriggerManifest]
     if kind == "Function":
         model = FunctionManifest
     elif kind == "Schedule":
         model = ScheduleManifest
+    elif kind == "Trigger":
+        model = TriggerManifest
     else:
-        raise ManifestError(source, [("kind", f"unknown kind {short(kind)}; use Function or Schedule")])
+        raise ManifestError(source, [("kind", f"unknown kind {short(kind)}; use Function, Schedule or Trigger")])
     try:
         return model.model_validate(data)
     except ValidationError as exc:
@@ -297,11 +389,13 @@ class ManifestSet(BaseModel):
     functions: dict[str, FunctionManifest]
     schedules: dict[str, ScheduleManifest]
     sources: dict[str, str]
+    triggers: dict[str, TriggerManifest] = Field(default_factory=dict)
 
     @classmethod
     def load(cls, paths: Iterable[str | Path], known_functions: Iterable[str] = ()) -> ManifestSet:
         functions: dict[str, FunctionManifest] = {}
         schedules: dict[str, ScheduleManifest] = {}
+        triggers: dict[str, TriggerManifest] = {}
         sources: dict[str, str] = {}
         for path in manifest_files(paths):
             manifest = load_manifest(path)
@@ -312,11 +406,24 @@ class ManifestSet(BaseModel):
             sources[key] = str(path)
             if isinstance(manifest, FunctionManifest):
                 functions[manifest.name] = manifest
+            elif isinstance(manifest, TriggerManifest):
+                triggers[manifest.name] = manifest
             else:
                 schedules[manifest.name] = manifest
-        result = cls(functions=functions, schedules=schedules, sources=sources)
+        result = cls(functions=functions, schedules=schedules, sources=sources, triggers=triggers)
         result.check_schedules(set(known_functions))
+        result.check_triggers(set(known_functions))
         return result
+
+    def check_triggers(self, known_functions: set[str]) -> None:
+        for trigger in self.triggers.values():
+            source = self.sources.get(f"Trigger:{trigger.name}", "")
+            function = self.functions.get(trigger.function)
+            if function is None and trigger.function not in known_functions:
+                raise ManifestError(source, [("function", f"unknown function {trigger.function!r}")])
+            if function is not None and trigger.name in {t.trigger_name for t in function.triggers}:
+                raise ManifestError(source, [("name", f"function {trigger.function!r} already has a trigger named "
+                                                      f"{trigger.name!r} in its own manifest")])
 
     def check_schedules(self, known_functions: set[str]) -> None:
         seen: dict[str, str] = {}

@@ -20,10 +20,19 @@ from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError, NotFoundError
 from nats.js.kv import KeyValue
 
-from . import revisions
+from . import revisions, triggers
 from .deployment import CREATED, ROLLED_BACK, UPDATED, changed_fields, module_digest, now
 from .deployment import Deployment as Deployment  # the record, where the follower reads it
-from .manifest import MAX_NAME, NAME_PATTERN, FunctionManifest, Manifest, ManifestSet, ScheduleManifest
+from .manifest import (
+    MAX_NAME,
+    NAME_PATTERN,
+    FunctionManifest,
+    Manifest,
+    ManifestSet,
+    ScheduleManifest,
+    TriggerManifest,
+    with_triggers,
+)
 from .protocol import entry_value
 from .revisions import HISTORY, NotDeployed, RegistryError, Revision
 from .streams import (
@@ -36,12 +45,15 @@ from .streams import (
 )
 
 SCHEDULE_PREFIX = "schedule."
+TRIGGER_PREFIX = "trigger."
 WRITE_ATTEMPTS = 5  # a write raced by another deploy is re-read and redone this many times
 HISTORY_RETRY = 0.3  # seconds before a name with no revisions is looked up once more
 
 
 def registry_key(manifest: Manifest) -> str:
-    return manifest.name if isinstance(manifest, FunctionManifest) else SCHEDULE_PREFIX + manifest.name
+    if isinstance(manifest, FunctionManifest):
+        return manifest.name
+    return (TRIGGER_PREFIX if isinstance(manifest, TriggerManifest) else SCHEDULE_PREFIX) + manifest.name
 
 
 @dataclass
@@ -63,6 +75,7 @@ class Undeployed:
     key: str
     own_schedules: list[str] = field(default_factory=list)   # declared in the function's manifest
     schedules: list[str] = field(default_factory=list)       # standalone schedules removed with it (--force)
+    triggers: list[str] = field(default_factory=list)        # standalone triggers removed with it (--force)
 
 
 @dataclass(frozen=True)
@@ -138,15 +151,35 @@ class Registry:
     async def deploy(self, manifests: ManifestSet) -> list[DeployResult]:
         """Store every manifest that changed; create or update function consumers."""
         results = []
-        items: list[Manifest] = [*manifests.functions.values(), *manifests.schedules.values()]
+        items: list[Manifest] = [*manifests.functions.values(), *manifests.schedules.values(),
+                                 *manifests.triggers.values()]
+        standalone = [*manifests.triggers.values(), *(await self.standalone_triggers()).values()]
         for manifest in items:
             key = registry_key(manifest)
             code = module_digest(manifest.handler) if isinstance(manifest, FunctionManifest) else None
             source = manifests.sources.get(f"{manifest.kind}:{manifest.name}", "")
             if isinstance(manifest, FunctionManifest):
                 await ensure_consumer(self.js, manifest)
+                await triggers.bind(self.js, with_triggers(manifest, standalone))
+            elif isinstance(manifest, TriggerManifest):
+                await self._bind_standalone(manifest, manifests)
             results.append(await self._deploy_one(key, Deployment(manifest, code, source=source)))
         return results
+
+    async def standalone_triggers(self) -> dict[str, TriggerManifest]:
+        """The deployed ``kind: Trigger`` manifests, by name."""
+        return {dep.manifest.name: dep.manifest for dep in (await self.all()).values()
+                if isinstance(dep.manifest, TriggerManifest)}
+
+    async def _bind_standalone(self, trigger: TriggerManifest, manifests: ManifestSet | None = None) -> None:
+        """Bind a standalone trigger now, so that a deploy that cannot work says why at once."""
+        function = manifests.functions.get(trigger.function) if manifests else None
+        if function is None:
+            dep = await self.get(trigger.function)
+            function = dep.manifest if dep is not None and isinstance(dep.manifest, FunctionManifest) else None
+        if function is None:
+            raise RegistryError(f"trigger {trigger.name} targets function {trigger.function!r}, which is not deployed")
+        await triggers.bind(self.js, function.model_copy(update={"triggers": [trigger.spec()]}))
 
     async def _deploy_one(self, key: str, new: Deployment) -> DeployResult:
         name, kind = new.manifest.name, new.manifest.kind
@@ -173,21 +206,24 @@ class Registry:
         function = await self.get(name)
         if function is not None and isinstance(function.manifest, FunctionManifest):
             targeting = sorted(key for key, dep in (await self.all()).items()
-                               if isinstance(dep.manifest, ScheduleManifest) and dep.manifest.function == name)
-            names = [key[len(SCHEDULE_PREFIX):] for key in targeting]
+                               if isinstance(dep.manifest, ScheduleManifest | TriggerManifest)
+                               and dep.manifest.function == name)
+            names = [f"{key.partition('.')[0]} {key.partition('.')[2]}" for key in targeting]
             if targeting and not force:
-                what, them = ("schedules", "them") if len(names) > 1 else ("schedule", "it")
-                raise RegistryError(f"function {name!r} is still the target of {what} {', '.join(names)}; "
+                them = "them" if len(names) > 1 else "it"
+                raise RegistryError(f"function {name!r} is still the target of {', '.join(names)}; "
                                     f"undeploy {them} first, or use --force to undeploy {them} too")
             for key in targeting:
                 await self.kv.delete(key)
             await self.kv.delete(name)
             own = [s.name for s in function.manifest.schedules]
-            return Undeployed(name, "Function", name, own_schedules=own, schedules=names)
-        schedule = await self.get(SCHEDULE_PREFIX + name)
-        if schedule is not None:
-            await self.kv.delete(SCHEDULE_PREFIX + name)
-            return Undeployed(name, "Schedule", SCHEDULE_PREFIX + name)
+            return Undeployed(name, "Function", name, own_schedules=own,
+                              schedules=[k[len(SCHEDULE_PREFIX):] for k in targeting if k.startswith(SCHEDULE_PREFIX)],
+                              triggers=[k[len(TRIGGER_PREFIX):] for k in targeting if k.startswith(TRIGGER_PREFIX)])
+        for prefix, kind in ((SCHEDULE_PREFIX, "Schedule"), (TRIGGER_PREFIX, "Trigger")):
+            if await self.get(prefix + name) is not None:
+                await self.kv.delete(prefix + name)
+                return Undeployed(name, kind, prefix + name)
         raise RegistryError(f"nothing named {name!r} is deployed")
 
     async def history(self, key: str) -> list[Revision]:
@@ -210,7 +246,7 @@ class Registry:
             # nats-py's history watcher can end before the entries on a busy server: look twice.
             for pause in (0.0, HISTORY_RETRY):
                 await asyncio.sleep(pause)
-                for key in (name, SCHEDULE_PREFIX + name):
+                for key in (name, SCHEDULE_PREFIX + name, TRIGGER_PREFIX + name):
                     kept = await self.history(key)
                     if kept:
                         return key, kept
@@ -237,19 +273,25 @@ class Registry:
                                   change=ROLLED_BACK, changed=tuple(changed), restored=target.revision)
             if isinstance(manifest, FunctionManifest):
                 await ensure_consumer(self.js, manifest)
+                await triggers.bind(self.js, with_triggers(manifest, (await self.standalone_triggers()).values()))
+            elif isinstance(manifest, TriggerManifest):
+                await self._bind_standalone(manifest)
             if await self._write(key, restored, _Head(current.deployment, current.seq, current.revision)):
                 return DeployResult(name, manifest.kind, ROLLED_BACK, restored.revision, changed,
                                     restored=target.revision)
         raise RegistryError(f"{name!r} kept changing while it was rolled back; try again")
 
 
-def deployed_set(functions: dict[str, FunctionManifest], schedules: dict[str, ScheduleManifest]) -> ManifestSet:
-    """What is deployed, as a manifest set; a schedule whose function is not deployed is left out."""
+def deployed_set(functions: dict[str, FunctionManifest], schedules: dict[str, ScheduleManifest],
+                 standalone: dict[str, TriggerManifest] | None = None) -> ManifestSet:
+    """What is deployed, as a manifest set; a schedule or trigger whose function is not deployed is left out."""
     return ManifestSet(
         functions=functions,
         schedules={name: s for name, s in schedules.items() if s.function in functions},
+        triggers={name: t for name, t in (standalone or {}).items() if t.function in functions},
         sources={**{f"Function:{n}": "registry" for n in functions},
-                 **{f"Schedule:{n}": "registry" for n in schedules}})
+                 **{f"Schedule:{n}": "registry" for n in schedules},
+                 **{f"Trigger:{n}": "registry" for n in standalone or {}}})
 
 
 def as_manifest_set(deployments: dict[str, Deployment]) -> ManifestSet:
@@ -257,4 +299,6 @@ def as_manifest_set(deployments: dict[str, Deployment]) -> ManifestSet:
                  if isinstance(d.manifest, FunctionManifest)}
     schedules = {d.manifest.name: d.manifest for d in deployments.values()
                  if isinstance(d.manifest, ScheduleManifest)}
-    return deployed_set(functions, schedules)
+    standalone = {d.manifest.name: d.manifest for d in deployments.values()
+                  if isinstance(d.manifest, TriggerManifest)}
+    return deployed_set(functions, schedules, standalone)

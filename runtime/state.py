@@ -46,6 +46,8 @@ class RuntimeState:
     failing: dict[str, str] = field(default_factory=dict)   # function name -> why it is not served here
     # Function name -> why its handler was not even imported: its module is outside the trusted prefixes.
     refused: dict[str, str] = field(default_factory=dict)
+    # Function name -> its triggers that could not be bound here, each with why.
+    trigger_failures: dict[str, dict[str, str]] = field(default_factory=dict)
     trusted: tuple[str, ...] = ()   # the module prefixes handlers are imported from (see trust.py)
     watchers: list[ServingWatcher] = field(default_factory=list)
     # For the probes and metrics (see http.py, metrics.py). Stats outlive a worker: counters never go back.

@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
+from .consumer import PullFeed
 from .dispatch import PriorityFeed
 from .executor import Executor
 from .invocation import Invocation
@@ -21,6 +23,7 @@ from .outbox import Outbox
 from .pool import WorkerPool
 from .protocol import IN_PROGRESS, NAK
 from .stats import FunctionStats
+from .triggers import Binding
 
 log = logging.getLogger("runtime.worker")
 
@@ -39,8 +42,12 @@ class FunctionWorker:
         self.executor = Executor(nc, js, manifest, handler, self.threads, outbox, stats)
         self.pool: WorkerPool[Invocation] = WorkerPool(self._process, manifest.concurrency, name=manifest.name)
         self.feed = PriorityFeed(nc, manifest, self._sink)
-        self.executor.requeued = lambda inv, delay: self.feed.requeued(inv.msg.reply, delay)
+        self.executor.requeued = self._requeued
         self.held: dict[str, Invocation] = {}
+        # Triggers: a pull feed per (stream, consumer), and which feed each held event came from.
+        self.events: dict[tuple[str, str], tuple[Binding, PullFeed]] = {}
+        self._event_feed: dict[str, PullFeed] = {}
+        self._started = False
         self._tasks: list[asyncio.Task[None]] = []
         self.completed = 0
 
@@ -53,7 +60,10 @@ class FunctionWorker:
         return len(self.held)
 
     async def start(self) -> None:
+        self._started = True
         await self.feed.start()
+        for _, feed in self.events.values():
+            await feed.start()
         self._tasks = [asyncio.create_task(self._keep_alive(), name=f"wpi-{self.name}"),
                        asyncio.create_task(self._enforce_timeouts(), name=f"timeouts-{self.name}")]
         log.info("serving %s (concurrency %d, timeout %gs, max_deliver %d)", self.name,
@@ -70,6 +80,59 @@ class FunctionWorker:
             self.executor.threads = self._new_threads(manifest.concurrency)
             if old is not None:
                 old.shutdown(wait=False)   # its running calls finish; later ones go to the new pool
+
+    async def set_triggers(self, bindings: list[Binding]) -> None:
+        """Take events from exactly these bindings: new ones start, removed ones stop (their
+        consumers stay, keeping the events published meanwhile)."""
+        wanted = {(b.stream, b.consumer): b for b in bindings}
+        for key in [k for k in self.events if k not in wanted]:
+            binding, feed = self.events.pop(key)
+            await feed.stop()
+            log.info("%s: trigger %s stopped", self.name, binding.trigger)
+        for key, binding in wanted.items():
+            if key in self.events:
+                self.events[key] = (binding, self.events[key][1])
+                self.events[key][1].resize(self.manifest.concurrency)
+                continue
+            feed = PullFeed(self.nc, binding.stream, binding.consumer, self.manifest.concurrency,
+                            self._event_sink(binding))
+            self.events[key] = (binding, feed)
+            if self._started:
+                await feed.start()
+            log.info("%s: trigger %s takes events on %s from stream %s", self.name, binding.trigger,
+                     binding.subject, binding.stream)
+
+    @property
+    def bindings(self) -> list[Binding]:
+        return [binding for binding, _ in self.events.values()]
+
+    def _event_sink(self, binding: Binding) -> Callable[[Msg], None]:
+        def sink(msg: Msg) -> None:
+            feed = self.events[(binding.stream, binding.consumer)][1]
+            try:
+                inv = Invocation.from_event(msg, self.name, binding.trigger)
+            except (ValueError, IndexError):
+                log.error("ignoring a message without a JetStream ack subject on %s", msg.subject,
+                          extra=call_fields(self.name))
+                feed.release()
+                return
+            self._event_feed[msg.reply] = feed
+            self.held[msg.reply] = inv
+            self.pool.submit(inv)
+        return sink
+
+    def _requeued(self, inv: Invocation, delay: float) -> None:
+        # An event's feed keeps a pull request open, which the redelivery reaches; an invocation's
+        # level is told (see PriorityFeed.requeued).
+        if inv.msg.reply not in self._event_feed:
+            self.feed.requeued(inv.msg.reply, delay)
+
+    def _release(self, reply: str) -> None:
+        feed = self._event_feed.pop(reply, None)
+        if feed is not None:
+            feed.release()
+        else:
+            self.feed.release(reply)
 
     def _new_threads(self, count: int) -> ThreadPoolExecutor:
         # A pool cannot be resized through its public API: a new size is a new pool.
@@ -100,7 +163,7 @@ class FunctionWorker:
         finally:
             self.completed += 1
             self.held.pop(inv.msg.reply, None)
-            self.feed.release(inv.msg.reply)
+            self._release(inv.msg.reply)
 
     async def _keep_alive(self) -> None:
         # Held messages (queued or running) get in-progress acks well within ack_wait, so
@@ -129,6 +192,8 @@ class FunctionWorker:
     async def stop(self, grace: float) -> None:
         """Stop fetching, let held invocations finish within ``grace``, then cancel the rest."""
         await self.feed.stop()
+        for _, feed in self.events.values():
+            await feed.stop()
         if not await self.pool.join(grace):
             log.warning("%s: %d invocation(s) still running after %gs; cancelling them", self.name,
                         self.pool.busy, grace)
@@ -136,7 +201,8 @@ class FunctionWorker:
             for reply in list(self.held):  # queued, never started: give them back at once
                 with contextlib.suppress(Exception):
                     await self.nc.publish(reply, NAK)
-                    self.feed.requeued(reply, 0.0)
+                    if reply not in self._event_feed:
+                        self.feed.requeued(reply, 0.0)
             self.held.clear()
         for task in self._tasks:
             task.cancel()

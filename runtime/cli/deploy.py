@@ -15,7 +15,7 @@ from ..errors import ConfigError, LoadError, ManifestError
 from ..exitcodes import RET_ERROR, RET_NOT_FOUND, RET_OK
 from ..loader import load_handler_async
 from ..loop import run
-from ..manifest import FunctionManifest, ManifestSet, ScheduleManifest, manifest_files
+from ..manifest import FunctionManifest, ManifestSet, ScheduleManifest, TriggerManifest, manifest_files
 from ..priority import split_subject
 from ..registry import SCHEDULE_PREFIX, Registry, Undeployed
 from ..revisions import HISTORY, NotDeployed, RegistryError
@@ -247,6 +247,11 @@ async def _listing(args: argparse.Namespace) -> list[dict[str, Any]]:
                            delayed=await delayed_count(js, m.name), max_queued=limit if limit > 0 else None,
                            runtimes=len(serving),
                            status=_function_status(failing, refused, serving), failing=failing, refused=refused)
+            elif isinstance(m, TriggerManifest):
+                where = f" (stream {m.stream})" if m.stream else ""
+                row.update(settings=f"on {m.subject}{where} -> {m.function}", queued="", in_flight="", levels={},
+                           delayed="", max_queued=None, runtimes="",
+                           status="deployed" if m.function in functions else "no function", failing={}, refused={})
             else:
                 row.update(settings=f"cron={m.cron!r} -> {m.function}", queued="", in_flight="", levels={},
                            delayed="", max_queued=None, runtimes="",

@@ -1,0 +1,254 @@
+"""Event triggers: functions bound to subjects, each (function, trigger) pair on a durable consumer of its own.
+
+Subjects no stream captures yet are captured by ``FN_TRIGGERS``, which the runtime owns. Its
+retention is *interest*: an event stays until every trigger consumer whose subject matches it
+has settled it (acknowledged, or dead-lettered), so each function gets every event once and a
+slow or failing one holds nothing up for the others; an event no trigger listens to is not
+kept at all. A subject a user's stream already captures is consumed from that stream (named in
+the trigger, or found when it captures the whole subject): JetStream refuses a second stream
+on the same subjects, and the user's stream and its data stay as they are.
+
+Undeploying a trigger keeps its consumer, so events published meanwhile wait for it; a consumer
+no runtime has pulled from for ``EVENT_RETENTION`` is removed by the server, and so are events
+older than that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    ConsumerInfo,
+    DeliverPolicy,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+    StreamInfo,
+)
+from nats.js.errors import APIError, NotFoundError
+
+from .errors import ConfigError
+from .manifest import OWN_STREAM, FunctionManifest, TriggerSpec
+from .subjects import conflicts, covers, minimal_cover, overlaps
+
+log = logging.getLogger("runtime.triggers")
+
+TRIGGERS_STREAM = "FN_TRIGGERS"
+EVENT_RETENTION = 7 * 86400.0   # seconds an event, and the consumer of an undeployed trigger, are kept
+CONSUMER_PREFIX = "fn_"
+CONSUMER_SEPARATOR = "_ON_"     # names are lower case: this cannot occur inside a function or trigger name
+FUNCTION_KEY = "fn-function"    # consumer metadata
+TRIGGER_KEY = "fn-trigger"
+SUBJECT_UPDATES = 5             # a stream update raced by another runtime's is redone this many times
+_LIST_PAGE = 256
+
+
+class TriggerError(ConfigError):
+    """A trigger cannot be bound: the reason names the function, the trigger and what to change."""
+
+
+@dataclass(frozen=True, slots=True)
+class Binding:
+    """Where one trigger of one function takes its events from."""
+
+    function: str
+    trigger: str
+    subject: str
+    stream: str
+    consumer: str
+
+    @property
+    def owned(self) -> bool:
+        return self.stream == TRIGGERS_STREAM
+
+
+def consumer_name(function: str, trigger: str) -> str:
+    return f"{CONSUMER_PREFIX}{function}{CONSUMER_SEPARATOR}{trigger}"
+
+
+def parse_consumer(name: str) -> tuple[str, str] | None:
+    """(function, trigger) of a trigger consumer's name; None for any other consumer."""
+    if not name.startswith(CONSUMER_PREFIX) or CONSUMER_SEPARATOR not in name:
+        return None
+    function, _, trigger = name[len(CONSUMER_PREFIX):].partition(CONSUMER_SEPARATOR)
+    return (function, trigger) if function and trigger else None
+
+
+def triggers_stream_config(subjects: list[str], replicas: int | None = 1) -> StreamConfig:
+    return StreamConfig(
+        name=TRIGGERS_STREAM,
+        description="events captured for function triggers; kept until every matching trigger settled them",
+        subjects=subjects,
+        retention=RetentionPolicy.INTEREST,
+        storage=StorageType.FILE,
+        max_age=EVENT_RETENTION,
+        duplicate_window=120.0,   # outputs carry a Nats-Msg-Id: a retried function emits once
+        num_replicas=replicas,
+        allow_direct=True,
+    )
+
+
+def trigger_consumer_config(manifest: FunctionManifest, binding: Binding) -> ConsumerConfig:
+    return ConsumerConfig(
+        durable_name=binding.consumer,
+        description=f"events on {binding.subject} for {manifest.name}",
+        filter_subject=binding.subject,
+        # A new trigger starts with the events published from now on, as a new queue bound to
+        # an exchange does; a trigger deployed again resumes where its consumer stopped.
+        deliver_policy=DeliverPolicy.NEW,
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=manifest.effective_ack_wait,
+        max_deliver=manifest.retry.max_deliver,
+        max_ack_pending=manifest.concurrency,
+        max_waiting=512,
+        inactive_threshold=EVENT_RETENTION,
+        metadata={FUNCTION_KEY: manifest.name, TRIGGER_KEY: binding.trigger},
+    )
+
+
+async def all_streams(js: JetStreamContext) -> list[StreamInfo]:
+    infos: list[StreamInfo] = []
+    while True:
+        page = await js.streams_info(offset=len(infos))
+        infos.extend(page)
+        if len(page) < _LIST_PAGE:
+            return infos
+
+
+def _where(function: str, spec: TriggerSpec) -> str:
+    return f"trigger {spec.trigger_name} of {function} ({spec.subject})"
+
+
+def choose_stream(function: str, spec: TriggerSpec, streams: list[StreamInfo]) -> str:
+    """The stream a trigger consumes from, given every stream there is.
+
+    A named stream must capture the subject. Otherwise a stream of the user's that captures the
+    whole subject is used; one that captures only part of it is an error naming it, since two
+    streams cannot capture one subject.
+    """
+    by_name = {s.config.name: s for s in streams if s.config.name}
+    if spec.stream is not None:
+        info = by_name.get(spec.stream)
+        if info is None:
+            raise TriggerError(f"{_where(function, spec)}: there is no stream {spec.stream}")
+        subjects = list(info.config.subjects or [])
+        if not any(covers(s, spec.subject) for s in subjects):
+            raise TriggerError(f"{_where(function, spec)}: stream {spec.stream} does not capture every subject "
+                               f"of {spec.subject} (it captures {', '.join(subjects) or 'nothing'}); "
+                               f"use a subject within those")
+        return spec.stream
+    whole: list[str] = []
+    for name, info in sorted(by_name.items()):
+        if name == TRIGGERS_STREAM:
+            continue
+        for subject in info.config.subjects or []:
+            if not overlaps(subject, spec.subject):
+                continue
+            if OWN_STREAM.match(name):
+                raise TriggerError(f"{_where(function, spec)}: {subject} belongs to the runtime's stream {name}")
+            if not covers(subject, spec.subject):
+                raise TriggerError(f"{_where(function, spec)}: stream {name} already captures {subject}, which "
+                                   f"overlaps it, and two streams cannot capture one subject; name the stream "
+                                   f"(stream: {name}) with a subject within {subject}, or choose another subject")
+            whole.append(name)
+    if whole:
+        return whole[0]
+    return TRIGGERS_STREAM
+
+
+async def ensure_captured(js: JetStreamContext, subjects: list[str], replicas: int | None = None) -> None:
+    """Make ``FN_TRIGGERS`` capture ``subjects`` (creating it if needed), keeping what it captures."""
+    for _ in range(SUBJECT_UPDATES):
+        try:
+            info: StreamInfo | None = await js.stream_info(TRIGGERS_STREAM)
+        except NotFoundError:
+            info = None
+        have = list(info.config.subjects or []) if info else []
+        if info is not None and all(any(covers(h, s) for h in have) for s in subjects):
+            return
+        wanted = minimal_cover([*have, *subjects])
+        clash = conflicts(wanted)
+        if clash:
+            a, b = clash[0]
+            raise TriggerError(f"trigger subjects {a} and {b} overlap without one containing the other; one stream "
+                               f"cannot capture both: give the triggers subjects that do not overlap, or one that "
+                               f"contains the other")
+        try:
+            if info is None:
+                await js.add_stream(triggers_stream_config(wanted, replicas or 1))
+                log.info("created stream %s capturing %s", TRIGGERS_STREAM, ", ".join(wanted))
+            else:
+                config = info.config
+                config.subjects = wanted
+                await js.update_stream(config)
+                log.info("stream %s now captures %s", TRIGGERS_STREAM, ", ".join(wanted))
+        except APIError as exc:
+            if exc.err_code == 10065:   # overlaps another stream created meanwhile
+                raise TriggerError(f"cannot capture {', '.join(subjects)}: {exc.description}") from None
+            # Raced by another runtime adding its subjects: read again.
+            log.debug("updating %s failed (%s); trying again", TRIGGERS_STREAM, exc)
+            await asyncio.sleep(0.05)
+    raise TriggerError(f"{TRIGGERS_STREAM} kept changing while its subjects were updated; try again")
+
+
+async def bind(js: JetStreamContext, manifest: FunctionManifest, replicas: int | None = None,
+               failed: dict[str, str] | None = None) -> list[Binding]:
+    """Create or update the consumer of every trigger of ``manifest``; its bindings, in order.
+
+    A trigger that cannot be bound raises ``TriggerError``; with ``failed``, it is recorded there
+    (trigger name -> why) and the others are bound.
+    """
+    if not manifest.triggers:
+        return []
+    streams = await all_streams(js)
+    bindings = []
+    for spec in manifest.triggers:
+        try:
+            bindings.append(await _bind_one(js, manifest, spec, streams, replicas))
+        except TriggerError as exc:
+            if failed is None:
+                raise
+            failed[spec.trigger_name] = str(exc)
+    return bindings
+
+
+async def _bind_one(js: JetStreamContext, manifest: FunctionManifest, spec: TriggerSpec, streams: list[StreamInfo],
+                    replicas: int | None) -> Binding:
+    stream = choose_stream(manifest.name, spec, streams)
+    if stream == TRIGGERS_STREAM:
+        await ensure_captured(js, [spec.subject], replicas)
+    elif spec.stream is None:
+        log.info("trigger %s of %s consumes %s from stream %s, which captures it", spec.trigger_name,
+                 manifest.name, spec.subject, stream)
+    binding = Binding(manifest.name, spec.trigger_name, spec.subject, stream,
+                      consumer_name(manifest.name, spec.trigger_name))
+    await add_consumer(js, manifest, binding)
+    return binding
+
+
+async def add_consumer(js: JetStreamContext, manifest: FunctionManifest, binding: Binding) -> None:
+    config = trigger_consumer_config(manifest, binding)
+    try:
+        await js.add_consumer(binding.stream, config)
+    except APIError as exc:
+        # A consumer kept from an earlier deploy with another subject or stream's start cannot
+        # always be updated in place: it is made anew (what it had not delivered is lost to it).
+        log.warning("consumer %s of %s could not be updated (%s); creating it anew", binding.consumer,
+                    binding.stream, exc.description)
+        await js.delete_consumer(binding.stream, binding.consumer)
+        await js.add_consumer(binding.stream, config)
+
+
+async def trigger_consumers(js: JetStreamContext, stream: str) -> list[ConsumerInfo]:
+    """Every trigger consumer of ``stream``."""
+    infos: list[ConsumerInfo] = []
+    while True:
+        page = await js.consumers_info(stream, offset=len(infos) or None)
+        infos.extend(page)
+        if len(page) < _LIST_PAGE:
+            return [i for i in infos if parse_consumer(i.name or "")]
