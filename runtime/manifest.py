@@ -15,7 +15,7 @@ from . import codec
 from .documents import read_yaml_file, short
 from .durations import Duration
 from .errors import ManifestError, validation_problems
-from .subjects import MAX_PATTERN, RESERVED, name_for, pattern_problem
+from .subjects import MAX_PATTERN, RESERVED, name_for, overlaps, pattern_problem
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]*$"
 HANDLER_PATTERN = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
@@ -228,7 +228,18 @@ class FunctionManifest(_Model):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"trigger names repeat: {', '.join(dupes)} (give each trigger its own name:)")
+        loop = self.loop_trigger()
+        if loop is not None:
+            raise ValueError(loop)
         return self
+
+    def loop_trigger(self) -> str | None:
+        """Why the function's ``output`` would trigger the function itself again and again; None if it does not."""
+        for trigger in self.triggers if self.output else ():
+            if overlaps(trigger.subject, self.output or ""):
+                return (f"output {self.output} matches the function's own trigger {trigger.trigger_name} "
+                        f"({trigger.subject}): every result would run it again, without end")
+        return None
 
     @field_validator("handler")
     @classmethod
@@ -424,6 +435,10 @@ class ManifestSet(BaseModel):
             if function is not None and trigger.name in {t.trigger_name for t in function.triggers}:
                 raise ManifestError(source, [("name", f"function {trigger.function!r} already has a trigger named "
                                                       f"{trigger.name!r} in its own manifest")])
+            if function is not None and function.output and overlaps(trigger.subject, function.output):
+                raise ManifestError(source, [("subject", f"function {trigger.function!r} outputs to "
+                                                         f"{function.output}, which this trigger matches: every "
+                                                         f"result would run it again, without end")])
 
     def check_schedules(self, known_functions: set[str]) -> None:
         seen: dict[str, str] = {}

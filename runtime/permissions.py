@@ -57,10 +57,10 @@ def restore_case(subject: str) -> str:
 
 
 def _stream_name(token: str) -> str | None:
-    from .streams import OWNED_STREAMS
+    from .streams import OWNED_STREAMS, TRIGGERS_STREAM
 
     upper = token.upper()
-    if upper in OWNED_STREAMS:
+    if upper in OWNED_STREAMS or upper == TRIGGERS_STREAM:
         return upper
     for prefix in ("KV_", "OBJ_"):
         if upper.startswith(prefix):

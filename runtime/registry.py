@@ -160,11 +160,23 @@ class Registry:
             source = manifests.sources.get(f"{manifest.kind}:{manifest.name}", "")
             if isinstance(manifest, FunctionManifest):
                 await ensure_consumer(self.js, manifest)
+                await self._drop_removed_triggers(manifest)
                 await triggers.bind(self.js, with_triggers(manifest, standalone))
             elif isinstance(manifest, TriggerManifest):
                 await self._bind_standalone(manifest, manifests)
             results.append(await self._deploy_one(key, Deployment(manifest, code, source=source)))
         return results
+
+    async def _drop_removed_triggers(self, manifest: FunctionManifest) -> None:
+        """A trigger taken out of a function's manifest is gone for good: its consumer goes, and the
+        events kept for it with it. (Undeploying keeps them, for a redeploy.)"""
+        current = await self.get(manifest.name)
+        if current is None or not isinstance(current.manifest, FunctionManifest):
+            return
+        kept = {t.trigger_name for t in manifest.triggers}
+        for spec in current.manifest.triggers:
+            if spec.trigger_name not in kept:
+                await triggers.drop(self.js, manifest.name, spec)
 
     async def standalone_triggers(self) -> dict[str, TriggerManifest]:
         """The deployed ``kind: Trigger`` manifests, by name."""

@@ -38,6 +38,7 @@ from .streams import (
     RATE_BUCKET,
     RESULTS_BUCKET,
     SLOTS_STREAM,
+    TRIGGERS_STREAM,
 )
 
 Role = Literal["runtime", "deployer", "caller"]
@@ -61,7 +62,8 @@ DLQ_BODIES_STREAM = f"OBJ_{DLQ_BODIES_BUCKET}"
 
 # Every stream a runtime creates (streams.provision_base); it may manage these and no other.
 RUNTIME_STREAMS = (INVOKE_STREAM, DELAYED_STREAM, SLOTS_STREAM, DLQ_STREAM, EVENTS_STREAM, RESULTS_STREAM,
-                   ERRORS_STREAM, MANIFESTS_STREAM, CRON_STREAM, DLQ_BODIES_STREAM, CACHE_STREAM, RATE_STREAM)
+                   ERRORS_STREAM, MANIFESTS_STREAM, CRON_STREAM, DLQ_BODIES_STREAM, CACHE_STREAM, RATE_STREAM,
+                   TRIGGERS_STREAM)
 
 
 # ------------------------------------------------------------------ JetStream API subjects
@@ -149,7 +151,8 @@ def runtime_permissions(user: str = "runtime") -> Permissions:
         publish += consumer_api(stream, "CREATE", "DURABLE.CREATE", "INFO", "DELETE", "MSG.NEXT", "LIST", "NAMES")
     publish += stream_api(DLQ_BODIES_STREAM, "PURGE")  # an object store replaces an object's chunks so
     publish += [
-        ack(INVOKE_STREAM), ack(SLOTS_STREAM), ack(EVENTS_STREAM),
+        ack(INVOKE_STREAM), ack(SLOTS_STREAM), ack(EVENTS_STREAM), ack(TRIGGERS_STREAM),
+        f"{API}STREAM.LIST",        # a trigger finds the stream that captures its subject
         flow_control(MANIFESTS_STREAM), flow_control(CRON_STREAM), flow_control(DLQ_BODIES_STREAM),
         f"{INVOKE_PREFIX}>",        # cron ticks and handlers' own calls (ctx.invoke)
         f"{DELAYED_PREFIX}>",       # handlers' delayed calls
@@ -190,6 +193,10 @@ def deployer_permissions(user: str = "deployer") -> Permissions:
     publish += consumer_api(SLOTS_STREAM, "DURABLE.CREATE", "INFO")
     publish += [f"{SLOT_PREFIX}>"]
     publish += stream_api(DELAYED_STREAM, "INFO")
+    # A deployed trigger's consumer, on FN_TRIGGERS (which captures its subject) or on a user's stream.
+    publish += [f"{API}STREAM.LIST"]
+    publish += stream_api(TRIGGERS_STREAM, "INFO", "CREATE", "UPDATE")
+    publish += consumer_api(TRIGGERS_STREAM, "CREATE", "DURABLE.CREATE", "INFO", "DELETE", "LIST", "NAMES")
     # Dead letters: listed, shown (with their stored bodies) and purged.
     publish += stream_api(DLQ_STREAM, "INFO", "MSG.GET", "MSG.DELETE", "PURGE")
     publish += direct_get(DLQ_STREAM)

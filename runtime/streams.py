@@ -341,11 +341,16 @@ async def ensure_slots(js: JetStreamContext, manifest: FunctionManifest) -> None
 DLQ_STREAM = "FN_DLQ"
 DLQ_PREFIX = "fn.dead."
 EVENTS_STREAM = "FN_EVENTS"
-# The streams the runtime owns by name (besides the KV_ and OBJ_ streams of its buckets).
+TRIGGERS_STREAM = "FN_TRIGGERS"   # events for function triggers (see triggers.py)
+# The streams every runtime creates (besides the KV_ and OBJ_ streams of its buckets). FN_TRIGGERS
+# is the runtime's too, created with the first trigger.
 OWNED_STREAMS = frozenset({INVOKE_STREAM, DELAYED_STREAM, SLOTS_STREAM, DLQ_STREAM, EVENTS_STREAM})
 ADVISORY_SUBJECTS = [
     f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{INVOKE_STREAM}.>",
     f"$JS.EVENT.ADVISORY.CONSUMER.MSG_TERMINATED.{INVOKE_STREAM}.>",
+    # An event a function's runtime never got to settle (it died on every delivery). Those it
+    # settled were dead-lettered by it, and a terminated event is nothing to move.
+    f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{TRIGGERS_STREAM}.>",
 ]
 RESULTS_BUCKET = "fn_results"
 ERRORS_BUCKET = "fn_errors"

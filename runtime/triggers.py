@@ -34,11 +34,11 @@ from nats.js.errors import APIError, NotFoundError
 
 from .errors import ConfigError
 from .manifest import OWN_STREAM, FunctionManifest, TriggerSpec
+from .streams import TRIGGERS_STREAM as TRIGGERS_STREAM
 from .subjects import conflicts, covers, minimal_cover, overlaps
 
 log = logging.getLogger("runtime.triggers")
 
-TRIGGERS_STREAM = "FN_TRIGGERS"
 EVENT_RETENTION = 7 * 86400.0   # seconds an event, and the consumer of an undeployed trigger, are kept
 CONSUMER_PREFIX = "fn_"
 CONSUMER_SEPARATOR = "_ON_"     # names are lower case: this cannot occur inside a function or trigger name
@@ -136,6 +136,7 @@ def choose_stream(function: str, spec: TriggerSpec, streams: list[StreamInfo]) -
         info = by_name.get(spec.stream)
         if info is None:
             raise TriggerError(f"{_where(function, spec)}: there is no stream {spec.stream}")
+        _check_fan_out(function, spec, info)
         subjects = list(info.config.subjects or [])
         if not any(covers(s, spec.subject) for s in subjects):
             raise TriggerError(f"{_where(function, spec)}: stream {spec.stream} does not capture every subject "
@@ -157,8 +158,20 @@ def choose_stream(function: str, spec: TriggerSpec, streams: list[StreamInfo]) -
                                    f"(stream: {name}) with a subject within {subject}, or choose another subject")
             whole.append(name)
     if whole:
+        _check_fan_out(function, spec, by_name[whole[0]])
         return whole[0]
     return TRIGGERS_STREAM
+
+
+def _check_fan_out(function: str, spec: TriggerSpec, info: StreamInfo) -> None:
+    """A work queue hands each message to one consumer and deletes it once acknowledged: events
+    there cannot reach every function that wants them, and consuming them would delete the
+    user's data."""
+    if info.config.retention == RetentionPolicy.WORK_QUEUE:
+        raise TriggerError(f"{_where(function, spec)}: stream {info.config.name} is a work queue (each message goes "
+                           f"to one consumer and is deleted when acknowledged), so triggers cannot take events from "
+                           f"it; publish the events to a stream with limits or interest retention, or call the "
+                           f"function on fn.invoke.{function}")
 
 
 async def ensure_captured(js: JetStreamContext, subjects: list[str], replicas: int | None = None) -> None:
@@ -232,16 +245,36 @@ async def _bind_one(js: JetStreamContext, manifest: FunctionManifest, spec: Trig
 
 
 async def add_consumer(js: JetStreamContext, manifest: FunctionManifest, binding: Binding) -> None:
-    config = trigger_consumer_config(manifest, binding)
+    """Create the binding's consumer, or update the one kept from an earlier deploy in place (every
+    setting that differs between deploys can be). A refusal is an error: the consumer is never
+    deleted to make room, since it holds the events kept for the trigger."""
     try:
-        await js.add_consumer(binding.stream, config)
+        await js.add_consumer(binding.stream, trigger_consumer_config(manifest, binding))
     except APIError as exc:
-        # A consumer kept from an earlier deploy with another subject or stream's start cannot
-        # always be updated in place: it is made anew (what it had not delivered is lost to it).
-        log.warning("consumer %s of %s could not be updated (%s); creating it anew", binding.consumer,
-                    binding.stream, exc.description)
-        await js.delete_consumer(binding.stream, binding.consumer)
-        await js.add_consumer(binding.stream, config)
+        raise TriggerError(f"trigger {binding.trigger} of {binding.function}: stream {binding.stream} refused its "
+                           f"consumer {binding.consumer}: {exc.description}") from None
+
+
+async def drop(js: JetStreamContext, function: str, spec: TriggerSpec) -> bool:
+    """Remove the consumer of a trigger taken out of its function's manifest; False if there was none."""
+    name = consumer_name(function, spec.trigger_name)
+    for stream in (spec.stream or TRIGGERS_STREAM, *(() if spec.stream else await _capturing(js, spec.subject))):
+        try:
+            await js.delete_consumer(stream, name)
+        except NotFoundError:
+            continue
+        log.info("removed consumer %s of %s: trigger %s is no longer in %s's manifest", name, stream,
+                 spec.trigger_name, function)
+        return True
+    return False
+
+
+async def _capturing(js: JetStreamContext, subject: str) -> list[str]:
+    """The user's streams that capture every subject of ``subject`` (where a trigger without a
+    ``stream:`` may have been bound)."""
+    return [s.config.name for s in await all_streams(js)
+            if s.config.name and s.config.name != TRIGGERS_STREAM
+            and any(covers(c, subject) for c in s.config.subjects or [])]
 
 
 async def trigger_consumers(js: JetStreamContext, stream: str) -> list[ConsumerInfo]:
@@ -252,3 +285,36 @@ async def trigger_consumers(js: JetStreamContext, stream: str) -> list[ConsumerI
         infos.extend(page)
         if len(page) < _LIST_PAGE:
             return [i for i in infos if parse_consumer(i.name or "")]
+
+
+async def find_binding(js: JetStreamContext, function: str, spec: TriggerSpec,
+                       streams: list[StreamInfo] | None = None) -> tuple[str, ConsumerInfo | None]:
+    """The stream a deployed trigger takes its events from, and its consumer there (None if it has none yet).
+
+    ``streams`` (every stream there is) is read when the consumer is not on the stream tried first.
+    """
+    name = consumer_name(function, spec.trigger_name)
+    first = spec.stream or TRIGGERS_STREAM
+    found = await _consumer(js, first, name)
+    if found is not None or spec.stream is not None:
+        return first, found
+    try:
+        chosen = choose_stream(function, spec, streams if streams is not None else await all_streams(js))
+    except TriggerError:
+        return first, None   # no runtime could bind it either: it has no consumer
+    if chosen == first:
+        return first, None
+    return chosen, await _consumer(js, chosen, name)
+
+
+async def _consumer(js: JetStreamContext, stream: str, name: str) -> ConsumerInfo | None:
+    try:
+        info: ConsumerInfo = await js.consumer_info(stream, name)
+    except NotFoundError:   # no such stream, or no such consumer on it
+        return None
+    return info
+
+
+def backlog(info: ConsumerInfo) -> int:
+    """Events a trigger's consumer has not settled: not yet delivered, or delivered and not acknowledged."""
+    return (info.num_pending or 0) + (info.num_ack_pending or 0)

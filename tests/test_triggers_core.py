@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from typing import Any
 
+import nats.errors
 import pytest
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
@@ -88,3 +90,62 @@ async def test_output_triggers_the_next_function_once_despite_retries(runtime: A
     shaky_ids = {s["call_id"] for s in events.seen["shaky"]}
     assert {s["caused_by"] for s in events.seen["after"]} == shaky_ids
     assert sorted(s["event"]["from"]["id"] for s in events.seen["after"]) == list(range(10))
+
+
+async def test_an_event_whose_runtime_died_on_every_delivery_is_dead_lettered(nc: NATS, js: JetStreamContext) -> None:
+    """No runtime settled it (each died holding it): the advisory drives the mover; the event stays
+    in the stream for the functions that still want it."""
+    from runtime.manifest import FunctionManifest
+    from runtime.mover import DeadLetterMover
+    from runtime.streams import provision_base
+    from runtime.triggers import bind
+
+    await provision_base(js)
+    manifest = FunctionManifest.model_validate({
+        "name": "lost", "handler": "tests.handlers.events:audit", "ack_wait": 0.3,
+        "retry": {"max_deliver": 2}, "triggers": [{"subject": "orders.>"}]})
+    [binding] = await bind(js, manifest)
+    sub = await js.pull_subscribe_bind(binding.consumer, TRIGGERS_STREAM)
+    await nc.publish("orders.created", b'{"id": 7}', headers={"Fn-Note": "kept"})
+    async with DeadLetterMover(nc, js):
+        for _ in range(2):   # delivered twice, never settled: a runtime that died with it each time
+            [msg] = await sub.fetch(1, timeout=5)
+        # JetStream gives up on it (and says so) when it would deliver it a third time.
+        with contextlib.suppress(nats.errors.TimeoutError):
+            await sub.fetch(1, timeout=1)
+        listing: list[Any] = []
+
+        async def letter() -> bool:
+            listing[:] = (await dlq.list_dead_letters(nc, js, "lost")).letters
+            return len(listing) == 1
+        await eventually(letter)
+    stored = await dlq.get_dead_letter(js, listing[0].seq)
+    assert stored.reason == "max_deliver"
+    assert stored.headers["Fn-Trigger"] == "orders-all" and stored.headers["Fn-Note"] == "kept"
+    assert stored.headers["Fn-Original-Subject"] == "orders.created"
+    assert stored.body == b'{"id": 7}'
+    assert msg.data == b'{"id": 7}'
+    assert (await js.stream_info(TRIGGERS_STREAM)).state.messages == 1
+
+
+async def test_a_trigger_taken_out_of_its_manifest_loses_its_consumer(js: JetStreamContext) -> None:
+    from nats.js.errors import NotFoundError
+
+    from runtime.manifest import ManifestSet, parse_manifest
+    from runtime.registry import Registry
+    from runtime.streams import provision_base
+
+    await provision_base(js)
+    registry = await Registry.open(js)
+
+    def manifest_set(triggers: str) -> ManifestSet:
+        manifest = parse_manifest({"name": "audit", "handler": "tests.handlers.events:audit",
+                                   "triggers": [{"subject": s} for s in triggers.split()]}, "audit.yaml")
+        return ManifestSet(functions={"audit": manifest}, schedules={}, sources={"Function:audit": "audit.yaml"})
+
+    await registry.deploy(manifest_set("orders.> refunds.*"))
+    await js.consumer_info(TRIGGERS_STREAM, "fn_audit_ON_refunds-any")
+    await registry.deploy(manifest_set("orders.>"))
+    await js.consumer_info(TRIGGERS_STREAM, "fn_audit_ON_orders-all")
+    with pytest.raises(NotFoundError):
+        await js.consumer_info(TRIGGERS_STREAM, "fn_audit_ON_refunds-any")
