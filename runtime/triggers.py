@@ -35,6 +35,7 @@ from nats.js.errors import APIError, NotFoundError
 from .errors import ConfigError
 from .manifest import OWN_STREAM, FunctionManifest, TriggerSpec
 from .streams import TRIGGERS_STREAM as TRIGGERS_STREAM
+from .streams import ensure_stream
 from .subjects import conflicts, covers, minimal_cover, overlaps
 
 log = logging.getLogger("runtime.triggers")
@@ -172,6 +173,16 @@ def _check_fan_out(function: str, spec: TriggerSpec, info: StreamInfo) -> None:
                            f"to one consumer and is deleted when acknowledged), so triggers cannot take events from "
                            f"it; publish the events to a stream with limits or interest retention, or call the "
                            f"function on fn.invoke.{function}")
+
+
+async def keep_in_shape(js: JetStreamContext, replicas: int) -> None:
+    """At a runtime's start: ``FN_TRIGGERS``, if it exists, with the runtime's settings and replicas
+    (it was created by whichever deploy or runtime bound the first trigger)."""
+    try:
+        info = await js.stream_info(TRIGGERS_STREAM)
+    except NotFoundError:
+        return
+    await ensure_stream(js, triggers_stream_config(list(info.config.subjects or []), replicas))
 
 
 async def ensure_captured(js: JetStreamContext, subjects: list[str], replicas: int | None = None) -> None:

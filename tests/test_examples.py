@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 from typing import Any
 
+import nats
 import pytest
+from nats.aio.msg import Msg
 
 from runtime import InvalidInput, Rejected, UnknownFunction
 from runtime.pytest_plugin import Caller
 from runtime.testing import ServedClient
+
+from .conftest import eventually
 
 # ------------------------------------------------------------------ hello: pydantic in, pydantic out
 
@@ -93,6 +99,59 @@ def test_report_needs_a_text_and_a_known_style(fn_call: Caller) -> None:
     assert out.dead_letter is not None and out.dead_letter.reason == "invalid_input"
     assert out.dead_letter.error.message == ("text: String should have at least 1 character; "
                                              "style: Input should be 'brief' or 'detailed'")
+
+
+# ------------------------------------------------------------------ audit, invoice, notify: one event, three functions
+
+ORDER = {"id": 7, "customer": "ada@example.com", "items": [{"sku": "A1", "quantity": 2, "price": 9.5},
+                                                           {"sku": "B2", "price": 1.25}]}
+
+
+def test_invoice_totals_an_order(fn_call: Caller) -> None:
+    out = fn_call("manifests/invoice.yaml", ORDER)
+    assert out.result == {"number": "INV-7", "order": 7, "customer": "ada@example.com", "total": 20.25}
+
+
+def test_invoice_refuses_an_order_without_a_customer(fn_call: Caller) -> None:
+    out = fn_call("manifests/invoice.yaml", {"id": 8, "items": []})
+    assert out.dead_letter is not None and out.dead_letter.reason == "invalid_input"
+    assert out.dead_letter.error.message == "customer: Field required"
+
+
+def test_notify_names_the_invoice_call(fn_call: Caller) -> None:
+    invoice = {"number": "INV-7", "order": 7, "customer": "ada@example.com", "total": 20.25}
+    out = fn_call("manifests/notify.yaml", invoice, headers={"Fn-Call-Id": "ev-invoice-new-order-1"})
+    assert out.result == {"to": "ada@example.com", "text": "Invoice INV-7 for order 7: 20.25 due.",
+                          "issued_by": "ev-invoice-new-order-1"}
+
+
+async def test_one_order_event_runs_audit_and_invoice_and_the_invoice_runs_notify(
+        fn_serve: ServedClient, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO", logger="runtime.fn")
+    nc = await nats.connect(fn_serve.url)
+    try:
+        issued: asyncio.Queue[Msg] = asyncio.Queue()
+
+        async def on_invoice(msg: Msg) -> None:
+            await issued.put(msg)
+        await nc.subscribe("invoices.issued", cb=on_invoice)
+        await nc.publish("orders.created", json.dumps(ORDER).encode())   # a plain NATS publish
+        invoice = await asyncio.wait_for(issued.get(), timeout=10)
+    finally:
+        await nc.close()
+    assert json.loads(invoice.data) == {"number": "INV-7", "order": 7, "customer": "ada@example.com",
+                                        "total": 20.25}
+    assert invoice.headers is not None and invoice.headers["Fn-Function"] == "invoice"
+    emitted_by = invoice.headers["Fn-Call-Id"]
+
+    def logged(name: str) -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.name == f"runtime.fn.{name}"]
+
+    await eventually(lambda: logged("notify") and logged("audit"), message="notify and audit to run")
+    assert logged("audit") == ["recorded orders.created (trigger orders-all)"]
+    assert logged("invoice") == ["invoice INV-7 of order 7: 20.25"]
+    assert logged("notify") == ["notified ada@example.com of INV-7"]
+    assert emitted_by.startswith("ev-invoice-new-order-")
 
 
 # ------------------------------------------------------------------ all of them, served for real

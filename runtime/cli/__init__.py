@@ -21,9 +21,9 @@ from ..exitcodes import (
     RET_INTERRUPTED,
     RET_PERMISSION,
 )
-from . import cancel, common, deploy, dlq, invoke, queue, schedules, secure, serve, status
+from . import cancel, common, deploy, dlq, invoke, queue, schedules, secure, serve, status, triggers
 
-COMMANDS = [serve, deploy, schedules, dlq, queue, invoke, cancel, secure, status]
+COMMANDS = [serve, deploy, schedules, triggers, dlq, queue, invoke, cancel, secure, status]
 DISTRIBUTION = "nats-fn-runtime"
 DEBUG_HELP = "show tracebacks and debug logs"
 

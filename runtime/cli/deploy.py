@@ -17,11 +17,12 @@ from ..loader import load_handler_async
 from ..loop import run
 from ..manifest import FunctionManifest, ManifestSet, ScheduleManifest, TriggerManifest, manifest_files
 from ..priority import split_subject
-from ..registry import SCHEDULE_PREFIX, Registry, Undeployed
+from ..registry import SCHEDULE_PREFIX, Registry, Undeployed, as_manifest_set
 from ..revisions import HISTORY, NotDeployed, RegistryError
 from ..status import gather_status
 from ..streams import INVOKE_STREAM, MAX_REPLICAS
 from . import common
+from .triggers import TriggerRow, trigger_rows
 
 
 def register(sub: Any) -> None:
@@ -134,6 +135,8 @@ async def _undeploy_question(args: argparse.Namespace) -> str | None:
             return f"undeploy function {args.name}{also}{kept}?"
     if any(isinstance(d.manifest, ScheduleManifest) and d.manifest.name == args.name for d in deployments.values()):
         return f"undeploy schedule {args.name}?"
+    if any(isinstance(d.manifest, TriggerManifest) and d.manifest.name == args.name for d in deployments.values()):
+        return f"undeploy trigger {args.name} (events it matches are kept for it until it is deployed again)?"
     return None  # nothing by that name: the registry says so
 
 
@@ -152,8 +155,13 @@ def cmd_undeploy(args: argparse.Namespace) -> int:
         return RET_OK
     for schedule in done.schedules:
         print(f"schedule {schedule}: undeployed (it targeted {done.name})")
+    for trigger in done.triggers:
+        print(f"trigger {trigger}: undeployed (it targeted {done.name})")
     if done.kind == "Schedule":
         print(f"schedule {done.name}: undeployed (it fires no more; its function stays deployed)")
+        return RET_OK
+    if done.kind == "Trigger":
+        print(f"trigger {done.name}: undeployed (its events are kept for it until it is deployed again)")
         return RET_OK
     own = f", with its schedule{'s' * (len(done.own_schedules) > 1)} {', '.join(done.own_schedules)}" \
         if done.own_schedules else ""
@@ -228,6 +236,9 @@ async def _listing(args: argparse.Namespace) -> list[dict[str, Any]]:
         statuses = await gather_status(nc)
         waiting = {state.function: state for state in await queue.queue_states(js)}
         limit = (await js.stream_info(INVOKE_STREAM)).config.max_msgs_per_subject or -1
+        deployed = as_manifest_set(deployments)
+        by_trigger = {(t.function, t.trigger): t for t in await trigger_rows(js, deployed.functions.values(),
+                                                                             deployed.triggers.values())}
         rows = []
         for dep in sorted(deployments.values(), key=lambda d: (d.manifest.kind, d.manifest.name)):
             m = dep.manifest
@@ -246,18 +257,34 @@ async def _listing(args: argparse.Namespace) -> list[dict[str, Any]]:
                            levels=per_level(state.subjects if state else {}, m.name, m.priority),
                            delayed=await delayed_count(js, m.name), max_queued=limit if limit > 0 else None,
                            runtimes=len(serving),
-                           status=_function_status(failing, refused, serving), failing=failing, refused=refused)
+                           status=_function_status(failing, refused, serving), failing=failing, refused=refused,
+                           triggers=[_trigger_json(t) for (f, _), t in by_trigger.items() if f == m.name])
             elif isinstance(m, TriggerManifest):
                 where = f" (stream {m.stream})" if m.stream else ""
                 row.update(settings=f"on {m.subject}{where} -> {m.function}", queued="", in_flight="", levels={},
                            delayed="", max_queued=None, runtimes="",
-                           status="deployed" if m.function in functions else "no function", failing={}, refused={})
+                           status="deployed" if m.function in functions else "no function", failing={}, refused={},
+                           triggers=[_trigger_json(t) for t in [by_trigger.get((m.function, m.name))] if t])
             else:
                 row.update(settings=f"cron={m.cron!r} -> {m.function}", queued="", in_flight="", levels={},
                            delayed="", max_queued=None, runtimes="",
-                           status=_schedule_status(m.enabled, m.function in functions), failing={}, refused={})
+                           status=_schedule_status(m.enabled, m.function in functions), failing={}, refused={},
+                           triggers=[])
             rows.append(row)
         return rows
+
+
+def _trigger_json(t: TriggerRow) -> dict[str, Any]:
+    return {"name": t.trigger, "subject": t.subject, "stream": t.stream, "backlog": t.backlog, "status": t.status}
+
+
+def _events_cell(row: dict[str, Any]) -> str:
+    """The events a function's (or a standalone trigger's) triggers have waiting; "-" if none has a consumer."""
+    triggers: list[dict[str, Any]] = row["triggers"]
+    if not triggers:
+        return ""
+    waiting = [t["backlog"] for t in triggers if t["backlog"] is not None]
+    return str(sum(waiting)) if waiting else "-"
 
 
 def per_level(subjects: dict[str, int], function: str, default: int) -> dict[int, int]:
@@ -304,11 +331,14 @@ def cmd_ls(args: argparse.Namespace) -> int:
         common.print_json(rows)
         return RET_OK
     common.print_table(["name", "kind", "rev", "deployed at", "status", "runtimes", "queued", "in flight",
-                        "delayed", "settings"],
+                        "delayed", "events", "settings"],
                        [[r["name"], r["kind"].lower(), r["revision"], local_time(r["deployed_at"]), r["status"],
                          r["runtimes"], _queued_cell(r) if r["kind"] == "Function" else "", r["in_flight"],
-                         r["delayed"], r["settings"]] for r in rows])
+                         r["delayed"], _events_cell(r), r["settings"]] for r in rows])
     for r in rows:
+        for t in r["triggers"] if r["kind"] == "Function" else []:
+            consumer = f"backlog {t['backlog']}" if t["backlog"] is not None else "no consumer yet"
+            print(f"  {r['name']} on {t['subject']} (trigger {t['name']}, stream {t['stream']}): {consumer}")
         for runtime, error in r["failing"].items():
             print(f"  {r['name']} failing on {runtime}: {error}")
         for runtime, reason in r["refused"].items():
