@@ -1,11 +1,18 @@
-"""Invocations per second through one runtime process, beside two raw nats-py consumers.
+"""Invocations per second through the runtime, beside two raw nats-py consumers.
 
 Each contender drains the same shape of work in its own process: 20,000 pre-filled 64-byte JSON
-messages on a file-storage work-queue stream, a no-op, an ack per message.
+messages (plain publishes: no call id, no reply subject) on a file-storage work-queue stream, a
+no-op, an ack per message.
   (a) raw fetch(100) loop, acking each message;
   (b) raw hand-rolled pull: a core subscription on an inbox with MSG.NEXT batch requests kept topped up;
-  runtime: `runtime serve` with a no-op async function (pydantic input).
-Also reports publish-to-start latency at light load and the runtime's peak RSS.
+  runtime_default: `runtime serve` with a no-op async function (pydantic input), default manifest;
+  runtime_always: the same with `store_results: always` (every outcome written to fn_results);
+  runtime_default_ids: the default manifest, every invocation with its own Nats-Msg-Id, as
+    `Client.submit` sends them: each outcome is stored, and acked only once JetStream has it.
+Every repetition runs each contender once; the JSON line gives medians, min and max of the same run.
+Then one runtime process against two on 3x the messages, timed over the middle 20-90% of the
+drain (so that the processes' start-up does not count), the resident memory of an idle runtime
+serving 10 functions, publish-to-start latency at light load and the runtime's peak RSS.
 With --secure, instead: the runtime on a plain server against the runtime on a server that
 requires TLS and a user/password, in the same run. Prints one JSON line.
 """
@@ -24,9 +31,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import nats
+from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StorageType, StreamConfig
 
-from bench.common import PAYLOAD, drain_time, log, percentile, prefill, private_server, rss_peak_kb, start_runtime
+from bench.common import (
+    PAYLOAD,
+    drain_rate,
+    drain_time,
+    log,
+    percentile,
+    prefill,
+    private_server,
+    rss_kb,
+    rss_peak_kb,
+    spread,
+    start_runtime,
+)
 from runtime.connection import ConnectOptions, open_connection
 from runtime.loop import run
 from runtime.manifest import FunctionManifest
@@ -64,7 +84,7 @@ async def raw_worker(url: str, impl: str, n: int) -> None:
             outstanding += batch
             await nc.publish(api, json.dumps({"batch": batch, "expires": 30_000_000_000}).encode(), reply=inbox)
 
-        async def on_msg(m: nats.aio.msg.Msg) -> None:
+        async def on_msg(m: Msg) -> None:
             nonlocal done, outstanding
             if m.reply:
                 await m.ack()
@@ -116,37 +136,81 @@ async def raw_rate(url: str, impl: str, n: int) -> float:
 
 MANIFEST = """\
 name: {name}
-handler: bench.handlers:{name}
+handler: bench.handlers:{handler}
 concurrency: {concurrency}
 timeout: 30s
-store_results: {store}
 """
 
 
-async def runtime_rate(url: str, n: int, concurrency: int, store: bool, workdir: Path,
-                       secure: SecureServer | None = None, http: str | None = None) -> tuple[float, int]:
+def manifest(name: str, concurrency: int, store: str | bool | None, handler: str = "") -> str:
+    """A manifest of a bench function; ``store``: its store_results, None to leave the default."""
+    text = MANIFEST.format(name=name, handler=handler or name, concurrency=concurrency)
+    if isinstance(store, bool):
+        store = str(store).lower()
+    return text + (f"store_results: {store}\n" if store else "")
+
+
+async def runtime_rate(url: str, n: int, concurrency: int, store: str | bool | None, workdir: Path,
+                       secure: SecureServer | None = None, http: str | None = None,
+                       processes: int = 1, steady: bool = False, ids: bool = False) -> tuple[float, int]:
+    """Invocations/s of ``processes`` runtime processes draining ``n`` pre-filled invocations,
+    and the largest peak RSS among them. ``steady``: timed over the middle of the drain only;
+    ``ids``: every invocation carries a call id (so its outcome is stored before it is acked)."""
     manifests = workdir / "manifests"
     manifests.mkdir(exist_ok=True)
-    manifest = MANIFEST.format(name="noop", concurrency=concurrency, store=str(store).lower())
-    (manifests / "noop.yaml").write_text(manifest)
+    (manifests / "noop.yaml").write_text(manifest("noop", concurrency, store))
     nc = await open_connection(url, secure.options if secure else None)
     js = nc.jetstream()
     await provision_base(js)
     await ensure_consumer(js, FunctionManifest(name="noop", handler="bench.handlers:noop", concurrency=concurrency))
-    await prefill(js, "fn.invoke.noop", n)
+    await prefill(js, "fn.invoke.noop", n, ids=ids)
     env = {**(secure.env if secure else {}), **({"RUNTIME_HTTP": http} if http else {})}
-    proc = start_runtime(url, manifests, workdir / "runtime-rate.log", env)
+    procs = [start_runtime(url, manifests, workdir / f"runtime-rate-{i}.log", env) for i in range(processes)]
     scraper = asyncio.create_task(scrape_forever(http)) if http else None
     try:
-        seconds = await drain_time(js, "FN", "noop", n)
-        rss = rss_peak_kb(proc.pid)
+        if steady:
+            rate = await drain_rate(js, "FN", "noop", n)
+        else:
+            rate = n / await drain_time(js, "FN", "noop", n)
+        rss = max(rss_peak_kb(proc.pid) for proc in procs)
     finally:
         if scraper is not None:
             scraper.cancel()
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            await asyncio.to_thread(proc.wait, 30)
+        await nc.close()
+    return rate, rss
+
+
+async def idle_rss(url: str, workdir: Path, functions: int = 10, settle: float = 5.0) -> int:
+    """Resident memory (kB) of a runtime serving ``functions`` no-op functions, idle once they all serve."""
+    manifests = workdir / "manifests-idle"
+    manifests.mkdir(exist_ok=True)
+    names = [f"idle{i}" for i in range(functions)]
+    for name in names:
+        (manifests / f"{name}.yaml").write_text(manifest(name, 4, None, handler="noop"))
+    proc = start_runtime(url, manifests, workdir / "runtime-idle.log")
+    nc = await nats.connect(url)
+    js = nc.jetstream()
+    try:
+        deadline = time.monotonic() + 60
+        for name in names:   # each function's consumer exists once the runtime serves it
+            while True:
+                try:
+                    await js.consumer_info("FN", name)
+                    break
+                except nats.js.errors.NotFoundError:
+                    if proc.poll() is not None or time.monotonic() > deadline:
+                        raise RuntimeError("the runtime did not serve its functions") from None
+                    await asyncio.sleep(0.1)
+        await asyncio.sleep(settle)
+        return rss_kb(proc.pid)
+    finally:
         proc.terminate()
         await asyncio.to_thread(proc.wait, 30)
         await nc.close()
-    return n / seconds, rss
 
 
 async def scrape_forever(http: str, every: float = 1.0) -> None:
@@ -165,7 +229,7 @@ async def scrape_forever(http: str, every: float = 1.0) -> None:
             pass   # not listening yet
 
 
-async def http_compare_bench(n: int, reps: int, concurrency: int, store: bool) -> dict[str, object]:
+async def http_compare_bench(n: int, reps: int, concurrency: int, store: str | None) -> dict[str, object]:
     """The runtime without, then with, its HTTP endpoint and metrics (scraped every second), same run."""
     server = private_server()
     await server.start()
@@ -184,7 +248,7 @@ async def http_compare_bench(n: int, reps: int, concurrency: int, store: bool) -
         await server.stop()
     med = {k: sorted(v)[len(v) // 2] for k, v in results.items()}
     return {
-        "bench": "throughput-http", "messages": n, "reps": reps, "store_results": store,
+        "bench": "throughput-http", "messages": n, "reps": reps, "store_results": store or "default",
         "rate_per_s": {k: round(v) for k, v in med.items()},
         "all_rates": {k: [round(x) for x in v] for k, v in results.items()},
         "ratio_http_on_vs_off": round(med["http_on"] / med["http_off"], 3),
@@ -194,13 +258,13 @@ async def http_compare_bench(n: int, reps: int, concurrency: int, store: bool) -
 async def runtime_latency(url: str, count: int, workdir: Path) -> dict[str, float]:
     manifests = workdir / "manifests-latency"
     manifests.mkdir(exist_ok=True)
-    (manifests / "stamp.yaml").write_text(MANIFEST.format(name="stamp", concurrency=16, store="true"))
+    (manifests / "stamp.yaml").write_text(manifest("stamp", 16, None))
     proc = start_runtime(url, manifests, workdir / "runtime-latency.log")
     nc = await nats.connect(url)
     started: dict[int, float] = {}
     got = asyncio.Event()
 
-    async def on_started(msg: nats.aio.msg.Msg) -> None:
+    async def on_started(msg: Msg) -> None:
         data = json.loads(msg.data)
         started[data["id"]] = data["t"]
         got.set()
@@ -231,10 +295,19 @@ async def runtime_latency(url: str, count: int, workdir: Path) -> dict[str, floa
     return {"p50_ms": round(percentile(lat, 0.5), 3), "p99_ms": round(percentile(lat, 0.99), 3)}
 
 
-async def main_bench(n: int, reps: int, concurrency: int, store: bool) -> dict[str, object]:
+def summary(results: dict[str, list[float]]) -> dict[str, dict[str, int]]:
+    return {k: {key: round(v) for key, v in spread(vals).items()} for k, vals in results.items()}
+
+
+async def main_bench(n: int, reps: int, concurrency: int, store: str | None, scaleout: bool = True
+                     ) -> dict[str, object]:
     server = private_server()
     await server.start()
-    results: dict[str, list[float]] = {"raw_fetch100": [], "raw_pull_cb": [], "runtime": []}
+    results: dict[str, list[float]] = {"raw_fetch100": [], "raw_pull_cb": [], "runtime_default": [],
+                                       "runtime_always": [], "runtime_default_ids": []}
+    if store is not None:   # --no-store-results: one more contender
+        results[f"runtime_{store}"] = []
+    scale: dict[str, list[float]] = {"one_process": [], "two_processes": []}
     rss: list[int] = []
     try:
         with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
@@ -242,24 +315,39 @@ async def main_bench(n: int, reps: int, concurrency: int, store: bool) -> dict[s
             for rep in range(reps):
                 results["raw_fetch100"].append(await raw_rate(server.url, "fetch", n))
                 results["raw_pull_cb"].append(await raw_rate(server.url, "cb", n))
-                rate, peak = await runtime_rate(server.url, n, concurrency, store, workdir)
-                results["runtime"].append(rate)
-                rss.append(peak)
-                log(f"rep {rep}: " + ", ".join(f"{k}={v[-1]:.0f}/s" for k, v in results.items()))
+                for key in [k for k in results if k.startswith("runtime_")]:
+                    mode, _, ids = key.removeprefix("runtime_").partition("_")
+                    rate, peak = await runtime_rate(server.url, n, concurrency, None if mode == "default" else mode,
+                                                    workdir, ids=bool(ids))
+                    results[key].append(rate)
+                    rss.append(peak)
+                if scaleout:
+                    for procs, key in ((1, "one_process"), (2, "two_processes")):
+                        scale[key].append((await runtime_rate(server.url, 3 * n, concurrency, None, workdir,
+                                                              processes=procs, steady=True))[0])
+                log(f"rep {rep}: " + ", ".join(f"{k}={v[-1]:.0f}/s" for k, v in {**results, **scale}.items() if v))
             latency = await runtime_latency(server.url, 300, workdir)
+            idle = await idle_rss(server.url, workdir)
     finally:
         await server.stop()
-    med = {k: sorted(v)[len(v) // 2] for k, v in results.items()}
-    return {
+    med = {k: spread(v)["median"] for k, v in results.items()}
+    out: dict[str, object] = {
         "bench": "throughput", "messages": n, "reps": reps, "payload_bytes": len(PAYLOAD), "storage": "file",
-        "concurrency": concurrency, "store_results": store,
-        "rate_per_s": {k: round(v) for k, v in med.items()},
+        "concurrency": concurrency,
+        "rate_per_s": summary(results),
         "all_rates": {k: [round(x) for x in v] for k, v in results.items()},
-        "ratio_vs_fetch100": round(med["runtime"] / med["raw_fetch100"], 2),
-        "ratio_vs_pull_cb": round(med["runtime"] / med["raw_pull_cb"], 2),
+        "ratio_vs_pull_cb": {k: round(med[k] / med["raw_pull_cb"], 2) for k in results if k.startswith("runtime_")},
+        "ratio_vs_fetch100": {k: round(med[k] / med["raw_fetch100"], 2) for k in results if k.startswith("runtime_")},
         "publish_to_start_latency": latency,
         "runtime_peak_rss_kb": max(rss),
+        "idle_rss_kb_10_functions": idle,
     }
+    if scaleout:
+        out["scaleout_steady_rate_per_s"] = summary(scale)
+        out["scaleout_all_rates"] = {k: [round(x) for x in v] for k, v in scale.items()}
+        out["ratio_two_vs_one_process"] = round(spread(scale["two_processes"])["median"]
+                                                / spread(scale["one_process"])["median"], 2)
+    return out
 
 
 # ------------------------------------------------------------------ TLS and authentication
@@ -291,7 +379,7 @@ def secure_server(directory: Path) -> SecureServer:
     return SecureServer(server, options, {"NATS_USER": "bench", "NATS_PASSWORD": password, "NATS_CA": str(ca_file)})
 
 
-async def secure_bench(n: int, reps: int, concurrency: int, store: bool) -> dict[str, object]:
+async def secure_bench(n: int, reps: int, concurrency: int, store: str | None) -> dict[str, object]:
     plain = private_server()
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         workdir = Path(tmp)
@@ -312,7 +400,7 @@ async def secure_bench(n: int, reps: int, concurrency: int, store: bool) -> dict
     med = {k: sorted(v)[len(v) // 2] for k, v in results.items()}
     ratios = sorted(s / p for p, s in zip(results["plain"], results["tls_auth"], strict=True))
     return {
-        "bench": "throughput-secure", "messages": n, "reps": reps, "store_results": store,
+        "bench": "throughput-secure", "messages": n, "reps": reps, "store_results": store or "default",
         "rate_per_s": {k: round(v) for k, v in med.items()},
         "all_rates": {k: [round(x) for x in v] for k, v in results.items()},
         "ratio_tls_auth_vs_plain": round(med["tls_auth"] / med["plain"], 2),
@@ -323,9 +411,11 @@ async def secure_bench(n: int, reps: int, concurrency: int, store: bool) -> dict
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-n", type=int, default=20_000)
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--concurrency", type=int, default=512)
-    ap.add_argument("--no-store-results", action="store_true", help="manifest store_results: false")
+    ap.add_argument("--no-store-results", action="store_true",
+                    help="also (--secure, --http-compare: instead) a runtime with store_results: never")
+    ap.add_argument("--no-scaleout", action="store_true", help="skip the one-against-two-processes runs")
     ap.add_argument("--secure", action="store_true", help="plain server against TLS + user/password, same run")
     ap.add_argument("--http-compare", action="store_true",
                     help="the runtime without, then with, --http and a scrape of /metrics every second, same run")
@@ -335,8 +425,12 @@ def main() -> None:
     if args.role != "main":
         run(raw_worker(args.url, args.role, args.n))
         return
-    bench = secure_bench if args.secure else http_compare_bench if args.http_compare else main_bench
-    print(json.dumps(run(bench(args.n, args.reps, args.concurrency, not args.no_store_results))))
+    store = "never" if args.no_store_results else None
+    if args.secure or args.http_compare:
+        bench = secure_bench if args.secure else http_compare_bench
+        print(json.dumps(run(bench(args.n, args.reps, args.concurrency, store))))
+        return
+    print(json.dumps(run(main_bench(args.n, args.reps, args.concurrency, store, not args.no_scaleout))))
 
 
 if __name__ == "__main__":

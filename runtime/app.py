@@ -7,7 +7,7 @@ import contextlib
 import logging
 from collections.abc import Callable
 from types import TracebackType
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from nats.aio.client import Client as NATS
 from nats.errors import TimeoutError as NatsTimeout
@@ -19,13 +19,12 @@ from .connection import ConnectOptions, open_connection, redact_url
 from .errors import ConnectionLost, LoadError, PermissionDenied
 from .follower import RegistryFollower
 from .gateway import Gateway
-from .httpgateway import HttpGateway
 from .loader import Handler, ensure_on_path, load_handler_async, module_changed
 from .manifest import FunctionManifest, ManifestSet, Schedule
-from .metrics import monitoring_for
 from .mover import DeadLetterMover
 from .outbox import Outbox
 from .registry import Registry
+from .results import Call, should_store
 from .scheduler import Scheduler
 from .server import EmbeddedServer
 from .settings import Settings
@@ -36,6 +35,10 @@ from .triggers import Binding
 from .trust import defined_outside, refusal, serve_prefixes
 from .wire import ReplyPolicy
 from .worker import FunctionWorker
+
+if TYPE_CHECKING:
+    from .httpgateway import HttpGateway
+    from .metrics import Monitoring
 
 log = logging.getLogger("runtime.app")
 
@@ -126,10 +129,15 @@ class Runtime:
         self._serving = False   # workers pull only once every component has started
         self._lock = asyncio.Lock()
         # /healthz, /readyz, /metrics: on by default only beside the embedded server (settings.http).
-        self.monitoring = monitoring_for(settings.http_address(embedded), self.state,
-                                         lambda: self.follower.functions.keys())
-        # POST /function/<name>, /async-function/<name>, GET /calls/<id> on that listener.
-        self.http_gateway = HttpGateway.install(self.monitoring, settings)
+        self.monitoring: Monitoring | None = None
+        self.http_gateway: HttpGateway | None = None
+        listener = settings.http_address(embedded)
+        if listener is not None:   # imported only then: aiohttp.web and prometheus_client take ~8 MB
+            from .httpgateway import HttpGateway
+            from .metrics import monitoring_for
+            self.monitoring = monitoring_for(listener, self.state, lambda: self.follower.functions.keys())
+            # POST /function/<name>, /async-function/<name>, GET /calls/<id> on that listener.
+            self.http_gateway = HttpGateway.install(self.monitoring, settings)
         ensure_on_path(settings.project_root)
 
     # The state's parts, as the runtime's own attributes (read-only: the state is the one place).
@@ -212,6 +220,7 @@ class Runtime:
         # nats-py's default 5 s to answer; provisioning waits longer rather than failing the start.
         await provision_base(nc.jetstream(timeout=PROVISION_TIMEOUT), results_ttl=s.results_ttl,
                              dlq_retention=s.dlq_retention, replicas=s.replicas, max_queued=s.max_queued)
+        await triggers.keep_in_shape(nc.jetstream(timeout=PROVISION_TIMEOUT), s.replicas)
         state.provisioned = True
         if s.manifests:
             # Development mode: deploy the given manifests, then follow the registry like any runtime.
@@ -254,9 +263,8 @@ class Runtime:
         if self.scheduler is not None:
             self.scheduler.set_schedules(schedules)
 
-    def _stores_results(self, name: str) -> bool:
-        manifest = self.state.deployed.get(name)
-        return manifest is None or manifest.store_results
+    def _stores_results(self, name: str, call: Call) -> bool:
+        return should_store(self.state.deployed.get(name), call)
 
     async def apply(self, manifest: FunctionManifest) -> None:
         """Serve ``manifest``'s function, or apply its new settings if already served."""

@@ -34,7 +34,7 @@ from .outbox import Outbox
 from .policy import Ack, AttemptEnd, DeadLetter, Overran, RetryAfter, Undecodable, decide, encode_result
 from .protocol import ACK, NAK, nak_after, term
 from .ratelimit import RateLimiter
-from .results import Response
+from .results import Response, caller_holds_id, should_store
 from .stats import FunctionStats, outcome_of
 from .wire import ReplyPolicy, WireLimits
 
@@ -135,10 +135,12 @@ class Executor:
         response = response or Response.success(inv.call_id, body, codec.CONTENT_TYPES[manifest.encoding])
         if manifest.output is not None:
             await self._emit(inv, manifest, manifest.output, body)
-        await self.outbox.answer(inv.reply_to, response)
-        if manifest.store_results:
-            # Acked only once the outcome is kept: a full store delays the ack, it never loses a result.
-            await self.outbox.store_then_ack(response, inv.msg.reply)
+        if inv.reply_to:
+            await self.outbox.answer(inv.reply_to, response)
+        if should_store(manifest, inv):
+            # Acked only once the outcome is kept (a full store delays the ack, it never loses a result),
+            # unless nobody holds the call's id: then the write just goes ahead of the ack.
+            await self.outbox.store_then_ack(response, inv.msg.reply, confirm=caller_holds_id(inv))
         else:
             await self.nc.publish(inv.msg.reply, ACK)
 
@@ -190,7 +192,7 @@ class Executor:
             f"dead letter of call {inv.call_id}",
             lambda: write_dead_letter(self.js, manifest.name, inv.msg.data, dead, max_payload=max_payload))
         await self.outbox.deliver(Response.failure(inv.call_id, error), inv.reply_to,
-                                  manifest.store_results or bool(inv.reply_to))
+                                  should_store(manifest, inv) or bool(inv.reply_to))
         if H.ENDPOINT in inv.headers:
             self.outbox.endpoint_failed(manifest.name, error)
         await self.nc.publish(inv.msg.reply, term(reason))

@@ -48,6 +48,11 @@ class Invocation:
                    delivered=ack.delivered, headers=msg.headers or {}, call_id=call_id, trigger=trigger)
 
     @property
+    def event(self) -> bool:
+        """Delivered by a trigger's consumer (a replayed event comes back as an ``fn.invoke`` call)."""
+        return self.trigger is not None and self.stream != INVOKE_STREAM
+
+    @property
     def subject(self) -> str:
         """The subject the function was called on: for an event (even replayed), the event's."""
         return self.headers.get(H.EVENT_SUBJECT) or self.msg.subject if self.trigger else self.msg.subject

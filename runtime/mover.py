@@ -37,13 +37,15 @@ from nats.js.errors import NotFoundError, ServerError
 from . import headers as H
 from .deadletter import REASONS, WORKER_LOST, dead_letter_headers, last_error, write_dead_letter
 from .errors import Expired, FunctionError, InvalidInput, InvocationError, InvocationTimeout, Rejected
+from .invocation import error_key
 from .logs import call_fields
 from .outbox import Outbox
 from .priority import function_of_consumer
 from .protocol import ADVISORY_MAX_DELIVERIES, ADVISORY_TERMINATED, NO_MESSAGE_FOUND, fallback_call_id
-from .results import Response
-from .streams import DLQ_STREAM, EVENTS_STREAM, INVOKE_STREAM
+from .results import Call, Response, should_store
+from .streams import DLQ_STREAM, EVENTS_STREAM, INVOKE_STREAM, TRIGGERS_STREAM
 from .sweep import SWEEP_LIMIT, sweep_exhausted
+from .triggers import parse_consumer
 from .wire import call_id_for
 
 log = logging.getLogger("runtime.mover")
@@ -63,19 +65,25 @@ class Advisory:
     deliveries: int
     reason: str = ""    # the ``+TERM`` reason, for terminations
     timestamp: str = ""  # when JetStream gave up on the message, as Fn-Failed-At spells it
+    stream: str = INVOKE_STREAM
+    trigger: str | None = None   # an event's: the trigger whose consumer gave up
 
     @classmethod
     def parse(cls, data: bytes) -> Advisory | None:
         """The advisory in ``data``, or None if it is not one the mover acts on."""
         try:
             raw: dict[str, Any] = json.loads(data)
-            if (raw.get("type") not in (ADVISORY_MAX_DELIVERIES, ADVISORY_TERMINATED)
-                    or raw.get("stream") != INVOKE_STREAM):
+            kind, stream, consumer = raw.get("type"), raw.get("stream"), str(raw["consumer"])
+            trigger = None
+            if stream == TRIGGERS_STREAM and kind == ADVISORY_MAX_DELIVERIES and parse_consumer(consumer):
+                function, trigger = parse_consumer(consumer) or ("", "")
+            elif kind in (ADVISORY_MAX_DELIVERIES, ADVISORY_TERMINATED) and stream == INVOKE_STREAM:
+                function = function_of_consumer(consumer)
+            else:
                 return None
-            return cls(type=str(raw["type"]), function=function_of_consumer(str(raw["consumer"])),
-                       stream_seq=int(raw["stream_seq"]),
+            return cls(type=str(kind), function=function, stream_seq=int(raw["stream_seq"]),
                        deliveries=int(raw.get("deliveries") or 1), reason=str(raw.get("reason") or ""),
-                       timestamp=_milliseconds(str(raw.get("timestamp") or "")))
+                       timestamp=_milliseconds(str(raw.get("timestamp") or "")), stream=str(stream), trigger=trigger)
         except (ValueError, KeyError, TypeError, AttributeError):  # AttributeError: JSON that is not an object
             return None
 
@@ -112,10 +120,17 @@ def failure_of(reason: str, error: str) -> InvocationError:
     return FunctionError(message, type=type_ or None)
 
 
+class _Unheld:
+    """A call whose id nobody holds, for the store decision."""
+
+    headers = None
+
+
 class DeadLetterMover:
     """Handles ``FN_EVENTS`` advisories on the shared ``dlq-mover`` consumer, and sweeps ``FN``, until stopped."""
 
-    def __init__(self, nc: NATS, js: JetStreamContext, *, store_results: Callable[[str], bool] = lambda _: True,
+    def __init__(self, nc: NATS, js: JetStreamContext, *,
+                 store_results: Callable[[str, Call], bool] = lambda _, call: should_store(None, call),
                  batch: int = 128, ack_wait: float = 30.0, sweep_interval: float = SWEEP_INTERVAL,
                  sweep_limit: int = SWEEP_LIMIT, outbox: Outbox | None = None) -> None:
         self.nc = nc
@@ -265,17 +280,22 @@ class DeadLetterMover:
 
     async def _move(self, advisory: Advisory, original: RawStreamMsg | None) -> bool:
         seq = advisory.stream_seq
+        event = advisory.stream != INVOKE_STREAM
         if original is None:
             try:
-                original = await self.js.get_msg(INVOKE_STREAM, seq)
+                original = await self.js.get_msg(advisory.stream, seq)
             except NotFoundError:
                 return False
         hdrs = dict(original.headers or {})
-        call_id = call_id_for(hdrs.get(H.CALL_ID) or hdrs.get(H.MSG_ID)) or fallback_call_id(INVOKE_STREAM, seq)
-        error = await last_error(self.js, seq, advisory.deliveries)
+        if event:
+            # The call id the runtime gave that event for that function (see Invocation.from_event).
+            call_id = call_id_for(f"ev-{advisory.function}-{advisory.trigger}-{seq}") or ""
+        else:
+            call_id = call_id_for(hdrs.get(H.CALL_ID) or hdrs.get(H.MSG_ID)) or fallback_call_id(INVOKE_STREAM, seq)
+        error = await last_error(self.js, error_key(advisory.stream, seq, advisory.function), advisory.deliveries)
         dead = dead_letter_headers(hdrs, function=advisory.function, subject=original.subject or "", seq=seq,
                                    deliveries=advisory.deliveries, reason=advisory.dead_letter_reason,
-                                   error=error, call_id=call_id)
+                                   error=error, call_id=call_id, stream=advisory.stream, trigger=advisory.trigger)
         if advisory.timestamp:
             dead[H.FAILED_AT] = advisory.timestamp
         dlq_seq = await write_dead_letter(self.js, advisory.function, original.data or b"", dead,
@@ -286,11 +306,21 @@ class DeadLetterMover:
         failure = failure_of(stored_hdrs.get(H.REASON, advisory.dead_letter_reason),
                              stored_hdrs.get(H.ERROR, WORKER_LOST))
         reply_to = hdrs.get(H.REPLY_TO) or None
-        store = self.store_results(advisory.function) or bool(reply_to)
+        # An event's own call id (see Invocation.from_event) is held by nobody: like the runtime, the
+        # mover stores its outcome only where the function stores every one.
+        store = (self.store_results(advisory.function, original) if not event else
+                 self.store_results(advisory.function, _Unheld())) or bool(reply_to)
         if reply_to or store:
             # One attempt at storing: a refusal naks the advisory, which comes back in a moment.
             await self.outbox.deliver(Response.failure(call_id, failure), reply_to, store, patient=False)
             await self.nc.flush()
+        if event:
+            # Other functions may still want the event: it stays, and goes once they have it (or its age).
+            self.moved += 1
+            log.warning("dead-lettered event %d of %s for %s after %d deliveries: %s", seq, advisory.stream,
+                        advisory.function, advisory.deliveries, stored_hdrs.get(H.ERROR, error),
+                        extra=call_fields(advisory.function, call_id, advisory.deliveries, seq))
+            return True
         try:
             await self.js.delete_msg(INVOKE_STREAM, seq)
         except ServerError as exc:

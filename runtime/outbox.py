@@ -20,7 +20,7 @@ import functools
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TypeVar
 
 from nats.aio.client import Client as NATS
@@ -68,6 +68,11 @@ def refusal(ack: Msg | None) -> Exception | None:
         except APIError as exc:
             return exc
     return None
+
+
+def headers_at_most(headers: Mapping[str, str]) -> int:
+    """An upper bound of ``wire.header_size(headers)`` (at most 4 bytes a character), cheaper to get."""
+    return 12 + 4 * (sum(map(len, headers)) + sum(map(len, headers.values())) + len(headers))
 
 
 def _written_once(response: Response, expected: str) -> dict[str, str]:
@@ -137,7 +142,9 @@ class Outbox:
         reply = self.reply_subject(subject, response.call_id)
         if reply is None:
             return
-        if not self.limits.fits(reply, response.body, response.headers):
+        # Measured exactly only near the limit (the reply policy keeps the subject short enough).
+        if len(response.body) + headers_at_most(response.headers) > self.limits.max_payload and not self.limits.fits(
+                reply, response.body, response.headers):
             if self.throttle.allow("answer-size"):
                 log.warning("the answer to call %s does not fit a message; it is only stored", response.call_id,
                             extra=call_fields(call_id=response.call_id))
@@ -213,14 +220,24 @@ class Outbox:
         if problem is not None:
             raise problem
 
-    async def store_then_ack(self, response: Response, ack_subject: str) -> None:
+    async def store_then_ack(self, response: Response, ack_subject: str, *, confirm: bool = True) -> None:
         """Store ``response`` and only then ack the invocation message on ``ack_subject``.
 
         The hot path waits for nothing: the acknowledgement of the store triggers the ack. A
         store JetStream refuses (full, timeout, an outcome already kept) continues in a task that
         keeps the message held (in-progress acks) until the outcome is kept.
+
+        Without ``confirm`` (a call nobody holds the id of, see ``results.caller_holds_id``) the
+        write goes out without asking JetStream to acknowledge it, followed by the ack: the server
+        takes them in that order, so the outcome is stored before the message is gone unless the
+        store refuses it, and then nobody was waiting for it.
         """
-        inbox = await self._acks()
+        if not confirm:
+            await self.nc.publish(result_subject(response.call_id), response.body,
+                                  headers=_written_once(response, "0"))
+            await self.nc.publish(ack_subject, ACK)
+            return
+        inbox = self.inbox if self.inbox.started else await self._acks()
 
         async def stored(ack: Msg | None) -> None:
             if refusal(ack) is None:

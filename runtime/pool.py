@@ -12,7 +12,13 @@ T = TypeVar("T")
 
 
 class WorkerPool(Generic[T]):
-    """Runs ``process(item)`` for queued items with at most ``size`` running at once."""
+    """Runs ``process(item)`` for queued items with at most ``size`` running at once.
+
+    A worker drains the queue for as long as what it runs does not wait: a burst of handlers
+    that return without waiting runs in one worker, with no task switch per item. More workers
+    are woken only once the running ones are seen waiting with items still queued (``_balance``
+    runs as a loop callback, so between task steps), and then one per queued item.
+    """
 
     def __init__(self, process: Callable[[T], Awaitable[None]], size: int, name: str = "pool") -> None:
         self.process = process
@@ -22,21 +28,15 @@ class WorkerPool(Generic[T]):
         self.running = 0
         self._idle: deque[asyncio.Future[None]] = deque()
         self._workers: set[asyncio.Task[None]] = set()
+        self._waking = 0          # workers woken (or created) that have not looked at the queue yet
+        self._balancing = False   # a _balance callback is scheduled
         self._drained = asyncio.Event()
         self._drained.set()
 
     def submit(self, item: T) -> None:
         self.queue.append(item)
         self._drained.clear()
-        while self._idle:
-            waiter = self._idle.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
-                return
-        if len(self._workers) < self.size:
-            task = asyncio.get_running_loop().create_task(self._work(), name=f"{self.name}-worker")
-            self._workers.add(task)
-            task.add_done_callback(self._workers.discard)
+        self._balance_soon()
 
     def resize(self, size: int) -> None:
         self.size = size
@@ -45,11 +45,39 @@ class WorkerPool(Generic[T]):
     def busy(self) -> int:
         return self.running + len(self.queue)
 
+    def _balance_soon(self) -> None:
+        if not self._balancing:
+            self._balancing = True
+            asyncio.get_running_loop().call_soon(self._balance)
+
+    def _balance(self) -> None:
+        self._balancing = False
+        if self._waking or not self.queue:
+            return   # a worker about to run takes the queue (and balances again if it has to wait)
+        # Running workers are waiting (we run between task steps): one worker per queued item.
+        # With none running, one worker first: it may well drain the queue without waiting.
+        wanted = min(len(self.queue), max(0, self.size - self.running)) if self.running else 1
+        while wanted > 0 and self._idle:
+            waiter = self._idle.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                self._waking += 1
+                wanted -= 1
+        while wanted > 0 and len(self._workers) < self.size:
+            task = asyncio.get_running_loop().create_task(self._work(), name=f"{self.name}-worker")
+            self._workers.add(task)
+            task.add_done_callback(self._workers.discard)
+            self._waking += 1
+            wanted -= 1
+
     async def _work(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
+            self._waking -= 1
             while self.queue:
                 item = self.queue.popleft()
+                if self.queue:
+                    self._balance_soon()   # runs only once this worker waits, or has drained the queue
                 self.running += 1
                 try:
                     await self.process(item)
@@ -77,3 +105,5 @@ class WorkerPool(Generic[T]):
         for task in list(self._workers):
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        self._idle.clear()
+        self._waking = 0   # a worker cancelled between its wake-up and its first look counts no more

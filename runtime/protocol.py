@@ -6,9 +6,9 @@ the runtime's own stream names and subject prefixes in ``streams.py``.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 INVOKE_PREFIX = "fn.invoke."    # fn.invoke.<function>[.<priority level>]
 QUEUED_PREFIX = "fn.queued."    # FN republishes the headers of every stored invocation here
@@ -101,8 +101,7 @@ INSUFFICIENT_RESOURCES = 10023  # the nodes there are lack the room (or are too 
 
 # ------------------------------------------------------------------ call ids
 
-@dataclass(frozen=True, slots=True)
-class AckSubject:
+class AckSubject(NamedTuple):
     """What the ack subject of a JetStream delivery says about the message."""
 
     stream: str
@@ -112,6 +111,8 @@ class AckSubject:
     pending: int         # messages the consumer had left to deliver after this one
 
 
+# Every delivery is read twice in a row (the dispatcher, then its invocation): the second is a hit.
+@functools.lru_cache(maxsize=1024)
 def parse_ack(reply: str) -> AckSubject:
     """Read ``$JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>``, or the longer
     form with domain and account hash in front (and a random token at the end); ValueError otherwise."""
@@ -119,8 +120,8 @@ def parse_ack(reply: str) -> AckSubject:
     if tokens[:2] != ["$JS", "ACK"] or (len(tokens) != 9 and len(tokens) < 11):
         raise ValueError(f"{reply[:80]!r} is not a JetStream ack subject")
     offset = 2 if len(tokens) == 9 else 4
-    return AckSubject(stream=tokens[offset], consumer=tokens[offset + 1], delivered=int(tokens[offset + 2]),
-                      stream_seq=int(tokens[offset + 3]), pending=int(tokens[offset + 6]))
+    return AckSubject(tokens[offset], tokens[offset + 1], int(tokens[offset + 2]), int(tokens[offset + 3]),
+                      int(tokens[offset + 6]))
 
 
 def fallback_call_id(stream: str, seq: int) -> str:

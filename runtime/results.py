@@ -7,6 +7,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Protocol
 
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
@@ -18,11 +19,48 @@ from .protocol import KV_DELETE, KV_OPERATION, is_tombstone, kv_stream, kv_subje
 from .streams import RESULTS_BUCKET
 from .wire import call_id_for, clip
 
+if TYPE_CHECKING:
+    from .manifest import FunctionManifest
+
 # Dots are kept (a key of several tokens): ids under a per-caller prefix such as ``alice.`` are
 # stored under ``$KV.fn_results.alice.>``, which NATS permissions can grant to that caller alone.
 _KEY_OK = re.compile(r"^[-_=A-Za-z0-9]+(\.[-_=A-Za-z0-9]+)*$")
 # Every answer carries these and nothing else: the last two on failure only.
 REPLY_HEADERS = frozenset({H.CALL_ID, H.CONTENT_TYPE, H.SERVICE_ERROR, H.SERVICE_ERROR_CODE})
+
+
+class Call(Protocol):
+    """What the store decision reads of a call (an ``Invocation``, or a message read back from ``FN``)."""
+
+    @property
+    def headers(self) -> Mapping[str, str] | None: ...
+
+
+def caller_holds_id(call: Call) -> bool:
+    """Whether someone can ask for ``call``'s outcome: it carries its caller's call id
+    (``Fn-Call-Id``, ``Nats-Msg-Id``: every ``Client`` call, the gateways, delayed calls, replays,
+    cron ticks) or a reply subject (whose caller reads the stored outcome of a duplicate)."""
+    headers = call.headers
+    if getattr(call, "event", False):
+        # An event's call id is made by the runtime per function (``ev-...``): an id the event
+        # carries names what caused it (a pipeline's emitting call, a publisher's dedupe id).
+        return bool(headers and headers.get(H.REPLY_TO))
+    return bool(headers and (headers.get(H.CALL_ID) or headers.get(H.MSG_ID) or headers.get(H.REPLY_TO)))
+
+
+def should_store(manifest: FunctionManifest | None, call: Call) -> bool:
+    """Whether ``call``'s outcome is kept in ``fn_results`` (``manifest``: the function's, if known).
+
+    ``auto`` (the default) keeps the outcome of every call someone can ask for
+    (:func:`caller_holds_id`). A bare ``nats pub`` carries no id: its ``fn-<seq>`` is made up by
+    the runtime, nobody holds it, and not writing its outcome halves the JetStream writes of a
+    fire-and-forget call. ``always`` keeps every outcome, ``never`` none (``True``/``False``, as
+    ``model_copy`` may leave them, mean the same).
+    """
+    mode: object = "auto" if manifest is None else manifest.store_results
+    if mode == "auto":
+        return caller_holds_id(call)
+    return mode is True or mode == "always"
 
 
 def result_key(call_id: str) -> str:

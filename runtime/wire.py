@@ -76,9 +76,9 @@ def subject_problem(subject: str) -> str | None:
     if _BAD_CHARS.search(subject):
         return "it contains whitespace or control characters"
     tokens = subject.split(".")
-    if any(not t for t in tokens):
+    if "" in tokens:
         return "it has an empty token"
-    if any(t in ("*", ">") for t in tokens):
+    if "*" in tokens or ">" in tokens:
         return "it contains a wildcard"
     return None
 

@@ -33,12 +33,13 @@ def payloads(msgs: list[Any]) -> list[dict[str, Any]]:
 
 
 async def test_plain_publish_runs_the_function(runtime: RuntimeFactory, nc: NATS, js: JetStreamContext) -> None:
-    await runtime(greet=fn("greet", "greet"))
+    await runtime(greet=fn("greet", "greet", store_results="always"))
     seen = await events(nc, "greet")
     await nc.publish("fn.invoke.greet", b'{"name": "Ada", "age": 36}')
     await eventually(lambda: seen, message="the function to run")
     assert payloads(seen)[0]["name"] == "Ada" and payloads(seen)[0]["age"] == 36
-    # Its result is kept by call id, which a plain publish gets from the stream sequence.
+    # With store_results: always its result is kept by call id, which a plain publish gets from
+    # the stream sequence (the default keeps it only for calls that carry an id: test_store_policy).
     response = await eventually(lambda: fetch_response(js, payloads(seen)[0]["call_id"]))
     assert response.value() == {"greeting": "Hello, Ada!"}
 

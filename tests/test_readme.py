@@ -51,7 +51,7 @@ from .conftest import ROOT, RuntimeProcess
 
 README = ROOT / "README.md"
 SHELL_SECTIONS = ("Try it", "Calling functions and getting answers", "Deploying without restarts",
-                  "Dead letters", "Cron schedules")
+                  "Dead letters", "Cron schedules", "Event triggers and fan-out")
 PYTHON_SECTIONS = ("Try it", "From Python")
 README_URL = "nats://127.0.0.1:4222"
 PROGRAMS = ("runtime", ".venv/bin/runtime", "nats", "echo")

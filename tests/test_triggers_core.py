@@ -149,3 +149,19 @@ async def test_a_trigger_taken_out_of_its_manifest_loses_its_consumer(js: JetStr
     await js.consumer_info(TRIGGERS_STREAM, "fn_audit_ON_orders-all")
     with pytest.raises(NotFoundError):
         await js.consumer_info(TRIGGERS_STREAM, "fn_audit_ON_refunds-any")
+
+
+async def test_an_events_outcome_is_not_stored_unless_the_function_stores_every_one(
+        runtime: Any, nc: NATS, js: JetStreamContext) -> None:
+    """Nobody holds an event's ``ev-...`` call id, even when the event carries an id of its own."""
+    from runtime.results import fetch_response
+
+    await runtime({"trust": ("tests",)},
+                  audit=fn("audit", "audit", "triggers:\n  - subject: orders.>\n"),
+                  billing=fn("billing", "billing", "store_results: always\ntriggers:\n  - subject: orders.>\n"))
+    await js.publish("orders.created", b'{"id": 1}', headers={"Nats-Msg-Id": "order-1", "Fn-Call-Id": "upstream-1"})
+    await eventually(lambda: count("audit") == 1 and count("billing") == 1)
+    billed = events.seen["billing"][0]["call_id"]
+    await eventually(lambda: fetch_response(js, billed))
+    assert await fetch_response(js, events.seen["audit"][0]["call_id"]) is None
+    assert await fetch_response(js, "upstream-1") is None and await fetch_response(js, "order-1") is None

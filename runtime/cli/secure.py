@@ -8,7 +8,6 @@ from typing import Any
 
 from ..exitcodes import RET_OK
 from ..roles import User
-from ..secure import generate, usage
 
 DEFAULT_URL = "tls://127.0.0.1:4222"
 
@@ -34,6 +33,9 @@ def register(sub: Any) -> None:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
+    # Imported here: cryptography takes ~7 MB that a runtime that only serves never needs.
+    from ..secure import generate, usage
+
     callers: list[User] = args.caller or [User("caller", "caller", ("hello",))]
     users = [User("runtime", "runtime"), User("deployer", "deployer"), *callers]
     layout = generate(Path(args.directory), users)

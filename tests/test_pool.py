@@ -1,0 +1,59 @@
+"""The worker pool: concurrency up to its size for items that wait, one worker for a burst that does not."""
+
+from __future__ import annotations
+
+import asyncio
+
+from runtime.pool import WorkerPool
+
+
+async def test_items_that_wait_run_side_by_side_up_to_the_size() -> None:
+    running = peak = 0
+    release = asyncio.Event()
+
+    async def wait(_: int) -> None:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        await release.wait()
+        running -= 1
+
+    pool: WorkerPool[int] = WorkerPool(wait, 8)
+    for i in range(20):
+        pool.submit(i)
+    for _ in range(50):   # a few loop iterations: the pool fans out once its workers wait
+        await asyncio.sleep(0)
+    assert peak == 8 and pool.busy == 20
+    release.set()
+    assert await pool.join(5)
+    assert pool.busy == 0 and peak == 8
+    await pool.cancel()
+
+
+async def test_a_burst_that_never_waits_runs_in_one_worker() -> None:
+    done: list[int] = []
+
+    async def quick(i: int) -> None:
+        done.append(i)
+
+    pool: WorkerPool[int] = WorkerPool(quick, 512)
+    for burst in range(5):
+        for i in range(100):
+            pool.submit(burst * 100 + i)
+        assert await pool.join(5)
+    assert done == list(range(500))
+    assert len(pool._workers) == 1   # no task woken per item only to find the queue empty
+    await pool.cancel()
+
+
+async def test_join_times_out_while_an_item_runs() -> None:
+    async def forever(_: int) -> None:
+        await asyncio.Event().wait()
+
+    pool: WorkerPool[int] = WorkerPool(forever, 2)
+    pool.submit(1)
+    assert not await pool.join(0.05)
+    await pool.cancel()
+    pool.submit(2)   # usable again after a cancel
+    assert not await pool.join(0.05)
+    await pool.cancel()
