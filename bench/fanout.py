@@ -46,12 +46,12 @@ triggers:
 """
 
 
-def write_manifests(directory: Path, concurrency: int, store: bool) -> list[FunctionManifest]:
+def write_manifests(directory: Path, concurrency: int, store: str) -> list[FunctionManifest]:
     directory.mkdir(exist_ok=True)
     manifests = []
     for name in FUNCTIONS:
         path = directory / f"{name}.yaml"
-        path.write_text(MANIFEST.format(name=name, concurrency=concurrency, store=str(store).lower()))
+        path.write_text(MANIFEST.format(name=name, concurrency=concurrency, store=store))
         manifest = load_manifest(path)
         assert isinstance(manifest, FunctionManifest)
         manifests.append(manifest)
@@ -78,7 +78,7 @@ async def fanout_time(js: JetStreamContext, consumers: list[str], n: int, deadli
     raise TimeoutError(f"{', '.join(consumers)} did not finish {n} events in {deadline}s")
 
 
-async def fanout_rate(url: str, n: int, concurrency: int, store: bool, workdir: Path) -> tuple[float, int]:
+async def fanout_rate(url: str, n: int, concurrency: int, store: str, workdir: Path) -> tuple[float, int]:
     """Events per second through one runtime serving three functions triggered by every event; its peak RSS."""
     manifests = write_manifests(workdir / "manifests-fanout", concurrency, store)
     nc = await nats.connect(url)
@@ -114,7 +114,7 @@ def spread(values: list[float]) -> dict[str, float]:
             "spread": round((ordered[-1] - ordered[0]) / med, 3)}
 
 
-async def main_bench(n: int, reps: int, concurrency: int, store: bool) -> dict[str, object]:
+async def main_bench(n: int, reps: int, concurrency: int, store: str) -> dict[str, object]:
     server = private_server()
     await server.start()
     single: list[float] = []
@@ -159,11 +159,12 @@ def main() -> None:
     ap.add_argument("-n", type=int, default=10_000, help="events (and invocations of the single function)")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--concurrency", type=int, default=512, help="of each function")
-    ap.add_argument("--no-store-results", action="store_true", help="manifests' store_results: false")
+    ap.add_argument("--store-results", choices=("auto", "always", "never"), default="auto",
+                    help="every function's store_results, the single one's too (default: auto, the manifest default)")
     args = ap.parse_args()
     if args.reps < 1:
         ap.error("--reps must be at least 1")
-    print(json.dumps(run(main_bench(args.n, args.reps, args.concurrency, not args.no_store_results))))
+    print(json.dumps(run(main_bench(args.n, args.reps, args.concurrency, args.store_results))))
 
 
 if __name__ == "__main__":
