@@ -10,22 +10,18 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
+from .wire import syntax_problem
+
 MAX_PATTERN = 256
-_BAD = re.compile(r"[\s\x00-\x1f\x7f]")
 RESERVED = ("$", "_INBOX.", "fn.")   # system and API subjects, inboxes, the runtime's own subjects
 
 
 def pattern_problem(pattern: str) -> str | None:
     """Why ``pattern`` is not a subject pattern a trigger may use, or None."""
-    if not pattern:
-        return "it is empty"
-    if len(pattern) > MAX_PATTERN:
-        return f"it is longer than {MAX_PATTERN} characters"
-    if _BAD.search(pattern):
-        return "it contains whitespace or control characters"
+    problem = syntax_problem(pattern, MAX_PATTERN)
+    if problem is not None:
+        return problem
     tokens = pattern.split(".")
-    if any(not t for t in tokens):
-        return "it has an empty token"
     for i, token in enumerate(tokens):
         if token == ">" and i != len(tokens) - 1:
             return "'>' may only be the last token"

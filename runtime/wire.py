@@ -67,20 +67,27 @@ def message_size(body: bytes, headers: Mapping[str, str] | None = None) -> int:
     return len(body) + header_size(headers)
 
 
-def subject_problem(subject: str) -> str | None:
-    """Why ``subject`` cannot be published to, or None if it can."""
+def syntax_problem(subject: str, limit: int = MAX_SUBJECT) -> str | None:
+    """Why ``subject`` (wildcards allowed) is not a well-formed subject of at most ``limit`` characters."""
     if not subject:
         return "it is empty"
-    if len(subject) > MAX_SUBJECT:
-        return f"it is longer than {MAX_SUBJECT} characters"
+    if len(subject) > limit:
+        return f"it is longer than {limit} characters"
     if _BAD_CHARS.search(subject):
         return "it contains whitespace or control characters"
-    tokens = subject.split(".")
-    if "" in tokens:
+    if "" in subject.split("."):
         return "it has an empty token"
-    if "*" in tokens or ">" in tokens:
-        return "it contains a wildcard"
     return None
+
+
+def subject_problem(subject: str) -> str | None:
+    """Why ``subject`` cannot be published to, or None if it can."""
+    problem = syntax_problem(subject)
+    if problem is None:
+        tokens = subject.split(".")
+        if "*" in tokens or ">" in tokens:
+            return "it contains a wildcard"
+    return problem
 
 
 class ReplyPolicy:
