@@ -124,8 +124,11 @@ async def test_unknown_function_is_404_at_once(nats_server: EmbeddedServer, js: 
                 await client.invoke(name, {}, timeout=5)
             assert caught.value.code == 404
         call = await client.submit("bare", {"n": 2, "token": "t"})
-        info = await js.consumer_info(INVOKE_STREAM, "bare")
-        assert info.num_pending == 1 and not call.duplicate
+        assert not call.duplicate
+
+        async def queued() -> bool:
+            return (await js.consumer_info(INVOKE_STREAM, "bare")).num_pending == 1
+        await eventually(queued)
 
 
 async def test_undeployed_function_is_unknown(nats_server: EmbeddedServer, js: JetStreamContext,

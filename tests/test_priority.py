@@ -164,7 +164,9 @@ async def test_ls_shows_what_waits_per_level(nc: NATS, js: JetStreamContext, run
     events, _ = await collect(nc, "prio.>")
     await runtime(ranked=RANKED.format(concurrency=1))
     seen = Starts(events)
-    await publish_levels(js, None, 1, seconds=3)          # runs, holding the only slot
+    # Runs, holding the only slot, for longer than two `runtime ls` processes take to start on a
+    # busy machine: the counts below must not move meanwhile.
+    await publish_levels(js, None, 1, seconds=8)
     await eventually(lambda: len(seen.starts) == 1)
     await publish_levels(js, 10, 3, seconds=0)
     await publish_levels(js, 1, 2, seconds=0)
