@@ -15,6 +15,8 @@ from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 
 from aiohttp import web
+from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
@@ -43,6 +45,8 @@ class QueueNumbers:
     pending: dict[str, int] = field(default_factory=dict)       # stored, not yet delivered
     ack_pending: dict[str, int] = field(default_factory=dict)   # delivered, not yet acknowledged
     dead_letters: dict[str, int] = field(default_factory=dict)  # kept in FN_DLQ
+    # (function, trigger) -> (events not yet delivered, delivered and not yet acknowledged)
+    events: dict[tuple[str, str], tuple[int, int]] = field(default_factory=dict)
     read: bool = False   # at least one reading succeeded
 
     async def refresh(self, state: RuntimeState) -> None:
@@ -57,7 +61,21 @@ class QueueNumbers:
         subjects = (await js.stream_info(DLQ_STREAM, subjects_filter=f"{DLQ_PREFIX}>")).state.subjects or {}
         self.pending, self.ack_pending = pending, ack_pending
         self.dead_letters = {subject.removeprefix(DLQ_PREFIX): count for subject, count in subjects.items()}
+        self.events = await _trigger_numbers(js, state)
         self.read = True
+
+
+async def _trigger_numbers(js: JetStreamContext, state: RuntimeState) -> dict[tuple[str, str], tuple[int, int]]:
+    """The consumer of every trigger served here: a request each (a function has few triggers)."""
+    numbers: dict[tuple[str, str], tuple[int, int]] = {}
+    for worker in list(state.workers.values()):
+        for binding in worker.bindings:
+            try:
+                info = await js.consumer_info(binding.stream, binding.consumer)
+            except NotFoundError:
+                continue
+            numbers[(binding.function, binding.trigger)] = (info.num_pending or 0, info.num_ack_pending or 0)
+    return numbers
 
 
 def _histogram(family: HistogramMetricFamily, labels: list[str], histogram: Histogram) -> None:
@@ -117,6 +135,15 @@ class RuntimeCollector(Collector):
         for name in sorted(set(deployed) | queues.dead_letters.keys()):
             dead.add_metric([name], queues.dead_letters.get(name, 0))
         yield from (depth, acks, dead)
+        if queues.events:
+            waiting = GaugeMetricFamily("fn_trigger_queue_depth", "Events stored for a trigger, not yet delivered",
+                                        labels=["function", "trigger"])
+            held = GaugeMetricFamily("fn_trigger_ack_pending", "Events delivered to a trigger, not yet acknowledged",
+                                     labels=["function", "trigger"])
+            for (function, trigger), (pending, ack_pending) in sorted(queues.events.items()):
+                waiting.add_metric([function, trigger], pending)
+                held.add_metric([function, trigger], ack_pending)
+            yield from (waiting, held)
 
     def _cron(self) -> Iterator[Metric]:
         cron = self.state.cron

@@ -129,3 +129,29 @@ async def test_cron_ticks_and_their_lateness(runtime: RuntimeFactory) -> None:
     ticks = value(samples, "fn_cron_ticks_total", schedule="every")
     assert value(samples, "fn_cron_lateness_seconds_count", schedule="every") == ticks
     assert (value(samples, "fn_cron_lateness_seconds_sum", schedule="every") or 0) < (ticks or 0) * 1.0
+
+
+async def test_the_events_waiting_for_each_trigger(runtime: RuntimeFactory, nc: NATS) -> None:
+    from .handlers import events
+
+    events.gate["open"] = opened = asyncio.Event()
+    http = f"127.0.0.1:{free_port()}"
+    await runtime({"http": http, "trust": ("tests",)}, held="""
+        name: held
+        handler: tests.handlers.events:gated
+        concurrency: 1
+        triggers:
+          - subject: orders.>
+    """)
+    for i in range(5):
+        await nc.publish("orders.created", json.dumps({"id": i}).encode())
+
+    async def counted(waiting: int, running: int) -> bool:
+        samples = await scrape(http)
+        return (value(samples, "fn_trigger_queue_depth", function="held", trigger="orders-all") == waiting
+                and value(samples, "fn_trigger_ack_pending", function="held", trigger="orders-all") == running)
+
+    # One runs (its concurrency is 1), four wait in the trigger's consumer.
+    await eventually(lambda: counted(4, 1), timeout=15, interval=0.2, message="4 events waiting, 1 running")
+    opened.set()
+    await eventually(lambda: counted(0, 0), timeout=15, interval=0.2, message="every event settled")

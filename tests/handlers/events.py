@@ -46,3 +46,13 @@ async def shaky(event: Any, ctx: Context) -> Any:
 async def after(event: Any, ctx: Context) -> Any:
     _record("after", event, ctx)
     return None
+
+
+gate: dict[str, Any] = {}
+
+
+async def gated(event: Any, ctx: Context) -> Any:
+    """Waits for ``gate["open"]`` (an asyncio.Event the test sets) before it returns."""
+    _record("gated", event, ctx)
+    await gate["open"].wait()
+    return None
