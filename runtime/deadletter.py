@@ -26,7 +26,7 @@ from . import headers as H
 from .errors import FnRuntimeError
 from .logs import call_fields
 from .protocol import kv_stream, kv_subject
-from .streams import DLQ_BODIES_BUCKET, DLQ_PREFIX, ERRORS_BUCKET
+from .streams import DLQ_BODIES_BUCKET, DLQ_PREFIX, ERRORS_BUCKET, INVOKE_STREAM
 from .wire import STATUS_LINE, header_line, header_size, sendable_header_name
 
 log = logging.getLogger("runtime.deadletter")
@@ -48,10 +48,10 @@ class DeadLetterTooLarge(FnRuntimeError):
     """Raised when even a dead letter without its body and original headers exceeds ``max_payload``."""
 
 
-def dead_letter_id(stream_seq: int, stream: str = "FN", function: str = "") -> str:
+def dead_letter_id(stream_seq: int, stream: str = INVOKE_STREAM, function: str = "") -> str:
     """The deterministic ``Nats-Msg-Id`` of the dead letter of one message: of one ``FN`` message,
     or of one event for one function (an event fans out to several, each may fail on it)."""
-    if stream == "FN":
+    if stream == INVOKE_STREAM:
         return f"dlq:{stream_seq}"
     return f"dlq:{stream}:{stream_seq}:{function}"
 
@@ -61,7 +61,7 @@ def now_rfc3339() -> str:
 
 
 def dead_letter_headers(original: dict[str, str], *, function: str, subject: str, seq: int, deliveries: int,
-                        reason: str, error: str, call_id: str | None, stream: str = "FN",
+                        reason: str, error: str, call_id: str | None, stream: str = INVOKE_STREAM,
                         trigger: str | None = None) -> dict[str, str]:
     hdrs = {k: v for k, v in original.items() if k not in H.NOT_CARRIED_OVER}
     if original.get(H.MSG_ID) and not call_id:

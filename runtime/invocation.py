@@ -43,7 +43,7 @@ class Invocation:
         such as the ``Fn-Call-Id`` of the call whose output it is, names what caused it instead).
         """
         ack = parse_ack(msg.reply)
-        call_id = call_id_for(f"ev-{function}-{trigger}-{ack.stream_seq}") or ""
+        call_id = event_call_id(function, trigger, ack.stream_seq)
         return cls(msg=msg, function=function, stream=ack.stream, stream_seq=ack.stream_seq,
                    delivered=ack.delivered, headers=msg.headers or {}, call_id=call_id, trigger=trigger)
 
@@ -75,3 +75,8 @@ def error_key(stream: str, seq: int, function: str) -> str:
     """The key of an attempt's error: the sequence for ``FN``; for other streams, whose events
     several functions consume, the stream, the sequence and the function."""
     return str(seq) if stream == INVOKE_STREAM else f"{stream}.{seq}.{function}"
+
+
+def event_call_id(function: str, trigger: str, seq: int) -> str:
+    """The call id of the run of ``function`` for the event at ``seq`` of its trigger's stream."""
+    return call_id_for(f"ev-{function}-{trigger}-{seq}") or ""

@@ -37,7 +37,7 @@ from nats.js.errors import NotFoundError, ServerError
 from . import headers as H
 from .deadletter import REASONS, WORKER_LOST, dead_letter_headers, last_error, write_dead_letter
 from .errors import Expired, FunctionError, InvalidInput, InvocationError, InvocationTimeout, Rejected
-from .invocation import error_key
+from .invocation import error_key, event_call_id
 from .logs import call_fields
 from .outbox import Outbox
 from .priority import function_of_consumer
@@ -120,10 +120,12 @@ def failure_of(reason: str, error: str) -> InvocationError:
     return FunctionError(message, type=type_ or None)
 
 
-class _Unheld:
-    """A call whose id nobody holds, for the store decision."""
+@dataclass(frozen=True, slots=True)
+class _Event:
+    """An event read back from its stream, for the store decision (an ``Invocation.event`` there)."""
 
-    headers = None
+    headers: dict[str, str]
+    event: bool = True
 
 
 class DeadLetterMover:
@@ -289,7 +291,7 @@ class DeadLetterMover:
         hdrs = dict(original.headers or {})
         if event:
             # The call id the runtime gave that event for that function (see Invocation.from_event).
-            call_id = call_id_for(f"ev-{advisory.function}-{advisory.trigger}-{seq}") or ""
+            call_id = event_call_id(advisory.function, advisory.trigger or "", seq)
         else:
             call_id = call_id_for(hdrs.get(H.CALL_ID) or hdrs.get(H.MSG_ID)) or fallback_call_id(INVOKE_STREAM, seq)
         error = await last_error(self.js, error_key(advisory.stream, seq, advisory.function), advisory.deliveries)
@@ -306,10 +308,10 @@ class DeadLetterMover:
         failure = failure_of(stored_hdrs.get(H.REASON, advisory.dead_letter_reason),
                              stored_hdrs.get(H.ERROR, WORKER_LOST))
         reply_to = hdrs.get(H.REPLY_TO) or None
-        # An event's own call id (see Invocation.from_event) is held by nobody: like the runtime, the
-        # mover stores its outcome only where the function stores every one.
-        store = (self.store_results(advisory.function, original) if not event else
-                 self.store_results(advisory.function, _Unheld())) or bool(reply_to)
+        # An event's own call id (see Invocation.from_event) is held by nobody: the store decision
+        # reads it as the runtime does (results.caller_holds_id).
+        call = _Event(hdrs) if event else original
+        store = self.store_results(advisory.function, call) or bool(reply_to)
         if reply_to or store:
             # One attempt at storing: a refusal naks the advisory, which comes back in a moment.
             await self.outbox.deliver(Response.failure(call_id, failure), reply_to, store, patient=False)

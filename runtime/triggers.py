@@ -268,24 +268,16 @@ async def add_consumer(js: JetStreamContext, manifest: FunctionManifest, binding
 
 async def drop(js: JetStreamContext, function: str, spec: TriggerSpec) -> bool:
     """Remove the consumer of a trigger taken out of its function's manifest; False if there was none."""
-    name = consumer_name(function, spec.trigger_name)
-    for stream in (spec.stream or TRIGGERS_STREAM, *(() if spec.stream else await _capturing(js, spec.subject))):
-        try:
-            await js.delete_consumer(stream, name)
-        except NotFoundError:
-            continue
-        log.info("removed consumer %s of %s: trigger %s is no longer in %s's manifest", name, stream,
-                 spec.trigger_name, function)
-        return True
-    return False
-
-
-async def _capturing(js: JetStreamContext, subject: str) -> list[str]:
-    """The user's streams that capture every subject of ``subject`` (where a trigger without a
-    ``stream:`` may have been bound)."""
-    return [s.config.name for s in await all_streams(js)
-            if s.config.name and s.config.name != TRIGGERS_STREAM
-            and any(covers(c, subject) for c in s.config.subjects or [])]
+    stream, info = await find_binding(js, function, spec)
+    if info is None or info.name is None:
+        return False
+    try:
+        await js.delete_consumer(stream, info.name)
+    except NotFoundError:
+        return False
+    log.info("removed consumer %s of %s: trigger %s is no longer in %s's manifest", info.name, stream,
+             spec.trigger_name, function)
+    return True
 
 
 async def trigger_consumers(js: JetStreamContext, stream: str) -> list[ConsumerInfo]:
