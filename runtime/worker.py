@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from nats.aio.client import Client as NATS
@@ -91,11 +90,11 @@ class FunctionWorker:
             log.info("%s: trigger %s stopped", self.name, binding.trigger)
         for key, binding in wanted.items():
             if key in self.events:
-                self.events[key] = (binding, self.events[key][1])
-                self.events[key][1].resize(self.manifest.concurrency)
+                feed = self.events[key][1]
+                self.events[key] = (binding, feed)
+                feed.resize(self.manifest.concurrency)
                 continue
-            feed = PullFeed(self.nc, binding.stream, binding.consumer, self.manifest.concurrency,
-                            self._event_sink(binding))
+            feed = self._event_feed_for(binding)
             self.events[key] = (binding, feed)
             if self._started:
                 await feed.start()
@@ -106,20 +105,25 @@ class FunctionWorker:
     def bindings(self) -> list[Binding]:
         return [binding for binding, _ in self.events.values()]
 
-    def _event_sink(self, binding: Binding) -> Callable[[Msg], None]:
+    def _event_feed_for(self, binding: Binding) -> PullFeed:
+        # The sink holds its own feed: an event still on its way once the trigger is removed is
+        # run and released like any other.
         def sink(msg: Msg) -> None:
-            feed = self.events[(binding.stream, binding.consumer)][1]
-            try:
-                inv = Invocation.from_event(msg, self.name, binding.trigger)
-            except (ValueError, IndexError):
-                log.error("ignoring a message without a JetStream ack subject on %s", msg.subject,
-                          extra=call_fields(self.name))
-                feed.release()
-                return
-            self._event_feed[msg.reply] = feed
-            self.held[msg.reply] = inv
-            self.pool.submit(inv)
-        return sink
+            self._on_event(binding, feed, msg)
+        feed = PullFeed(self.nc, binding.stream, binding.consumer, self.manifest.concurrency, sink)
+        return feed
+
+    def _on_event(self, binding: Binding, feed: PullFeed, msg: Msg) -> None:
+        try:
+            inv = Invocation.from_event(msg, self.name, binding.trigger)
+        except (ValueError, IndexError):
+            log.error("ignoring a message without a JetStream ack subject on %s", msg.subject,
+                      extra=call_fields(self.name))
+            feed.release()
+            return
+        self._event_feed[msg.reply] = feed
+        self.held[msg.reply] = inv
+        self.pool.submit(inv)
 
     def _requeued(self, inv: Invocation, delay: float) -> None:
         # An event's feed keeps a pull request open, which the redelivery reaches; an invocation's
