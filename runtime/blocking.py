@@ -34,6 +34,7 @@ from types import CodeType, FrameType
 from typing import Any
 
 from .loader import Handler
+from .loop import cancel_and_wait
 
 log = logging.getLogger("runtime.blocking")
 
@@ -161,11 +162,8 @@ class LoopMonitor:
 
     async def stop(self) -> None:
         self._stopping.set()
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         if self._thread is not None:
             self._thread.join(timeout=1.0)   # it wakes on the event at once
             self._thread = None

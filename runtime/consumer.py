@@ -21,6 +21,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from . import headers as H
+from .loop import cancel_and_wait
 from .protocol import STATUS_CONFLICT, STATUS_HEARTBEAT, pull_subject
 
 log = logging.getLogger("runtime.consumer")
@@ -98,10 +99,7 @@ class PullFeed:
     async def stop(self) -> None:
         """Stop asking for messages; messages already on their way still reach the sink."""
         self._pulling = False
-        if self._watchdog:
-            self._watchdog.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watchdog
+        await cancel_and_wait(self._watchdog)
         if self._sub is not None:
             sub, self._sub = self._sub, None
             with contextlib.suppress(Exception):

@@ -37,6 +37,7 @@ from nats.aio.subscription import Subscription
 
 from . import priority
 from .consumer import PullFeed
+from .loop import cancel_and_wait
 from .manifest import FunctionManifest
 from .protocol import IN_PROGRESS, NAK, AckSubject, parse_ack, pull_subject
 from .streams import INVOKE_STREAM, SLOT_ACK_WAIT, SLOTS_STREAM
@@ -127,10 +128,7 @@ class PriorityFeed:
         """Stop starting invocations; idle slots go back now, busy ones as their invocations finish."""
         self._running = False
         await self.slot_feed.stop()
-        if self._round is not None:
-            self._round.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._round
+        await cancel_and_wait(self._round)
         for level in list(self._bells):
             await self._unsubscribe(self._bells.pop(level))
         if self._sub is not None:

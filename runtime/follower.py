@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from .errors import FnRuntimeError
+from .loop import cancel_and_wait
 from .manifest import FunctionManifest, Schedule, ScheduleManifest, TriggerManifest, with_triggers
 from .protocol import entry_value
 from .registry import SCHEDULE_PREFIX, TRIGGER_PREFIX, Deployment, Registry, deployed_set
@@ -56,10 +57,7 @@ class RegistryFollower:
         self._task = asyncio.create_task(self._follow(), name="registry-follower")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)
         if self._watcher is not None:
             with contextlib.suppress(Exception):
                 await self._watcher.stop()

@@ -19,6 +19,8 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from .loop import cancel_and_wait
+
 log = logging.getLogger("runtime.inbox")
 
 TICK = 0.05   # deadlines are enforced this precisely
@@ -70,11 +72,8 @@ class ReplyInbox:
             with contextlib.suppress(Exception):
                 await sub.drain()  # type: ignore[no-untyped-call]
             sub = None
-        if self._watchdog is not None:
-            self._watchdog.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watchdog
-            self._watchdog = None
+        await cancel_and_wait(self._watchdog)
+        self._watchdog = None
         pending, self._pending = self._pending, {}
         self._listeners.clear()
         for target, _ in pending.values():

@@ -1,8 +1,9 @@
-"""uvloop when importable, asyncio otherwise."""
+"""The event loop: uvloop when importable, asyncio otherwise; and stopping a background task."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
@@ -16,3 +17,12 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
         return asyncio.run(coro)
     result: T = uvloop.run(coro)
     return result
+
+
+async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
+    """Cancel ``task`` (if any) and wait until it has ended."""
+    if task is None:
+        return
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task

@@ -9,7 +9,6 @@ for every deployed function, whether this runtime serves it or not.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from prometheus_client.registry import Collector
 from .dashboard import dashboard_routes
 from .errors import ConfigError
 from .http import HttpServer, Route, probe_routes
+from .loop import cancel_and_wait
 from .priority import function_of_consumer
 from .state import RuntimeState
 from .stats import OUTCOMES, Histogram
@@ -222,11 +222,8 @@ class Monitoring:
             self._task = asyncio.create_task(self._read_forever(), name="metrics-refresh")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     async def _read_forever(self) -> None:
         while True:

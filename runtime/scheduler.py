@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict
 from . import codec
 from . import headers as H
 from .crontab import cron, due_ticks, format_tick
+from .loop import cancel_and_wait
 from .manifest import Schedule
 from .priority import invoke_subject
 from .protocol import entry_value
@@ -221,11 +222,8 @@ class Scheduler:
         self._task = asyncio.create_task(self._follow_changes(), name="scheduler")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         runners, self.runners = list(self.runners.values()), {}
         await asyncio.gather(*(r.stop() for r in runners))
 

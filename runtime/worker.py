@@ -17,6 +17,7 @@ from .executor import Executor
 from .invocation import Invocation
 from .loader import Handler
 from .logs import call_fields, fields
+from .loop import cancel_and_wait
 from .manifest import FunctionManifest
 from .outbox import Outbox
 from .pool import WorkerPool
@@ -209,9 +210,7 @@ class FunctionWorker:
                         self.feed.requeued(reply, 0.0)
             self.held.clear()
         for task in self._tasks:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait(task)
         await self.pool.cancel()
         if self.threads is not None:
             self.threads.shutdown(wait=False, cancel_futures=True)
