@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -78,24 +79,22 @@ def check_handlers(manifests: ManifestSet, root: Path) -> None:
 
 def log_level(given: str | None) -> str:
     """``--log-level``, else ``$RUNTIME_LOG_LEVEL`` (checked like the option), else INFO."""
-    if given:
-        return given
-    level = os.environ.get("RUNTIME_LOG_LEVEL", "").strip().upper() or "INFO"
-    if level not in LEVELS:
-        raise ConfigError(f"RUNTIME_LOG_LEVEL={os.environ['RUNTIME_LOG_LEVEL']!r} is not a log level "
-                          f"(choose from {', '.join(LEVELS)})")
-    return level
+    return _option_or_env(given, "RUNTIME_LOG_LEVEL", LEVELS, "INFO", "a log level", str.upper)
 
 
 def log_format(given: str | None) -> str:
     """``--log-format``, else ``$RUNTIME_LOG_FORMAT`` (checked like the option), else text."""
+    return _option_or_env(given, "RUNTIME_LOG_FORMAT", FORMATS, "text", "a log format", str.lower)
+
+
+def _option_or_env(given: str | None, variable: str, choices: Sequence[str], default: str, what: str,
+                   normal: Callable[[str], str]) -> str:
     if given:
         return given
-    fmt = os.environ.get("RUNTIME_LOG_FORMAT", "").strip().lower() or "text"
-    if fmt not in FORMATS:
-        raise ConfigError(f"RUNTIME_LOG_FORMAT={os.environ['RUNTIME_LOG_FORMAT']!r} is not a log format "
-                          f"(choose from {', '.join(FORMATS)})")
-    return fmt
+    value = normal(os.environ.get(variable, "").strip()) or default
+    if value not in choices:
+        raise ConfigError(f"{variable}={os.environ[variable]!r} is not {what} (choose from {', '.join(choices)})")
+    return value
 
 
 def serve_secure(settings: Settings) -> int:
