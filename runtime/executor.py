@@ -26,6 +26,7 @@ from . import headers as H
 from .context import Context
 from .deadletter import dead_letter_headers, record_error, write_dead_letter
 from .errors import InvocationError
+from .fastpub import Publisher
 from .invocation import Invocation
 from .loader import Handler
 from .logs import InvocationLogger, fields
@@ -52,6 +53,7 @@ class Executor:
         self.handler = handler
         self.threads = threads
         self.outbox = outbox
+        self.pub = Publisher(nc)
         self.logger = logging.getLogger(f"runtime.fn.{manifest.name}")
         # Running attempts and their deadlines. One watchdog enforces them all: cheaper than
         # a timer per invocation on the hot path. It sleeps until the earliest deadline and is
@@ -142,14 +144,14 @@ class Executor:
             # unless nobody holds the call's id: then the write just goes ahead of the ack.
             await self.outbox.store_then_ack(response, inv.msg.reply, confirm=caller_holds_id(inv))
         else:
-            await self.nc.publish(inv.msg.reply, ACK)
+            await self.pub.publish(inv.msg.reply, ACK)
 
     async def _retry(self, inv: Invocation, manifest: FunctionManifest, decision: RetryAfter) -> None:
         self.logger.warning("attempt %d/%d of %s failed, retrying in %gs: %s", inv.delivered,
                             manifest.retry.max_deliver, inv.call_id, decision.delay, decision.error.message,
                             extra=fields(inv))
         await record_error(self.nc, inv.error_key, inv.delivered, decision.error.described)
-        await self.nc.publish(inv.msg.reply, nak_after(decision.delay))
+        await self.pub.publish(inv.msg.reply, nak_after(decision.delay))
         self.requeued(inv, decision.delay)
 
     async def _emit(self, inv: Invocation, manifest: FunctionManifest, subject: str, body: bytes) -> None:
@@ -195,7 +197,7 @@ class Executor:
                                   should_store(manifest, inv) or bool(inv.reply_to))
         if H.ENDPOINT in inv.headers:
             self.outbox.endpoint_failed(manifest.name, error)
-        await self.nc.publish(inv.msg.reply, term(reason))
+        await self.pub.publish(inv.msg.reply, term(reason))
 
 
 async def attempt(inv: Invocation, manifest: FunctionManifest, handler: Handler, watch: Callable[[float], None],

@@ -33,6 +33,7 @@ from nats.js.errors import APIError, BadRequestError, NotFoundError
 
 from . import headers as H
 from .errors import InvocationError
+from .fastpub import Publisher
 from .inbox import ReplyInbox
 from .logs import call_fields
 from .protocol import ACK, IN_PROGRESS, WRONG_LAST_SEQUENCE, is_tombstone, kv_stream
@@ -103,6 +104,7 @@ class Outbox:
     def __init__(self, nc: NATS, js: JetStreamContext, replies: ReplyPolicy | None = None) -> None:
         self.nc = nc
         self.js = js
+        self.pub = Publisher(nc)
         self.replies = replies or ReplyPolicy()
         self.limits = WireLimits(nc.max_payload)
         self.throttle = Throttle()
@@ -233,22 +235,22 @@ class Outbox:
         store refuses it, and then nobody was waiting for it.
         """
         if not confirm:
-            await self.nc.publish(result_subject(response.call_id), response.body,
-                                  headers=_written_once(response, "0"))
-            await self.nc.publish(ack_subject, ACK)
+            await self.pub.publish(result_subject(response.call_id), response.body,
+                                   headers=_written_once(response, "0"))
+            await self.pub.publish(ack_subject, ACK)
             return
         inbox = self.inbox if self.inbox.started else await self._acks()
 
         async def stored(ack: Msg | None) -> None:
             if refusal(ack) is None:
-                await self.nc.publish(ack_subject, ACK)
+                await self.pub.publish(ack_subject, ACK)
             else:
                 self._slow(response, ack_subject)
 
         reply = inbox.on_reply(asyncio.get_running_loop().time() + ACK_TIMEOUT, stored)
         try:
-            await self.nc.publish(result_subject(response.call_id), response.body, reply=reply,
-                                  headers=_written_once(response, "0"))
+            await self.pub.publish(result_subject(response.call_id), response.body, reply=reply,
+                                   headers=_written_once(response, "0"))
         except Exception:
             inbox.forget(reply)
             self._slow(response, ack_subject)

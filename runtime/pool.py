@@ -10,12 +10,19 @@ from typing import Generic, TypeVar
 
 T = TypeVar("T")
 
+# Items a worker runs in a row without waiting before it lets the event loop run once. Until
+# then nothing else runs: the connection does not write the acks the burst published, and the
+# pull request for the next invocations waits for the end of the burst, leaving the runtime
+# idle while the server answers it. 16 measured best on a no-op function (8 to 32 tried).
+YIELD_EVERY = 16
+
 
 class WorkerPool(Generic[T]):
     """Runs ``process(item)`` for queued items with at most ``size`` running at once.
 
     A worker drains the queue for as long as what it runs does not wait: a burst of handlers
-    that return without waiting runs in one worker, with no task switch per item. More workers
+    that return without waiting runs in one worker, with no task switch per item (it only lets
+    the loop run once every ``YIELD_EVERY`` items). More workers
     are woken only once the running ones are seen waiting with items still queued (``_balance``
     runs as a loop callback, so between task steps), and then one per queued item.
     """
@@ -74,6 +81,7 @@ class WorkerPool(Generic[T]):
         loop = asyncio.get_running_loop()
         while True:
             self._waking -= 1
+            streak = 0
             while self.queue:
                 item = self.queue.popleft()
                 if self.queue:
@@ -83,6 +91,10 @@ class WorkerPool(Generic[T]):
                     await self.process(item)
                 finally:
                     self.running -= 1
+                streak += 1
+                if streak >= YIELD_EVERY and self.queue:
+                    streak = 0
+                    await self._step_aside()
             if self.running == 0:
                 self._drained.set()
             if len(self._workers) > self.size:
@@ -90,6 +102,15 @@ class WorkerPool(Generic[T]):
             waiter: asyncio.Future[None] = loop.create_future()
             self._idle.append(waiter)
             await waiter
+
+    async def _step_aside(self) -> None:
+        # Counted as waking, so that the balancing this lets run does not take the pool for idle
+        # and wake another worker for the rest of the burst: this one goes on with it.
+        self._waking += 1
+        try:
+            await asyncio.sleep(0)
+        finally:
+            self._waking -= 1
 
     async def join(self, timeout: float | None = None) -> bool:
         """Wait until nothing is queued or running; False if ``timeout`` passed first."""

@@ -16,6 +16,7 @@ PACKAGE = ROOT / "runtime"
 # Where reading another library's private attributes is the point: each is pinned by a test.
 ADAPTERS = {
     "runtime/micro.py": None,                 # the whole module (tests/test_adapters.py)
+    "runtime/fastpub.py": None,               # the whole module (tests/test_fastpub.py)
     "runtime/blocking.py": "running_frame",   # this one function (tests/test_blocking.py)
 }
 # Underscored names that are public, documented API.

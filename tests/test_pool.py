@@ -57,3 +57,29 @@ async def test_join_times_out_while_an_item_runs() -> None:
     pool.submit(2)   # usable again after a cancel
     assert not await pool.join(0.05)
     await pool.cancel()
+
+
+async def test_a_long_burst_lets_the_loop_run_as_it_goes() -> None:
+    # The connection writes acks, and the next pull request goes out, only when the loop runs:
+    # a burst of handlers that never wait must not hold it until the whole burst is done.
+    done: list[int] = []
+    seen_midway: list[int] = []
+
+    async def quick(i: int) -> None:
+        done.append(i)
+
+    async def watcher() -> None:
+        while len(done) < 200:
+            seen_midway.append(len(done))
+            await asyncio.sleep(0)
+
+    pool: WorkerPool[int] = WorkerPool(quick, 512)
+    for i in range(200):
+        pool.submit(i)
+    watching = asyncio.create_task(watcher())
+    assert await pool.join(5)
+    await watching
+    assert done == list(range(200))
+    assert any(0 < n < 200 for n in seen_midway)   # it ran while the burst was under way
+    assert len(pool._workers) == 1                 # and the burst still ran in one worker
+    await pool.cancel()

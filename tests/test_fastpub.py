@@ -1,0 +1,96 @@
+"""Publishing straight into the connection's buffer: what arrives is what Client.publish sends."""
+
+from __future__ import annotations
+
+import asyncio
+
+import nats
+import pytest
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+
+from runtime.fastpub import Publisher, encode_headers
+from runtime.server import EmbeddedServer
+
+
+def test_headers_are_encoded_as_the_protocol_wants() -> None:
+    assert encode_headers({"Fn-Call-Id": "c-1", "Content-Type": "application/json"}) == (
+        b"NATS/1.0\r\nFn-Call-Id: c-1\r\nContent-Type: application/json\r\n\r\n")
+
+
+@pytest.mark.parametrize("headers", [{"K": "a\r\nInjected: 1"}, {"K": "a\nb"}, {"": "v"}, {"Bad Key": "v"},
+                                     {"K:x": "v"}])
+def test_headers_that_would_break_the_protocol_are_refused(headers: dict[str, str]) -> None:
+    with pytest.raises(ValueError):
+        encode_headers(headers)
+
+
+async def collect(nc: NATS, subject: str, count: int) -> tuple[list[Msg], asyncio.Event]:
+    got: list[Msg] = []
+    done = asyncio.Event()
+
+    async def on_msg(msg: Msg) -> None:
+        got.append(msg)
+        if len(got) == count:
+            done.set()
+
+    await nc.subscribe(subject, cb=on_msg)
+    return got, done
+
+
+async def test_messages_arrive_whole_and_in_order_beside_client_publishes(nc: NATS) -> None:
+    pub = Publisher(nc)
+    assert pub.direct
+    got, done = await collect(nc, "fp.>", 300)
+    for i in range(300):
+        if i % 3 == 0:
+            await nc.publish("fp.plain", str(i).encode())
+        elif i % 3 == 1:
+            await pub.publish("fp.direct", str(i).encode(), reply="fp-reply.x")
+        else:
+            await pub.publish("fp.headers", str(i).encode(), headers={"Fn-Call-Id": f"c-{i}", "A": "b c"})
+    await asyncio.wait_for(done.wait(), 5)
+    assert [int(m.data) for m in got] == list(range(300))
+    for i, msg in enumerate(got):
+        if i % 3 == 1:
+            assert msg.subject == "fp.direct" and msg.reply == "fp-reply.x" and not msg.headers
+        elif i % 3 == 2:
+            assert msg.headers == {"Fn-Call-Id": f"c-{i}", "A": "b c"}
+
+
+async def test_an_empty_payload_and_a_header_value_with_a_newline(nc: NATS) -> None:
+    pub = Publisher(nc)
+    got, done = await collect(nc, "fp.edge", 2)
+    await pub.publish("fp.edge")
+    await pub.publish("fp.edge", b"x", headers={"K": "one\ntwo"})   # goes through Client.publish, cleaned
+    await asyncio.wait_for(done.wait(), 5)
+    assert got[0].data == b"" and not got[0].headers
+    assert got[1].data == b"x" and got[1].headers is not None and "\n" not in got[1].headers["K"]
+
+
+async def test_a_closed_connection_raises_as_client_publish_does(nats_server: EmbeddedServer) -> None:
+    conn = await nats.connect(nats_server.url)
+    pub = Publisher(conn)
+    await conn.close()
+    with pytest.raises(nats.errors.ConnectionClosedError):
+        await pub.publish("fp.closed", b"x")
+
+
+async def test_a_publish_while_reconnecting_is_sent_once_the_server_is_back(nats_server: EmbeddedServer) -> None:
+    conn = await nats.connect(nats_server.url, reconnect_time_wait=0.05, max_reconnect_attempts=-1)
+    try:
+        js = conn.jetstream()
+        await js.add_stream(name="FP", subjects=["fp.kept"])
+        pub = Publisher(conn)
+        await nats_server.stop()
+        while conn.is_connected:
+            await asyncio.sleep(0.01)
+        await pub.publish("fp.kept", b"late")   # buffered by the client, as Client.publish does
+        await nats_server.start()
+        while not conn.is_connected:
+            await asyncio.sleep(0.01)
+        await conn.flush()
+        msg = await js.get_last_msg("FP", "fp.kept")
+        assert msg.data == b"late"
+    finally:
+        await conn.close()
