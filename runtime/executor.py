@@ -134,12 +134,18 @@ class Executor:
 
     async def _succeed(self, inv: Invocation, manifest: FunctionManifest, body: bytes,
                        response: Response | None = None) -> None:
-        response = response or Response.success(inv.call_id, body, codec.CONTENT_TYPES[manifest.encoding])
         if manifest.output is not None:
             await self._emit(inv, manifest, manifest.output, body)
-        if inv.reply_to:
-            await self.outbox.answer(inv.reply_to, response)
-        if should_store(manifest, inv):
+        reply_to = inv.reply_to
+        store = should_store(manifest, inv)
+        if not (reply_to or store):
+            if not self.pub.send(inv.msg.reply, ACK):
+                await self.nc.publish(inv.msg.reply, ACK)
+            return
+        response = response or Response.success(inv.call_id, body, codec.CONTENT_TYPES[manifest.encoding])
+        if reply_to:
+            await self.outbox.answer(reply_to, response)
+        if store:
             # Acked only once the outcome is kept (a full store delays the ack, it never loses a result),
             # unless nobody holds the call's id: then the write just goes ahead of the ack.
             await self.outbox.store_then_ack(response, inv.msg.reply, confirm=caller_holds_id(inv))

@@ -46,10 +46,12 @@ class Publisher:
     async def publish(self, subject: str, payload: bytes = b"", reply: str = "",
                       headers: Mapping[str, str] | None = None) -> None:
         """Publish like ``Client.publish``; raises what it raises when the connection is not up."""
-        if not self._write(subject, payload, reply, headers):
+        if not self.send(subject, payload, reply, headers):
             await self.nc.publish(subject, payload, reply=reply, headers=dict(headers) if headers else None)
 
-    def _write(self, subject: str, payload: bytes, reply: str, headers: Mapping[str, str] | None) -> bool:
+    def send(self, subject: str, payload: bytes = b"", reply: str = "",
+             headers: Mapping[str, str] | None = None) -> bool:
+        """Publish without waiting; False if it cannot be done so (then ``Client.publish`` must)."""
         nc: Any = self.nc
         if not self.direct or nc._status != self._connected or len(payload) > nc.max_payload:
             return False
@@ -65,7 +67,7 @@ class Publisher:
                                               len(block) + len(payload))
             command = line + block + payload + _CRLF
         else:
-            command = b"PUB %s %s %d\r\n" % (subject.encode(), reply.encode(), len(payload)) + payload + _CRLF
+            command = f"PUB {subject} {reply} {len(payload)}\r\n".encode() + payload + _CRLF
         if nc._max_pending_size > 0 and nc._pending_data_size + len(command) > nc._max_pending_size:
             return False   # Client.publish flushes first, waiting for room
         nc._pending.append(command)
