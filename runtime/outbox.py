@@ -152,7 +152,7 @@ class Outbox:
                             extra=call_fields(call_id=response.call_id))
             return
         try:
-            await self.nc.publish(reply, response.body, headers=response.headers)
+            await self.pub.publish(reply, response.body, headers=response.headers)
         except Exception as exc:  # the caller misses the answer; the outcome is still stored
             log.warning("could not answer call %s: %s", response.call_id, exc,
                         extra=call_fields(call_id=response.call_id))
