@@ -10,11 +10,16 @@ from typing import Generic, TypeVar
 
 T = TypeVar("T")
 
-# Items a worker runs in a row without waiting before it lets the event loop run once. Until
-# then nothing else runs: the connection does not write the acks the burst published, and the
-# pull request for the next invocations waits for the end of the burst, leaving the runtime
-# idle while the server answers it. 16 measured best on a no-op function (8 to 32 tried).
-YIELD_EVERY = 16
+# How many items a worker runs in a row without waiting before it lets the event loop run once:
+# until then nothing else runs, so the connection does not write the acks the burst published and
+# the pull request for the next invocations waits for the end of the burst, leaving the runtime
+# idle while the server answers it. An eighth of the pool (the dispatcher asks again once a quarter
+# of its slots are free), at least 16: measured best on a no-op function at 100 and 512 slots.
+YIELD_MIN = 16
+
+
+def yield_every(size: int) -> int:
+    return max(YIELD_MIN, size // 8)
 
 
 class WorkerPool(Generic[T]):
@@ -22,7 +27,7 @@ class WorkerPool(Generic[T]):
 
     A worker drains the queue for as long as what it runs does not wait: a burst of handlers
     that return without waiting runs in one worker, with no task switch per item (it only lets
-    the loop run once every ``YIELD_EVERY`` items). More workers
+    the loop run once every ``yield_every(size)`` items). More workers
     are woken only once the running ones are seen waiting with items still queued (``_balance``
     runs as a loop callback, so between task steps), and then one per queued item.
     """
@@ -30,6 +35,7 @@ class WorkerPool(Generic[T]):
     def __init__(self, process: Callable[[T], Awaitable[None]], size: int, name: str = "pool") -> None:
         self.process = process
         self.size = size
+        self._yield_every = yield_every(size)
         self.name = name
         self.queue: deque[T] = deque()
         self.running = 0
@@ -47,6 +53,7 @@ class WorkerPool(Generic[T]):
 
     def resize(self, size: int) -> None:
         self.size = size
+        self._yield_every = yield_every(size)
 
     @property
     def busy(self) -> int:
@@ -92,7 +99,7 @@ class WorkerPool(Generic[T]):
                 finally:
                     self.running -= 1
                 streak += 1
-                if streak >= YIELD_EVERY and self.queue:
+                if streak >= self._yield_every and self.queue:
                     streak = 0
                     await self._step_aside()
             if self.running == 0:
