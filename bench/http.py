@@ -5,7 +5,8 @@ and out, results stored) on a private nats-server; this process calls it with ``
 callers at a time, either through the HTTP gateway (one aiohttp session, a connection per
 caller) or with ``Client.invoke`` on its own NATS connection. Each rep runs both contenders
 (alternating which goes first) for ``-n`` calls; calls/s and p50/p99 latency are their medians
-over the reps, with the spread (max - min) of calls/s. Prints one JSON line.
+over the reps, with the spread (max - min) of calls/s, and the CPU time each process (the runtime,
+nats-server, and this one: the load generator) spent per call, read from /proc. Prints one JSON line.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -24,7 +26,7 @@ from typing import Any
 
 import aiohttp
 
-from bench.common import ROOT, log, percentile, private_server
+from bench.common import ROOT, cpu_seconds, log, percentile, private_server
 from runtime import Client
 from runtime.loop import run
 from runtime.server import free_port
@@ -35,8 +37,12 @@ BODY = json.dumps({"name": "bench"}).encode()
 Call = Callable[[], Awaitable[Any]]
 
 
-async def measure(call: Call, n: int, concurrency: int) -> tuple[float, list[float]]:
-    """Calls per second and every call's latency (ms) for ``n`` calls, ``concurrency`` at a time."""
+async def measure(call: Call, n: int, concurrency: int, pids: dict[str, int] | None = None
+                  ) -> tuple[float, list[float], dict[str, float]]:
+    """Calls per second and every call's latency (ms) for ``n`` calls, ``concurrency`` at a time,
+    and the CPU time (µs per call) each process of ``pids`` spent meanwhile."""
+    pids = pids or {}
+    before = {name: cpu_seconds(pid) for name, pid in pids.items()}
     remaining = n
     latencies: list[float] = []
     clock = time.perf_counter
@@ -51,7 +57,9 @@ async def measure(call: Call, n: int, concurrency: int) -> tuple[float, list[flo
 
     started = clock()
     await asyncio.gather(*(caller() for _ in range(concurrency)))
-    return n / (clock() - started), latencies
+    rate = n / (clock() - started)
+    cpu = {name: (cpu_seconds(pid) - before[name]) * 1e6 / n for name, pid in pids.items()}
+    return rate, latencies, cpu
 
 
 async def wait_serving(call: Call, proc: subprocess.Popen[bytes], logfile: Path) -> None:
@@ -72,6 +80,7 @@ async def main_bench(args: argparse.Namespace) -> dict[str, Any]:
     rates: dict[str, list[float]] = {"http": [], "invoke": []}
     p50s: dict[str, list[float]] = {"http": [], "invoke": []}
     p99s: dict[str, list[float]] = {"http": [], "invoke": []}
+    cpus: dict[str, list[dict[str, float]]] = {"http": [], "invoke": []}
     address = f"127.0.0.1:{free_port()}"
     try:
         with tempfile.TemporaryDirectory(prefix="bench-http-") as tmp:
@@ -102,10 +111,14 @@ async def main_bench(args: argparse.Namespace) -> dict[str, Any]:
                     await wait_serving(post, proc, logfile)
                     for call in calls.values():   # warm up
                         await measure(call, 1000, args.concurrency)
+                    # The callers' process is the load generator: an HTTP client costs it more per call.
+                    assert server.proc is not None
+                    pids = {"runtime": proc.pid, "nats_server": server.proc.pid, "load_generator": os.getpid()}
                     for rep in range(args.reps):
                         order = list(calls) if rep % 2 == 0 else list(reversed(calls))
                         for name in order:
-                            rate, latencies = await measure(calls[name], args.n, args.concurrency)
+                            rate, latencies, cpu = await measure(calls[name], args.n, args.concurrency, pids)
+                            cpus[name].append(cpu)
                             rates[name].append(rate)
                             p50s[name].append(percentile(latencies, 0.5))
                             p99s[name].append(percentile(latencies, 0.99))
@@ -119,7 +132,9 @@ async def main_bench(args: argparse.Namespace) -> dict[str, Any]:
     summary = {k: {"calls_per_s": round(statistics.median(rates[k])),
                    "calls_per_s_spread": round(max(rates[k]) - min(rates[k])),
                    "p50_ms": round(statistics.median(p50s[k]), 3),
-                   "p99_ms": round(statistics.median(p99s[k]), 3)} for k in rates}
+                   "p99_ms": round(statistics.median(p99s[k]), 3),
+                   "cpu_us_per_call": {p: round(statistics.median(c[p] for c in cpus[k])) for p in cpus[k][0]}}
+               for k in rates}
     rate = summary["http"]["calls_per_s"] / summary["invoke"]["calls_per_s"]
     p50 = summary["http"]["p50_ms"] / summary["invoke"]["p50_ms"]
     return {
