@@ -1,8 +1,9 @@
 """Result caching (manifest ``cache: {ttl: 1h}``): a call whose input equals that of an earlier
 successful call, within the TTL, is answered with that call's result without running the function.
 
-Entries live in the KV bucket ``fn_cache`` under ``<function>.<sha256 hex of content type and
-body>``. Each is written with a message TTL (``Nats-TTL``), so the server removes it when it
+Entries live in the KV bucket ``fn_cache`` under ``<function>.<sha256 hex of the handler's code
+digest, content type and body>``: a deploy of a new version of the handler's module starts
+afresh. Each is written with a message TTL (``Nats-TTL``), so the server removes it when it
 expires: one bucket serves functions with different TTLs, and nothing needs sweeping. A read
 also checks the entry's age (the server's timestamp of the write) against the function's
 current TTL, because the server removes expired messages on its own schedule, a little late,
@@ -41,10 +42,10 @@ BYPASS = "bypass"  # Fn-Cache on a call: run it whatever the cache holds
 _throttle = Throttle()
 
 
-def cache_key(function: str, content_type: str | None, body: bytes) -> str:
-    """The key of an input: the function, then the SHA-256 of its content type and bytes."""
-    digest = hashlib.sha256((content_type or codec.JSON).encode())
-    digest.update(b"\n")
+def cache_key(function: str, content_type: str | None, body: bytes, code: str = "") -> str:
+    """The key of an input: the function, then the SHA-256 of the handler's code digest (see
+    ``loader.Handler.code``: a new version of the module starts afresh), the content type and bytes."""
+    digest = hashlib.sha256(f"{code}\n{content_type or codec.JSON}\n".encode())
     digest.update(body)
     return f"{function}.{digest.hexdigest()}"
 
@@ -54,13 +55,13 @@ def bypassed(inv: Invocation) -> bool:
     return inv.headers.get(H.CACHE, "").strip().lower() == BYPASS
 
 
-async def answer(js: JetStreamContext, manifest: FunctionManifest, inv: Invocation) -> Response | None:
+async def answer(js: JetStreamContext, manifest: FunctionManifest, inv: Invocation, code: str = "") -> Response | None:
     """The answer to ``inv`` from the cache (``Fn-Cache: hit``); None if it holds no live entry for
-    its input, or the caller bypasses it."""
+    its input and the handler's ``code``, or the caller bypasses it."""
     assert manifest.cache is not None
     if bypassed(inv):
         return None
-    subject = kv_subject(CACHE_BUCKET, cache_key(manifest.name, inv.content_type, inv.msg.data))
+    subject = kv_subject(CACHE_BUCKET, cache_key(manifest.name, inv.content_type, inv.msg.data, code))
     try:
         stored = await js.get_msg(kv_stream(CACHE_BUCKET), subject=subject, direct=True)
     except NotFoundError:
@@ -77,10 +78,11 @@ async def answer(js: JetStreamContext, manifest: FunctionManifest, inv: Invocati
         H.CALL_ID: inv.call_id, H.CONTENT_TYPE: hdrs.get(H.CONTENT_TYPE, codec.JSON), H.CACHE: HIT})
 
 
-async def keep(js: JetStreamContext, manifest: FunctionManifest, inv: Invocation, result: bytes) -> None:
-    """Store a successful result of ``inv`` for the function's cache TTL."""
+async def keep(js: JetStreamContext, manifest: FunctionManifest, inv: Invocation, result: bytes,
+               code: str = "") -> None:
+    """Store a successful result of ``inv`` (run by the handler's ``code``) for the function's cache TTL."""
     assert manifest.cache is not None
-    subject = kv_subject(CACHE_BUCKET, cache_key(manifest.name, inv.content_type, inv.msg.data))
+    subject = kv_subject(CACHE_BUCKET, cache_key(manifest.name, inv.content_type, inv.msg.data, code))
     headers = {H.CONTENT_TYPE: codec.CONTENT_TYPES[manifest.encoding],
                H.MSG_TTL: f"{math.ceil(manifest.cache.ttl)}s"}
     try:

@@ -98,7 +98,7 @@ class Executor:
             self.stats.record(outcome_of(refused), None, inv.delivered)
             await self.fail_for_good(inv, refused.reason, refused.error, manifest)
             return
-        if manifest.cache is not None and (hit := await cache.answer(self.js, manifest, inv)) is not None:
+        if manifest.cache is not None and (hit := await cache.answer(self.js, manifest, inv, handler.code)) is not None:
             self.stats.record(outcome_of(Ack()), None, inv.delivered)
             await self._succeed(inv, manifest, hit.body, hit)
             return
@@ -125,7 +125,7 @@ class Executor:
         self.stats.record(outcome_of(decision), started, inv.delivered)
         if isinstance(decision, Ack):
             if manifest.cache is not None:
-                await cache.keep(self.js, manifest, inv, body)
+                await cache.keep(self.js, manifest, inv, body, handler.code)
             await self._succeed(inv, manifest, body)
         elif isinstance(decision, RetryAfter):
             await self._retry(inv, manifest, decision)

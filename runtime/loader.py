@@ -11,13 +11,14 @@ Importing runs the author's module code, which may call ``sys.exit()`` or ``os._
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import inspect
 import os
 import sys
 import typing
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -47,6 +48,7 @@ class Handler:
     decoder: InputDecoder
     module_file: str | None
     module_mtime: float | None
+    code: str = ""   # digest of the module file as loaded ("" without a file): a new version differs
 
 
 def ensure_on_path(root: str | Path) -> None:
@@ -124,7 +126,7 @@ def _load(spec: str, module_name: str, attr_path: str, reload: bool) -> Handler:
     if not callable(target):
         raise LoadError(f"{spec!r} is not callable")
     file, mtime = _module_mtime(module)
-    return inspect_handler(spec, target, file, mtime)
+    return replace(inspect_handler(spec, target, file, mtime), code=_code_of(module_name, file))
 
 
 def _import(module_name: str, reload: bool) -> ModuleType:
@@ -133,9 +135,13 @@ def _import(module_name: str, reload: bool) -> ModuleType:
         if module is not None and not reload:
             return module
         importlib.invalidate_caches()  # the file may be newer than this process's directory caches
+        _CODES.pop(module_name, None)
         if module is not None:
-            return importlib.reload(module)
-        return importlib.import_module(module_name)
+            module = importlib.reload(module)
+        else:
+            module = importlib.import_module(module_name)
+        _code_of(module_name, getattr(module, "__file__", None))   # the source just run, before it changes
+        return module
     except BaseException as exc:  # SystemExit and KeyboardInterrupt too: a module must not end the process
         raise LoadError(cannot_import(module_name, describe_import_failure(exc))) from None
 
@@ -151,6 +157,23 @@ def _module_mtime(module: ModuleType) -> tuple[str | None, float | None]:
         return path, os.stat(path).st_mtime
     except OSError:
         return path, None
+
+
+# Module name -> digest of its source file when this process last imported it (see Handler.code).
+_CODES: dict[str, str] = {}
+
+
+def _code_of(module_name: str, path: str | None) -> str:
+    if module_name not in _CODES:
+        digest = ""
+        if path:
+            try:
+                with open(path, "rb") as f:
+                    digest = hashlib.sha256(f.read()).hexdigest()[:16]
+            except OSError:
+                pass   # no source to tell versions apart: the function's entries are shared
+        _CODES[module_name] = digest
+    return _CODES[module_name]
 
 
 def _positional(sig: inspect.Signature) -> list[inspect.Parameter]:

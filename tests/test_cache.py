@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,6 +16,7 @@ from nats.aio.msg import Msg
 from runtime import Client, FunctionError, codec
 from runtime.cache import cache_key
 from runtime.errors import ManifestError
+from runtime.loader import load_handler
 from runtime.manifest import parse_manifest
 from runtime.server import EmbeddedServer
 
@@ -102,7 +105,8 @@ async def test_after_the_ttl_the_function_runs_again(runtime: RuntimeFactory, nc
 async def test_entries_carry_a_message_ttl_so_the_server_removes_them(runtime: RuntimeFactory, nc: NATS) -> None:
     await runtime(cached=CACHED.format(ttl="90m"))
     await Caller(nc)({"text": "a"})
-    key = cache_key("cached", None, codec.encode({"text": "a"}))
+    code = load_handler("tests.handlers.limits:computed").code
+    key = cache_key("cached", None, codec.encode({"text": "a"}), code)
     stored = await nc.jetstream().get_msg("KV_fn_cache", subject=f"$KV.fn_cache.{key}", direct=True)
     assert (stored.headers or {})["Nats-TTL"] == "5400s"
 
@@ -114,6 +118,45 @@ def test_the_key_is_the_function_and_a_digest_of_content_type_and_body() -> None
     assert cache_key("report", None, b'{"text": "a"}') == key, "JSON when the call does not say"
     assert cache_key("report", "application/msgpack", b'{"text": "a"}') != key
     assert cache_key("other", "application/json", b'{"text": "a"}') != key
+    assert cache_key("report", "application/json", b'{"text": "a"}', code="0123abcd") != key, "another version"
+
+
+VERSIONED = """\
+VERSION = {version}
+
+
+async def main(event: dict) -> dict:
+    return {{"version": VERSION, "text": event["text"]}}
+"""
+
+
+async def test_a_new_version_of_the_handler_is_not_answered_from_the_old_ones_cache(
+        runtime_process: Callable[..., Any], manifest_dir: Callable[..., Path], tmp_path: Path,
+        nats_server: EmbeddedServer) -> None:
+    code = tmp_path / "code"
+    code.mkdir()
+    module = code / "cachever.py"
+    manifests = manifest_dir(cachever="name: cachever\nhandler: cachever:main\ncache: {ttl: 1h}\n")
+    env = {"PYTHONPATH": str(code), "RUNTIME_TRUST": "cachever", "PYTHONDONTWRITEBYTECODE": "1"}
+
+    async def serve_and_call(times: int) -> list[tuple[Any, str | None]]:
+        proc = runtime_process(manifests, env=env)
+        try:
+            await proc.wait_ready()
+            async with Client(nats_server.url) as fn:
+                answers = []
+                for _ in range(times):
+                    response = await fn.invoke_response("cachever", {"text": "a"}, timeout=10)
+                    answers.append((response.value(), response.headers.get("Fn-Cache")))
+                return answers
+        finally:
+            proc.stop()
+
+    module.write_text(VERSIONED.format(version=1))
+    assert await serve_and_call(2) == [({"version": 1, "text": "a"}, None), ({"version": 1, "text": "a"}, "hit")]
+    assert await serve_and_call(1) == [({"version": 1, "text": "a"}, "hit")], "the same code: still cached"
+    module.write_text(VERSIONED.format(version=22))
+    assert await serve_and_call(2) == [({"version": 22, "text": "a"}, None), ({"version": 22, "text": "a"}, "hit")]
 
 
 @pytest.mark.parametrize("cache,problem", [
