@@ -168,8 +168,8 @@ class Registry:
         return results
 
     async def _drop_removed_triggers(self, manifest: FunctionManifest) -> None:
-        """A trigger taken out of a function's manifest is gone for good: its consumer goes, and the
-        events kept for it with it. (Undeploying keeps them, for a redeploy.)"""
+        """A trigger taken out of a function's manifest (by a deploy or a rollback) is gone for good:
+        its consumer goes, and the events kept for it with it. (Undeploying keeps them, for a redeploy.)"""
         current = await self.get(manifest.name)
         if current is None or not isinstance(current.manifest, FunctionManifest):
             return
@@ -285,6 +285,7 @@ class Registry:
                                   change=ROLLED_BACK, changed=tuple(changed), restored=target.revision)
             if isinstance(manifest, FunctionManifest):
                 await ensure_consumer(self.js, manifest)
+                await self._drop_removed_triggers(manifest)
                 await triggers.bind(self.js, with_triggers(manifest, (await self.standalone_triggers()).values()))
             elif isinstance(manifest, TriggerManifest):
                 await self._bind_standalone(manifest)

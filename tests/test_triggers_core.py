@@ -150,6 +150,18 @@ async def test_a_trigger_taken_out_of_its_manifest_loses_its_consumer(js: JetStr
     with pytest.raises(NotFoundError):
         await js.consumer_info(TRIGGERS_STREAM, "fn_audit_ON_refunds-any")
 
+    # A rollback is a deploy of an older revision: the trigger it brings back is bound again, and
+    # one the restored revision does not have loses its consumer the same way.
+    await registry.rollback("audit")
+    await js.consumer_info(TRIGGERS_STREAM, "fn_audit_ON_refunds-any")
+    await registry.deploy(manifest_set("refunds.*"))
+    await registry.rollback("audit", to=1)
+    await js.consumer_info(TRIGGERS_STREAM, "fn_audit_ON_orders-all")
+    await registry.rollback("audit", to=2)
+    with pytest.raises(NotFoundError):
+        await js.consumer_info(TRIGGERS_STREAM, "fn_audit_ON_refunds-any")
+    await js.consumer_info(TRIGGERS_STREAM, "fn_audit_ON_orders-all")
+
 
 async def test_an_events_outcome_is_not_stored_unless_the_function_stores_every_one(
         runtime: Any, nc: NATS, js: JetStreamContext) -> None:
