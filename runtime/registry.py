@@ -11,6 +11,7 @@ entries of each key; an undeploy is one of them.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import re
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -154,6 +155,7 @@ class Registry:
         items: list[Manifest] = [*manifests.functions.values(), *manifests.schedules.values(),
                                  *manifests.triggers.values()]
         standalone = [*manifests.triggers.values(), *(await self.standalone_triggers()).values()]
+        await self._check_loops(manifests, standalone)
         for manifest in items:
             key = registry_key(manifest)
             code = module_digest(manifest.handler) if isinstance(manifest, FunctionManifest) else None
@@ -166,6 +168,18 @@ class Registry:
                 await self._bind_standalone(manifest, manifests)
             results.append(await self._deploy_one(key, Deployment(manifest, code, source=source)))
         return results
+
+    async def _check_loops(self, manifests: ManifestSet, standalone: list[TriggerManifest]) -> None:
+        """Refuse a deploy after which functions would trigger each other through their outputs for ever."""
+        functions = {dep.manifest.name: dep.manifest for dep in (await self.all()).values()
+                     if isinstance(dep.manifest, FunctionManifest)}
+        functions.update(manifests.functions)
+        merged = {t.name: t for t in standalone}   # the deploy's own first: they replace deployed ones
+        cycle = triggers.output_loop([with_triggers(f, merged.values()) for f in functions.values()])
+        if cycle is not None:
+            steps = "; ".join(f"{a}'s output {functions[a].output} triggers {b}" for a, b in itertools.pairwise(cycle))
+            raise RegistryError(f"functions {' -> '.join(cycle)} would trigger each other without end ({steps}): "
+                                "change an output or a trigger subject")
 
     async def _drop_removed_triggers(self, manifest: FunctionManifest) -> None:
         """A trigger taken out of a function's manifest (by a deploy or a rollback) is gone for good:

@@ -80,6 +80,38 @@ def parse_consumer(name: str) -> tuple[str, str] | None:
     return (function, trigger) if function and trigger else None
 
 
+def output_loop(functions: list[FunctionManifest]) -> list[str] | None:
+    """A cycle of functions each of whose ``output`` triggers the next (``[a, b, a]``), or None.
+
+    Every result of a function with an ``output`` is published there, so such a cycle would run
+    for ever once one event entered it. ``functions`` carry all their triggers (standalone ones
+    merged, see ``manifest.with_triggers``); a function triggering itself is refused by its manifest.
+    """
+    by_name = {f.name: f for f in functions}
+    following = {f.name: sorted(g.name for g in functions if g.name != f.name and f.output
+                                and any(overlaps(t.subject, f.output) for t in g.triggers))
+                 for f in functions}
+    done: set[str] = set()
+
+    def visit(name: str, path: list[str]) -> list[str] | None:
+        if name in path:
+            return [*path[path.index(name):], name]
+        if name in done:
+            return None
+        for nxt in following[name]:
+            found = visit(nxt, [*path, name])
+            if found is not None:
+                return found
+        done.add(name)
+        return None
+
+    for name in sorted(by_name):
+        cycle = visit(name, [])
+        if cycle is not None:
+            return cycle
+    return None
+
+
 def triggers_stream_config(subjects: list[str], replicas: int | None = 1) -> StreamConfig:
     return StreamConfig(
         name=TRIGGERS_STREAM,

@@ -181,3 +181,23 @@ async def test_a_trigger_bound_to_a_users_stream_by_its_subject_is_found_there(
     row = (await listed(nats_server))[("refunder", "refunds-issued")]
     assert (row["stream"], row["status"], row["backlog"]) == ("REFUNDS", "bound", 2)
     assert (await js.stream_info("REFUNDS")).state.messages == 2   # the user's stream keeps its events
+
+
+async def test_a_deploy_that_closes_a_loop_of_outputs_is_refused_in_one_line(
+        nats_server: EmbeddedServer, nc: NATS, manifest_dir: Callable[..., Path]) -> None:
+    # billing's output billing.done triggers notify, whose output orders.refund is under audit's
+    # orders.>; audit's output would close the loop through billing's orders.created.
+    notify = "name: notify\nhandler: tests.handlers.events:audit\ntriggers:\n  - subject: billing.done\n" \
+             "output: orders.refund\n"
+    await ok(nats_server, "deploy", str(manifest_dir(billing=BILLING, notify=notify)))
+    closing = AUDIT.replace("orders.>", "orders.refund") + "output: orders.created\n"
+    result = await cli(nats_server, "deploy", str(manifest_dir(audit=closing)))
+    assert result.returncode != 0 and result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr
+    assert "audit -> billing -> notify -> audit would trigger each other without end" in lines[0]
+    assert "audit's output orders.created triggers billing" in lines[0]
+    listed = json.loads(await ok(nats_server, "ls", "--json"))
+    assert "audit" not in json.dumps(listed), "nothing of the refused deploy is stored"
+    # Without the closing output, the same function deploys.
+    await ok(nats_server, "deploy", str(manifest_dir(audit=AUDIT.replace("orders.>", "orders.refund"))))

@@ -473,3 +473,19 @@ def test_a_standalone_trigger_on_its_functions_output_is_refused(tmp_path: Path)
     assert caught.value.path.endswith("refunds.yaml")
     [(field, message)] = caught.value.problems
     assert field == "subject" and "audit.logged" in message and "without end" in message
+
+
+def _fn(name: str, subjects: str = "", output: str | None = None) -> FunctionManifest:
+    return FunctionManifest(name=name, handler="tests.handlers.events:audit", output=output,
+                            triggers=[TriggerSpec(subject=s) for s in subjects.split()])
+
+
+def test_a_loop_of_outputs_is_found_however_long() -> None:
+    from runtime.triggers import output_loop
+
+    assert output_loop([_fn("a", "x.in", "y.in"), _fn("b", "y.*", "z.in"), _fn("c", "z.>", "x.in")]) == \
+        ["a", "b", "c", "a"]
+    assert output_loop([_fn("a", "x.in", "y.in"), _fn("b", "y.*", "z.in"), _fn("c", "z.>")]) is None
+    assert output_loop([_fn("a", "x.in", "y.in"), _fn("b", "y.in", "x.in"), _fn("lone", "q.in")]) == ["a", "b", "a"]
+    assert output_loop([_fn("a", "", "y.in"), _fn("b", "y.in", "x.in")]) is None, "a has no trigger: no loop"
+    assert output_loop([]) is None
