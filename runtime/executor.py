@@ -26,7 +26,6 @@ from . import headers as H
 from .context import Context
 from .deadletter import dead_letter_headers, record_error, write_dead_letter
 from .errors import InvocationError
-from .fastpub import Publisher
 from .invocation import Invocation
 from .loader import Handler
 from .logs import InvocationLogger, fields
@@ -53,7 +52,7 @@ class Executor:
         self.handler = handler
         self.threads = threads
         self.outbox = outbox
-        self.pub = Publisher(nc)
+        self.pub = outbox.pub   # one per connection
         self.logger = logging.getLogger(f"runtime.fn.{manifest.name}")
         # Running attempts and their deadlines. One watchdog enforces them all: cheaper than
         # a timer per invocation on the hot path. It sleeps until the earliest deadline and is
@@ -138,19 +137,16 @@ class Executor:
             await self._emit(inv, manifest, manifest.output, body)
         reply_to = inv.reply_to
         store = should_store(manifest, inv)
-        if not (reply_to or store):
-            if not self.pub.send(inv.msg.reply, ACK):
-                await self.nc.publish(inv.msg.reply, ACK)
-            return
-        response = response or Response.success(inv.call_id, body, codec.CONTENT_TYPES[manifest.encoding])
-        if reply_to:
-            await self.outbox.answer(reply_to, response)
-        if store:
-            # Acked only once the outcome is kept (a full store delays the ack, it never loses a result),
-            # unless nobody holds the call's id: then the write just goes ahead of the ack.
-            await self.outbox.store_then_ack(response, inv.msg.reply, confirm=caller_holds_id(inv))
-        else:
-            await self.pub.publish(inv.msg.reply, ACK)
+        if reply_to or store:   # a call nobody waits on is acked without building its response
+            response = response or Response.success(inv.call_id, body, codec.CONTENT_TYPES[manifest.encoding])
+            if reply_to:
+                await self.outbox.answer(reply_to, response)
+            if store:
+                # Acked only once the outcome is kept (a full store delays the ack, it never loses a
+                # result), unless nobody holds the call's id: then the write just goes ahead of the ack.
+                await self.outbox.store_then_ack(response, inv.msg.reply, confirm=caller_holds_id(inv))
+                return
+        await self.pub.publish(inv.msg.reply, ACK)
 
     async def _retry(self, inv: Invocation, manifest: FunctionManifest, decision: RetryAfter) -> None:
         self.logger.warning("attempt %d/%d of %s failed, retrying in %gs: %s", inv.delivered,

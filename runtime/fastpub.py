@@ -46,12 +46,11 @@ class Publisher:
     async def publish(self, subject: str, payload: bytes = b"", reply: str = "",
                       headers: Mapping[str, str] | None = None) -> None:
         """Publish like ``Client.publish``; raises what it raises when the connection is not up."""
-        if not self.send(subject, payload, reply, headers):
+        if not self._write(subject, payload, reply, headers):
             await self.nc.publish(subject, payload, reply=reply, headers=dict(headers) if headers else None)
 
-    def send(self, subject: str, payload: bytes = b"", reply: str = "",
-             headers: Mapping[str, str] | None = None) -> bool:
-        """Publish without waiting; False if it cannot be done so (then ``Client.publish`` must)."""
+    def _write(self, subject: str, payload: bytes, reply: str, headers: Mapping[str, str] | None) -> bool:
+        """Append the message to the outgoing buffer; False if it cannot be (``Client.publish`` must)."""
         nc: Any = self.nc
         if not self.direct or nc._status != self._connected or len(payload) > nc.max_payload:
             return False
