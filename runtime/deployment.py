@@ -46,10 +46,13 @@ def find_module_file(module: str) -> str | None:
 def module_digest(handler: str) -> str | None:
     """sha256 of the handler module's source file, or None if it has no file."""
     origin = find_module_file(handler.partition(":")[0])
-    if origin is None:
-        return None
+    return None if origin is None else source_digest(origin)
+
+
+def source_digest(path: str) -> str | None:
+    """``sha256:<16 hex>`` of the file at ``path``, or None if it cannot be read."""
     try:
-        with open(origin, "rb") as f:
+        with open(path, "rb") as f:
             return "sha256:" + hashlib.sha256(f.read()).hexdigest()[:16]
     except OSError:
         return None

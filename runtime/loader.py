@@ -11,7 +11,6 @@ Importing runs the author's module code, which may call ``sys.exit()`` or ``os._
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import inspect
 import os
@@ -25,6 +24,7 @@ from typing import Any
 
 from .codec import InputDecoder
 from .context import Context
+from .deployment import source_digest
 from .errors import LoadError
 
 # The import check's public names are part of this module's API too (``as`` marks them re-exported).
@@ -165,14 +165,8 @@ _CODES: dict[str, str] = {}
 
 def _code_of(module_name: str, path: str | None) -> str:
     if module_name not in _CODES:
-        digest = ""
-        if path:
-            try:
-                with open(path, "rb") as f:
-                    digest = hashlib.sha256(f.read()).hexdigest()[:16]
-            except OSError:
-                pass   # no source to tell versions apart: the function's entries are shared
-        _CODES[module_name] = digest
+        # Without a source to tell versions apart, the function's cache entries are shared.
+        _CODES[module_name] = (source_digest(path) if path else None) or ""
     return _CODES[module_name]
 
 
