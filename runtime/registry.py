@@ -154,8 +154,9 @@ class Registry:
         results = []
         items: list[Manifest] = [*manifests.functions.values(), *manifests.schedules.values(),
                                  *manifests.triggers.values()]
-        standalone = [*manifests.triggers.values(), *(await self.standalone_triggers()).values()]
-        await self._check_loops(manifests, standalone)
+        deployed = await self.all()
+        standalone = [*manifests.triggers.values(), *_standalone(deployed).values()]
+        _check_loops(deployed, manifests, standalone)
         for manifest in items:
             key = registry_key(manifest)
             code = module_digest(manifest.handler) if isinstance(manifest, FunctionManifest) else None
@@ -168,18 +169,6 @@ class Registry:
                 await self._bind_standalone(manifest, manifests)
             results.append(await self._deploy_one(key, Deployment(manifest, code, source=source)))
         return results
-
-    async def _check_loops(self, manifests: ManifestSet, standalone: list[TriggerManifest]) -> None:
-        """Refuse a deploy after which functions would trigger each other through their outputs for ever."""
-        functions = {dep.manifest.name: dep.manifest for dep in (await self.all()).values()
-                     if isinstance(dep.manifest, FunctionManifest)}
-        functions.update(manifests.functions)
-        merged = {t.name: t for t in standalone}   # the deploy's own first: they replace deployed ones
-        cycle = triggers.output_loop([with_triggers(f, merged.values()) for f in functions.values()])
-        if cycle is not None:
-            steps = "; ".join(f"{a}'s output {functions[a].output} triggers {b}" for a, b in itertools.pairwise(cycle))
-            raise RegistryError(f"functions {' -> '.join(cycle)} would trigger each other without end ({steps}): "
-                                "change an output or a trigger subject")
 
     async def _drop_removed_triggers(self, manifest: FunctionManifest) -> None:
         """A trigger taken out of a function's manifest (by a deploy or a rollback) is gone for good:
@@ -194,8 +183,7 @@ class Registry:
 
     async def standalone_triggers(self) -> dict[str, TriggerManifest]:
         """The deployed ``kind: Trigger`` manifests, by name."""
-        return {dep.manifest.name: dep.manifest for dep in (await self.all()).values()
-                if isinstance(dep.manifest, TriggerManifest)}
+        return _standalone(await self.all())
 
     async def _bind_standalone(self, trigger: TriggerManifest, manifests: ManifestSet | None = None) -> None:
         """Bind a standalone trigger now, so that a deploy that cannot work says why at once."""
@@ -307,6 +295,26 @@ class Registry:
                 return DeployResult(name, manifest.kind, ROLLED_BACK, restored.revision, changed,
                                     restored=target.revision)
         raise RegistryError(f"{name!r} kept changing while it was rolled back; try again")
+
+
+def _standalone(deployments: dict[str, Deployment]) -> dict[str, TriggerManifest]:
+    return {dep.manifest.name: dep.manifest for dep in deployments.values()
+            if isinstance(dep.manifest, TriggerManifest)}
+
+
+def _check_loops(deployments: dict[str, Deployment], manifests: ManifestSet,
+                 standalone: list[TriggerManifest]) -> None:
+    """Refuse a deploy after which functions would trigger each other through their outputs for ever."""
+    functions = {dep.manifest.name: dep.manifest for dep in deployments.values()
+                 if isinstance(dep.manifest, FunctionManifest)}
+    functions.update(manifests.functions)
+    # ``standalone`` lists the deploy's own first: read last here, they replace the deployed ones.
+    merged = {t.name: t for t in reversed(standalone)}
+    cycle = triggers.output_loop([with_triggers(f, merged.values()) for f in functions.values()])
+    if cycle is not None:
+        steps = "; ".join(f"{a}'s output {functions[a].output} triggers {b}" for a, b in itertools.pairwise(cycle))
+        raise RegistryError(f"functions {' -> '.join(cycle)} would trigger each other without end ({steps}): "
+                            "change an output or a trigger subject")
 
 
 def deployed_set(functions: dict[str, FunctionManifest], schedules: dict[str, ScheduleManifest],

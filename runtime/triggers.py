@@ -87,7 +87,6 @@ def output_loop(functions: list[FunctionManifest]) -> list[str] | None:
     for ever once one event entered it. ``functions`` carry all their triggers (standalone ones
     merged, see ``manifest.with_triggers``); a function triggering itself is refused by its manifest.
     """
-    by_name = {f.name: f for f in functions}
     following = {f.name: sorted(g.name for g in functions if g.name != f.name and f.output
                                 and any(overlaps(t.subject, f.output) for t in g.triggers))
                  for f in functions}
@@ -105,7 +104,7 @@ def output_loop(functions: list[FunctionManifest]) -> list[str] | None:
         done.add(name)
         return None
 
-    for name in sorted(by_name):
+    for name in sorted(following):
         cycle = visit(name, [])
         if cycle is not None:
             return cycle
