@@ -43,11 +43,8 @@ async def prefill(js: JetStreamContext, subject: str, n: int, window: int = 1000
 
 
 def rss_peak_kb(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    return 0
+    """Peak resident memory (VmHWM), in kB."""
+    return _status_kb(pid, "VmHWM:")
 
 
 def cpu_seconds(pid: int) -> float:
@@ -59,9 +56,13 @@ def cpu_seconds(pid: int) -> float:
 
 def rss_kb(pid: int) -> int:
     """Resident memory now (VmRSS), in kB."""
+    return _status_kb(pid, "VmRSS:")
+
+
+def _status_kb(pid: int, field: str) -> int:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field):
                 return int(line.split()[1])
     return 0
 
