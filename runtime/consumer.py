@@ -20,6 +20,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from . import direct
 from . import headers as H
 from .loop import cancel_and_wait
 from .protocol import STATUS_CONFLICT, STATUS_HEARTBEAT, pull_subject
@@ -89,8 +90,7 @@ class PullFeed:
 
     async def start(self) -> None:
         self._inbox = self.nc.new_inbox()
-        self._sub = await self.nc.subscribe(self._inbox, cb=self._on_msg, pending_msgs_limit=-1,
-                                            pending_bytes_limit=-1)
+        self._sub = await direct.subscribe(self.nc, self._inbox, self._on_msg)
         self._pulling = True
         self._last_seen = time.monotonic()
         self._watchdog = asyncio.create_task(self._watch(), name=f"feed-watch-{self.consumer}")
@@ -143,7 +143,8 @@ class PullFeed:
             self.outstanding -= want
             log.warning("pull request for %s failed: %s", self.consumer, exc)
 
-    async def _on_msg(self, msg: Msg) -> None:
+    def _on_msg(self, msg: Msg) -> None:
+        # Called as the connection reads the message (runtime.direct): nothing here waits.
         self._last_seen = time.monotonic()
         if msg.reply:
             self.outstanding = max(0, self.outstanding - 1)

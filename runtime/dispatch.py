@@ -35,7 +35,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from . import priority
+from . import direct, priority
 from .consumer import PullFeed
 from .loop import cancel_and_wait
 from .manifest import FunctionManifest
@@ -117,8 +117,7 @@ class PriorityFeed:
 
     async def start(self) -> None:
         self._inbox = self.nc.new_inbox()
-        self._sub = await self.nc.subscribe(f"{self._inbox}.*", cb=self._on_fetched, pending_msgs_limit=-1,
-                                            pending_bytes_limit=-1)
+        self._sub = await direct.subscribe(self.nc, f"{self._inbox}.*", self._on_fetched)
         self._running = True
         await self.slot_feed.start()
         self._spawn(self._housekeeping())
@@ -324,12 +323,13 @@ class PriorityFeed:
         self.idle.extend(fetch.reserved)   # idle since before the request: asking is not using
         fetch.reserved = []
 
-    async def _on_fetched(self, msg: Msg) -> None:
+    def _on_fetched(self, msg: Msg) -> None:
+        # Called as the connection reads the message (runtime.direct): nothing here waits.
         if not msg.reply:   # a status: the request ended with fewer messages than asked for
             fetch = self._by_tag.get(msg.subject)
             if fetch is not None:
                 fetch.drained = True
-                await self._ended(fetch)
+                self._ended(fetch)
             return
         try:
             ack: AckSubject | None = parse_ack(msg.reply)
@@ -341,9 +341,7 @@ class PriorityFeed:
             if self.idle and self._running:
                 self._run(msg, self.idle.popleft())
             else:
-                with contextlib.suppress(Exception):
-                    await self.nc.publish(msg.reply, NAK)
-                self.requeued(msg.reply, 0.0)   # a nak is not stored anew: ring for it
+                self._spawn(self._hand_back(msg.reply))
             return
         fetch.got += 1
         self._seen[fetch.level] = time.monotonic()
@@ -353,9 +351,14 @@ class PriorityFeed:
             # invocation stored meanwhile, which the server may still hand to it).
             fetch.drained = True
         if fetch.got >= fetch.want:
-            await self._ended(fetch)
+            self._ended(fetch)
 
-    async def _ended(self, fetch: _Fetch) -> None:
+    async def _hand_back(self, reply: str) -> None:
+        with contextlib.suppress(Exception):
+            await self.nc.publish(reply, NAK)
+        self.requeued(reply, 0.0)   # a nak is not stored anew: ring for it
+
+    def _ended(self, fetch: _Fetch) -> None:
         self._finish(fetch)
         level = fetch.level
         self._shallow[level] = fetch.drained
@@ -371,7 +374,8 @@ class PriorityFeed:
             else:
                 # Listen first, then ask once more (maybe stays set): an invocation stored in
                 # between rings the bell or is found by that request.
-                await self._arm(level)
+                self._arm(level)
+                return
         self._kick()
 
     def _recheck(self, level: int) -> None:
@@ -385,15 +389,26 @@ class PriorityFeed:
 
     # ------------------------------------------------------------------ doorbells
 
-    async def _arm(self, level: int) -> None:
-        if level in self._bells:
+    def _arm(self, level: int) -> None:
+        """Listen to ``level``'s doorbells, then ask again (a task: subscribing waits for the connection)."""
+        if level in self._bells:   # listened to already (or being subscribed): just ask
+            self._kick()
             return
         subs: list[Subscription] = []
         self._bells[level] = subs
-        for subject in priority.doorbell_subjects(self.function, level, self.default):
-            subs.append(await self.nc.subscribe(subject, cb=self._bell_for(level)))
-        if self._bells.get(level) is not subs:   # woken while subscribing: these are not needed
+        self._spawn(self._listen(level, subs))
+
+    async def _listen(self, level: int, subs: list[Subscription]) -> None:
+        try:
+            for subject in priority.doorbell_subjects(self.function, level, self.default):
+                subs.append(await self.nc.subscribe(subject, cb=self._bell_for(level)))
+        except Exception as exc:   # disconnected: the periodic look finds the level's work instead
+            log.warning("cannot listen for invocations of %s at level %d: %s", self.function, level, exc)
+            if self._bells.get(level) is subs:
+                del self._bells[level]
+        if self._bells.get(level) is not subs:   # woken while subscribing (or failed): not needed
             await self._unsubscribe(subs)
+        self._kick()
 
     def _bell_for(self, level: int) -> Callable[[Msg], Awaitable[None]]:
         async def ring(_msg: Msg) -> None:

@@ -15,6 +15,7 @@ draining, closed), every message goes through ``Client.publish``, which buffers 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,6 +23,8 @@ from nats.aio.client import Client as NATS
 
 _INTERNALS = ("_pending", "_pending_data_size", "_max_pending_size", "_flush_queue", "_flusher_task", "stats",
               "_status")
+log = logging.getLogger("runtime.fastpub")
+
 _CRLF = b"\r\n"
 _HEADER_LINE = b"NATS/1.0\r\n"
 
@@ -33,6 +36,9 @@ def encode_headers(headers: Mapping[str, str]) -> bytes:
             not key or ":" in key or " " in key for key in headers):
         raise ValueError(f"headers that cannot be sent as they are: {sorted(headers)}")
     return _HEADER_LINE + text.encode() + _CRLF
+
+
+_LATER: set[asyncio.Task[None]] = set()   # publishes handed to Client.publish, kept until done
 
 
 class Publisher:
@@ -48,6 +54,22 @@ class Publisher:
         """Publish like ``Client.publish``; raises what it raises when the connection is not up."""
         if not self._write(subject, payload, reply, headers):
             await self.nc.publish(subject, payload, reply=reply, headers=dict(headers) if headers else None)
+
+    def publish_nowait(self, subject: str, payload: bytes = b"", reply: str = "",
+                       headers: Mapping[str, str] | None = None) -> None:
+        """Publish without waiting: appended to the buffer, or sent by ``Client.publish`` in a task
+        (the connection is not up); what that raises is logged, the message is then lost."""
+        if not self._write(subject, payload, reply, headers):
+            task = asyncio.get_running_loop().create_task(self._publish_later(subject, payload, reply, headers))
+            _LATER.add(task)
+            task.add_done_callback(_LATER.discard)
+
+    async def _publish_later(self, subject: str, payload: bytes, reply: str,
+                             headers: Mapping[str, str] | None) -> None:
+        try:
+            await self.nc.publish(subject, payload, reply=reply, headers=dict(headers) if headers else None)
+        except Exception as exc:
+            log.warning("could not publish to %s: %s", subject[:80], exc or type(exc).__name__)
 
     def _write(self, subject: str, payload: bytes, reply: str, headers: Mapping[str, str] | None) -> bool:
         """Append the message to the outgoing buffer; False if it cannot be (``Client.publish`` must)."""

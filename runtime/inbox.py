@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import itertools
 import logging
 from collections.abc import Awaitable, Callable
@@ -19,6 +20,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from . import direct
 from .loop import cancel_and_wait
 
 log = logging.getLogger("runtime.inbox")
@@ -26,7 +28,8 @@ log = logging.getLogger("runtime.inbox")
 TICK = 0.05   # deadlines are enforced this precisely
 
 Waiter = asyncio.Future["Msg | None"]           # None: the deadline passed
-OnReply = Callable[["Msg | None"], Awaitable[None]]
+# Called as the reply is read; a callback that must wait returns an awaitable, run in a task.
+OnReply = Callable[["Msg | None"], "Awaitable[None] | None"]
 
 
 class ReplyInbox:
@@ -44,6 +47,7 @@ class ReplyInbox:
         self._listeners: dict[str, tuple[Callable[[Msg], None], float]] = {}
         self._sub: Subscription | None = None
         self._watchdog: asyncio.Task[None] | None = None
+        self._callbacks: set[asyncio.Task[None]] = set()   # callbacks that had to wait
 
     @property
     def started(self) -> bool:
@@ -58,8 +62,7 @@ class ReplyInbox:
         inbox = self.nc.new_inbox()
         self._prefix = inbox + "."
         self._cut = len(self._prefix)
-        self._sub = await self.nc.subscribe(inbox + ".*", cb=self._on_msg, pending_msgs_limit=-1,
-                                            pending_bytes_limit=-1)
+        self._sub = await direct.subscribe(self.nc, inbox + ".*", self._on_msg)
         self._watchdog = asyncio.create_task(self._expire(), name=self.name)
 
     async def stop(self, *, drain: bool = False) -> None:
@@ -74,6 +77,10 @@ class ReplyInbox:
             sub = None
         await cancel_and_wait(self._watchdog)
         self._watchdog = None
+        if self._callbacks:   # short (they publish an answer): let them finish, within reason
+            await asyncio.wait(list(self._callbacks), timeout=1.0)
+            for task in list(self._callbacks):
+                await cancel_and_wait(task)
         pending, self._pending = self._pending, {}
         self._listeners.clear()
         for target, _ in pending.values():
@@ -109,11 +116,12 @@ class ReplyInbox:
         self._pending[token] = (target, deadline)
         return self._prefix + token
 
-    async def _on_msg(self, msg: Msg) -> None:
+    def _on_msg(self, msg: Msg) -> None:
+        # Called as the connection reads the reply (runtime.direct): nothing here waits.
         token = msg.subject[self._cut:]
         entry = self._pending.pop(token, None)
         if entry is not None:
-            await self._settle(entry[0], msg)
+            self._settle(entry[0], msg)
         elif self._listeners:
             listener = self._listeners.get(token)
             if listener is not None:
@@ -131,16 +139,27 @@ class ReplyInbox:
             for token in late:
                 entry = self._pending.pop(token, None)
                 if entry is not None:
-                    await self._settle(entry[0], None)
+                    self._settle(entry[0], None)
 
-    @staticmethod
-    async def _settle(target: Waiter | OnReply, msg: Msg | None) -> None:
+    def _settle(self, target: Waiter | OnReply, msg: Msg | None) -> None:
         if isinstance(target, asyncio.Future):
             if not target.done():
                 target.set_result(msg)
-        else:
-            try:
-                await target(msg)
-            except Exception:
-                # One failing callback must not stop the matching or the watchdog for the others.
-                log.exception("handling the reply on an inbox failed")
+            return
+        try:
+            waits = target(msg)
+        except Exception:
+            # One failing callback must not stop the matching or the watchdog for the others.
+            log.exception("handling the reply on an inbox failed")
+            return
+        if inspect.isawaitable(waits):
+            task = asyncio.get_running_loop().create_task(self._finish(waits))
+            self._callbacks.add(task)
+            task.add_done_callback(self._callbacks.discard)
+
+    @staticmethod
+    async def _finish(waits: Awaitable[None]) -> None:
+        try:
+            await waits
+        except Exception:
+            log.exception("handling the reply on an inbox failed")

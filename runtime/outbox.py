@@ -241,9 +241,9 @@ class Outbox:
             return
         inbox = self.inbox if self.inbox.started else await self._acks()
 
-        async def stored(ack: Msg | None) -> None:
+        def stored(ack: Msg | None) -> None:
             if refusal(ack) is None:
-                await self.pub.publish(ack_subject, ACK)
+                self.pub.publish_nowait(ack_subject, ACK)
             else:
                 self._slow(response, ack_subject)
 

@@ -17,6 +17,7 @@ PACKAGE = ROOT / "runtime"
 ADAPTERS = {
     "runtime/micro.py": None,                 # the whole module (tests/test_adapters.py)
     "runtime/fastpub.py": None,               # the whole module (tests/test_fastpub.py)
+    "runtime/direct.py": None,                # the whole module (tests/test_direct.py)
     "runtime/blocking.py": "running_frame",   # this one function (tests/test_blocking.py)
 }
 # Underscored names that are public, documented API.

@@ -111,7 +111,7 @@ async def test_a_delivered_message_is_held_and_no_longer_outstanding() -> None:
     pull, sunk = feed()
     pull.outstanding = 4
     msg = inbox_msg(reply="$JS.ACK.FN.greet.1.1.1.1714566896123456789.3")
-    await pull._on_msg(msg)
+    pull._on_msg(msg)
     assert sunk == [msg]
     assert (pull.held, pull.outstanding, pull.delivered) == (1, 3, 1)
     pull.release()
@@ -121,12 +121,12 @@ async def test_a_delivered_message_is_held_and_no_longer_outstanding() -> None:
 async def test_the_feed_takes_the_outstanding_count_from_a_status_message() -> None:
     pull, sunk = feed()
     pull.outstanding = 4
-    await pull._on_msg(inbox_msg(headers={"Status": "408", "Nats-Pending-Messages": "1"}))
+    pull._on_msg(inbox_msg(headers={"Status": "408", "Nats-Pending-Messages": "1"}))
     assert pull.outstanding == 3 and sunk == [] and pull.held == 0
 
 
 async def test_the_feed_logs_a_deleted_consumer(caplog: pytest.LogCaptureFixture) -> None:
     pull, _ = feed()
     with caplog.at_level(logging.WARNING, logger="runtime.consumer"):
-        await pull._on_msg(inbox_msg(headers={"Status": "409", "Description": "Consumer Deleted"}))
+        pull._on_msg(inbox_msg(headers={"Status": "409", "Description": "Consumer Deleted"}))
     assert "consumer greet was deleted" in caplog.text
