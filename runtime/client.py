@@ -46,6 +46,7 @@ from .errors import (
     UnknownFunction,
 )
 from .expiry import ttl_header
+from .fastpub import Publisher
 from .inbox import ReplyInbox
 from .manifest import NAME_PATTERN
 from .priority import invoke_subject
@@ -144,6 +145,7 @@ class Client:
         self.ack_timeout = ack_timeout
         self._nc: NATS | None = None
         self._js: JetStreamContext | None = None
+        self._pub: Publisher | None = None
         self._inbox: ReplyInbox | None = None
         self._known: dict[str, float] = {}
         # Call ids: unique per client, then a counter (cheaper than a random id per call).
@@ -166,6 +168,7 @@ class Client:
         else:
             self._nc = self._server
         self._js = self._nc.jetstream()
+        self._pub = Publisher(self._nc)
         watch = permission_watch(self._nc)
         if watch is not None:
             self._stop_watching = watch.listen(self._on_denied)
@@ -466,7 +469,9 @@ class Client:
         self._guarded[ack] = (subject,)
         try:
             # It comes to this client's inbox like the reply: no request machinery per call.
-            await nc.publish(subject, body, reply=ack_subject, headers=hdrs)
+            # Straight into the connection's buffer (names and inboxes are checked; a header
+            # a caller passed that needs cleaning up, or a reconnect, goes through nc.publish).
+            await (self._pub or Publisher(nc)).publish(subject, body, reply=ack_subject, headers=hdrs)
             msg = await ack
         except MaxPayloadError:
             raise PayloadTooLarge(f"the invocation of {function} does not fit in one message: "
