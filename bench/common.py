@@ -54,6 +54,20 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+class CpuMeter:
+    """CPU time each of ``pids`` (name -> pid) spends from :meth:`start`, per call, in µs."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = pids
+        self._before: dict[str, float] = {}
+
+    def start(self) -> None:
+        self._before = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+
+    def per_call(self, calls: int) -> dict[str, float]:
+        return {name: (cpu_seconds(pid) - self._before[name]) * 1e6 / calls for name, pid in self.pids.items()}
+
+
 def rss_kb(pid: int) -> int:
     """Resident memory now (VmRSS), in kB."""
     return _status_kb(pid, "VmRSS:")

@@ -32,7 +32,7 @@ from typing import Any
 
 import aiohttp
 
-from bench.common import ROOT, cpu_seconds, log, percentile, private_server
+from bench.common import ROOT, CpuMeter, log, percentile, private_server
 from bench.httpload import LoadClient
 from runtime import Client
 from runtime.loop import run
@@ -48,8 +48,8 @@ async def measure(call: Call, n: int, concurrency: int, pids: dict[str, int] | N
                   ) -> tuple[float, list[float], dict[str, float]]:
     """Calls per second and every call's latency (ms) for ``n`` calls, ``concurrency`` at a time,
     and the CPU time (µs per call) each process of ``pids`` spent meanwhile."""
-    pids = pids or {}
-    before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    meter = CpuMeter(pids or {})
+    meter.start()
     remaining = n
     latencies: list[float] = []
     clock = time.perf_counter
@@ -65,8 +65,7 @@ async def measure(call: Call, n: int, concurrency: int, pids: dict[str, int] | N
     started = clock()
     await asyncio.gather(*(caller() for _ in range(concurrency)))
     rate = n / (clock() - started)
-    cpu = {name: (cpu_seconds(pid) - before[name]) * 1e6 / n for name, pid in pids.items()}
-    return rate, latencies, cpu
+    return rate, latencies, meter.per_call(n)
 
 
 async def wait_serving(call: Call, proc: subprocess.Popen[bytes], logfile: Path) -> None:

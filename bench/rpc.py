@@ -10,7 +10,8 @@ in a separate process, on a file-storage work-queue stream with 64-byte JSON pay
   gateway: the same runtime called with a plain nats-py request to ``fn.call.noop`` (for reference).
 Phases: latency one call at a time, then throughput with 100 calls outstanding. The contenders
 take turns in short blocks (ABBA order) so that load from elsewhere on the machine hits both alike.
-Prints one JSON line.
+With the throughput, the CPU time (µs per call, read from /proc) of the contender's worker process
+(the raw worker, or the runtime), of nats-server and of this process (the caller). Prints one JSON line.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import argparse
 import asyncio
 import itertools
 import json
+import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -32,7 +35,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StorageType, StreamConfig
 
-from bench.common import PAYLOAD, ROOT, log, percentile, private_server, spread, start_runtime
+from bench.common import PAYLOAD, ROOT, CpuMeter, log, percentile, private_server, spread, start_runtime
 from runtime import Client
 from runtime.loop import run
 
@@ -228,11 +231,16 @@ async def main_bench(args: argparse.Namespace) -> dict[str, Any]:
     raw_loop = RawLoop(server.url)
     lat: dict[str, list[float]] = {"raw": [], "invoke": [], "gateway": []}
     rates: dict[str, list[float]] = {"raw": [], "invoke": [], "gateway": []}
+    cpus: dict[str, list[dict[str, float]]] = {"raw": [], "invoke": [], "gateway": []}
     try:
         with tempfile.TemporaryDirectory(prefix="bench-rpc-") as tmp:
             runtime_loop = RuntimeLoop(server.url, Path(tmp), args.concurrency, not args.no_store_results)
             invoke, gateway = await runtime_loop.start()
             calls = {"raw": await raw_loop.start(), "invoke": invoke, "gateway": gateway}
+            assert server.proc is not None and raw_loop.proc is not None and runtime_loop.proc is not None
+            meters = {name: CpuMeter({"worker": worker.pid, "nats_server": server.proc.pid, "caller": os.getpid()})
+                      for name, worker in (("raw", raw_loop.proc), ("invoke", runtime_loop.proc),
+                                           ("gateway", runtime_loop.proc))}
             try:
                 for call in calls.values():
                     await latencies(call, 300)  # warm up
@@ -241,7 +249,9 @@ async def main_bench(args: argparse.Namespace) -> dict[str, Any]:
                     for name in order:
                         lat[name] += await latencies(calls[name], args.n)
                     for name in order:
+                        meters[name].start()
                         rates[name].append(await throughput(calls[name], args.throughput_n, args.outstanding))
+                        cpus[name].append(meters[name].per_call(args.throughput_n))
                     log(f"block {block}: " + ", ".join(f"{k} p50 {percentile(lat[k][-args.n:], 0.5):.3f} ms "
                                                        f"{rates[k][-1]:.0f}/s" for k in calls))
             finally:
@@ -253,7 +263,9 @@ async def main_bench(args: argparse.Namespace) -> dict[str, Any]:
     summary = {k: {"p50_ms": round(percentile(lat[k], 0.5), 3), "p99_ms": round(percentile(lat[k], 0.99), 3),
                    "block_p50_ms_min_max": [round(min(block_p50[k]), 3), round(max(block_p50[k]), 3)],
                    "calls_per_s": round(spread(rates[k])["median"]),
-                   "calls_per_s_min_max": [round(min(rates[k])), round(max(rates[k]))]} for k in lat}
+                   "calls_per_s_min_max": [round(min(rates[k])), round(max(rates[k]))],
+                   "cpu_us_per_call": {p: round(statistics.median(c[p] for c in cpus[k])) for p in cpus[k][0]}}
+               for k in lat}
     p50 = percentile(lat["invoke"], 0.5) / percentile(lat["raw"], 0.5)
     rate = spread(rates["invoke"])["median"] / spread(rates["raw"])["median"]
     return {
