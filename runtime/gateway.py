@@ -19,9 +19,10 @@ import asyncio
 import contextlib
 import functools
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
+from typing import Any
 
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -117,6 +118,7 @@ class Gateway:
         self._acks: ReplyInbox | None = None
         self._lock = asyncio.Lock()
         self._waits: set[asyncio.Task[None]] = set()
+        self._replying: set[asyncio.Task[None]] = set()   # error replies to acknowledgements
         self._nuid = NUID()
         self._refusals = Throttle()   # a full queue refuses every call until it drains: log some
 
@@ -157,9 +159,11 @@ class Gateway:
             with contextlib.suppress(Exception):
                 # Acknowledgements already received are still handled.
                 await self._acks.stop(drain=True)
-        for task in list(self._waits):
+        if self._replying:   # short: each publishes one error reply
+            await asyncio.wait(list(self._replying), timeout=1.0)
+        for task in [*self._waits, *self._replying]:
             task.cancel()
-        await asyncio.gather(*self._waits, return_exceptions=True)
+        await asyncio.gather(*self._waits, *self._replying, return_exceptions=True)
         if self.client is not None:
             with contextlib.suppress(Exception):
                 await self.client.stop()
@@ -259,11 +263,12 @@ class Gateway:
             raise RuntimeError("the gateway is not started")
         return self._acks
 
-    async def _on_ack(self, storing: _Storing, ack: Msg | None) -> None:
+    def _on_ack(self, storing: _Storing, ack: Msg | None) -> None:
+        # Called as the acknowledgement is read (see ReplyInbox): what must wait goes to a task.
         if ack is None:
-            await self._reply_error(storing.function, storing.reply, storing.call_id, Unavailable(
+            self._later(self._reply_error(storing.function, storing.reply, storing.call_id, Unavailable(
                 f"JetStream did not acknowledge the invocation of {storing.function} within "
-                f"{ACK_TIMEOUT:g}s (call id {storing.call_id!r} may or may not be stored)"))
+                f"{ACK_TIMEOUT:g}s (call id {storing.call_id!r} may or may not be stored)")), storing)
             return
         try:
             duplicate = read_ack(ack, storing.function, storing.call_id)
@@ -272,18 +277,24 @@ class Gateway:
             if held is not None:
                 log.warning("refused a call of %s: %s%s", storing.function, exc.message, held_back(held),
                             extra=call_fields(storing.function, storing.call_id))
-            await self._reply_error(storing.function, storing.reply, storing.call_id, exc)
+            self._later(self._reply_error(storing.function, storing.reply, storing.call_id, exc), storing)
             return
         except Unavailable as exc:
             log.warning("could not store a call of %s: %s", storing.function, exc.message,
                         extra=call_fields(storing.function, storing.call_id))
-            await self._reply_error(storing.function, storing.reply, storing.call_id, exc)
+            self._later(self._reply_error(storing.function, storing.reply, storing.call_id, exc), storing)
             return
         if duplicate and storing.reply:
             # The stored invocation answers its first requester; this one gets the stored outcome.
-            task = asyncio.create_task(self._answer_duplicate(storing), name=f"duplicate-{storing.call_id}")
-            self._waits.add(task)
-            task.add_done_callback(self._waits.discard)
+            self._later(self._answer_duplicate(storing), storing, waits=True)
+
+    def _later(self, work: Coroutine[Any, Any, None], storing: _Storing, *, waits: bool = False) -> None:
+        """Run ``work`` in a task: an error reply (finished at shutdown), or a wait for an outcome
+        (``waits``: cancelled at shutdown)."""
+        tasks = self._waits if waits else self._replying
+        task = asyncio.get_running_loop().create_task(work, name=f"gateway-{storing.call_id[:64]}")
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
 
     async def _answer_duplicate(self, storing: _Storing) -> None:
         assert self.client is not None
