@@ -97,6 +97,7 @@ class PriorityFeed:
         self.delivered = 0
         self.contended = False                     # other runtimes wait for this function's slots
         self._bells: dict[int, list[Subscription]] = {}    # levels listened to: those found empty
+        self._arming: set[int] = set()                      # levels whose doorbells are being subscribed to
         self._rings = dict.fromkeys(priority.LEVELS, 0)     # bells heard per level
         self._last_ring = dict.fromkeys(priority.LEVELS, 0.0)
         self._shallow = dict.fromkeys(priority.LEVELS, False)   # its last request found it empty
@@ -281,6 +282,8 @@ class PriorityFeed:
                 return
             if priority.consumer_name(self.function, level, self.default) in self._requests:
                 return   # asked already: its answer asks again (never a lower level meanwhile)
+            if level in self._arming:
+                return   # asked once its doorbells are listened to (see _listen)
             # While other levels are in use, at most a quarter of the slots per request: an urgent
             # invocation that arrives just after a request waits for that batch to start, not for
             # every slot's worth. A function used at one level takes all its free slots at once.
@@ -396,9 +399,12 @@ class PriorityFeed:
             return
         subs: list[Subscription] = []
         self._bells[level] = subs
+        self._arming.add(level)
         self._spawn(self._listen(level, subs))
 
     async def _listen(self, level: int, subs: list[Subscription]) -> None:
+        # The level is asked again only after this: the server then sees the subscriptions
+        # before the request, so an invocation stored in between rings or is found.
         try:
             for subject in priority.doorbell_subjects(self.function, level, self.default):
                 subs.append(await self.nc.subscribe(subject, cb=self._bell_for(level)))
@@ -406,6 +412,8 @@ class PriorityFeed:
             log.warning("cannot listen for invocations of %s at level %d: %s", self.function, level, exc)
             if self._bells.get(level) is subs:
                 del self._bells[level]
+        finally:
+            self._arming.discard(level)
         if self._bells.get(level) is not subs:   # woken while subscribing (or failed): not needed
             await self._unsubscribe(subs)
         self._kick()

@@ -213,3 +213,19 @@ async def test_a_handler_hears_of_a_full_queue_as_queue_full(nc: NATS, js: JetSt
         assert await fn.invoke("relay", {"to": "parked", "priority": 2}, timeout=10) == {"full": 429}
         # Level 9 for the relay itself: with a limit of 1, its first call may still be held at level 5.
         assert "seq" in await fn.invoke("relay", {"to": "parked", "priority": 3}, timeout=10, priority=9)
+
+
+async def test_calls_after_the_queue_ran_dry_start_at_once(nc: NATS, js: JetStreamContext, runtime: Any) -> None:
+    """Each call finds its level drained (listened to, being listened to, or lingering): its
+    doorbell or an open request starts it, never the periodic look seconds later."""
+    await provision(js, 2)
+    await runtime(ranked=RANKED.format(concurrency=2))
+    pauses = [0.0, 0.001, 0.005, 0.015, 0.025, 0.06, 0.12]   # around LINGER and RING_SETTLE
+    slowest = 0.0
+    async with Client(nc) as fn:
+        for i in range(70):
+            await asyncio.sleep(pauses[i % len(pauses)])
+            started = asyncio.get_running_loop().time()
+            assert await fn.invoke("ranked", {"i": i}, priority=(i % 3) * 4 + 1, timeout=3) == {"i": i}
+            slowest = max(slowest, asyncio.get_running_loop().time() - started)
+    assert slowest < 1.0, f"a call took {slowest:.2f}s: it waited for the periodic look, not its doorbell"
