@@ -43,6 +43,7 @@ from .errors import (
 )
 from .inbox import ReplyInbox
 from .logs import call_fields
+from .loop import finish_within
 from .manifest import FunctionManifest
 from .micro import MicroService, reply_subject
 from .outbox import Outbox
@@ -159,11 +160,8 @@ class Gateway:
             with contextlib.suppress(Exception):
                 # Acknowledgements already received are still handled.
                 await self._acks.stop(drain=True)
-        if self._replying:   # short: each publishes one error reply
-            await asyncio.wait(list(self._replying), timeout=1.0)
-        for task in [*self._waits, *self._replying]:
-            task.cancel()
-        await asyncio.gather(*self._waits, *self._replying, return_exceptions=True)
+        await finish_within(self._replying, 1.0)   # short: each publishes one error reply
+        await finish_within(self._waits, 0.0)
         if self.client is not None:
             with contextlib.suppress(Exception):
                 await self.client.stop()

@@ -21,7 +21,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from . import direct
-from .loop import cancel_and_wait
+from .loop import cancel_and_wait, finish_within
 
 log = logging.getLogger("runtime.inbox")
 
@@ -77,10 +77,7 @@ class ReplyInbox:
             sub = None
         await cancel_and_wait(self._watchdog)
         self._watchdog = None
-        if self._callbacks:   # short (they publish an answer): let them finish, within reason
-            await asyncio.wait(list(self._callbacks), timeout=1.0)
-            for task in list(self._callbacks):
-                await cancel_and_wait(task)
+        await finish_within(self._callbacks, 1.0)   # short: they publish an answer
         pending, self._pending = self._pending, {}
         self._listeners.clear()
         for target, _ in pending.values():

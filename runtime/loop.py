@@ -1,10 +1,10 @@
-"""The event loop: uvloop when importable, asyncio otherwise; and stopping a background task."""
+"""The event loop: uvloop when importable, asyncio otherwise; and stopping background tasks."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Coroutine
+from collections.abc import Collection, Coroutine
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -26,3 +26,13 @@ async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
+
+
+async def finish_within(tasks: Collection[asyncio.Task[Any]], grace: float) -> None:
+    """Let ``tasks`` finish for up to ``grace`` seconds, then cancel the rest and wait until they have ended."""
+    if not tasks:
+        return
+    _, pending = await asyncio.wait(list(tasks), timeout=grace) if grace > 0 else ((), set(tasks))
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
