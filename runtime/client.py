@@ -471,7 +471,8 @@ class Client:
             # It comes to this client's inbox like the reply: no request machinery per call.
             # Straight into the connection's buffer (names and inboxes are checked; a header
             # a caller passed that needs cleaning up, or a reconnect, goes through nc.publish).
-            await (self._pub or Publisher(nc)).publish(subject, body, reply=ack_subject, headers=hdrs)
+            assert self._pub is not None   # set with the connection, in start()
+            await self._pub.publish(subject, body, reply=ack_subject, headers=hdrs)
             msg = await ack
         except MaxPayloadError:
             raise PayloadTooLarge(f"the invocation of {function} does not fit in one message: "

@@ -21,10 +21,10 @@ from typing import Any
 
 from nats.aio.client import Client as NATS
 
-_INTERNALS = ("_pending", "_pending_data_size", "_max_pending_size", "_flush_queue", "_flusher_task", "stats",
-              "_status")
 log = logging.getLogger("runtime.fastpub")
 
+_INTERNALS = ("_pending", "_pending_data_size", "_max_pending_size", "_flush_queue", "_flusher_task", "stats",
+              "_status")
 _CRLF = b"\r\n"
 _HEADER_LINE = b"NATS/1.0\r\n"
 
@@ -57,7 +57,7 @@ class Publisher:
 
     def publish_nowait(self, subject: str, payload: bytes = b"", reply: str = "",
                        headers: Mapping[str, str] | None = None) -> None:
-        """Publish without waiting: appended to the buffer, or sent by ``Client.publish`` in a task
+        """Publish without waiting: appended to the buffer, or published by :meth:`publish` in a task
         (the connection is not up); what that raises is logged, the message is then lost."""
         if not self._write(subject, payload, reply, headers):
             task = asyncio.get_running_loop().create_task(self._publish_later(subject, payload, reply, headers))
@@ -67,7 +67,7 @@ class Publisher:
     async def _publish_later(self, subject: str, payload: bytes, reply: str,
                              headers: Mapping[str, str] | None) -> None:
         try:
-            await self.nc.publish(subject, payload, reply=reply, headers=dict(headers) if headers else None)
+            await self.publish(subject, payload, reply, headers)
         except Exception as exc:
             log.warning("could not publish to %s: %s", subject[:80], exc or type(exc).__name__)
 
