@@ -152,7 +152,8 @@ class Outbox:
                             extra=call_fields(call_id=response.call_id))
             return
         try:
-            await self.pub.publish(reply, response.body, headers=response.headers)
+            # On the wire before the store and ack that follow it: the caller waits for this one.
+            await self.pub.publish(reply, response.body, headers=response.headers, at_once=True)
         except Exception as exc:  # the caller misses the answer; the outcome is still stored
             log.warning("could not answer call %s: %s", response.call_id, exc,
                         extra=call_fields(call_id=response.call_id))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import nats
 import pytest
@@ -94,3 +95,61 @@ async def test_a_publish_while_reconnecting_is_sent_once_the_server_is_back(nats
         assert msg.data == b"late"
     finally:
         await conn.close()
+
+
+def _listen_in_a_thread(url: str, subject: str) -> tuple[threading.Thread, threading.Event, threading.Event]:
+    """A subscriber on its own connection and event loop: it sees what reaches the server while
+    the publishing loop is busy. Returns the thread, 'subscribed' and 'received'."""
+    subscribed, received = threading.Event(), threading.Event()
+
+    async def listen() -> None:
+        conn = await nats.connect(url)
+        try:
+            sub = await conn.subscribe(subject)
+            await conn.flush()
+            subscribed.set()
+            await sub.next_msg(timeout=5)
+            received.set()
+        finally:
+            await conn.close()
+
+    thread = threading.Thread(target=asyncio.run, args=(listen(),), daemon=True)
+    thread.start()
+    assert subscribed.wait(5)
+    return thread, subscribed, received
+
+
+async def test_an_answer_at_once_is_on_the_wire_before_the_loop_moves_on(nats_server: EmbeddedServer,
+                                                                         nc: NATS) -> None:
+    pub = Publisher(nc)
+    thread, _, received = _listen_in_a_thread(nats_server.url, "fp.now")
+    await pub.publish("fp.now", b"answer", at_once=True)
+    # The loop is held (as by the store and ack work after an answer): the flusher cannot run.
+    assert received.wait(2), "the answer waited for the flusher"
+    thread.join(5)
+
+
+async def test_a_plain_publish_waits_for_the_flusher(nats_server: EmbeddedServer, nc: NATS) -> None:
+    pub = Publisher(nc)
+    thread, _, received = _listen_in_a_thread(nats_server.url, "fp.later")
+    await pub.publish("fp.later", b"ack")
+    assert not received.wait(0.3)   # the loop is held: nothing written yet
+    await nc.flush()
+    assert await asyncio.to_thread(received.wait, 5)
+    thread.join(5)
+
+
+async def test_an_answer_at_once_keeps_its_place_after_what_is_pending(nc: NATS) -> None:
+    pub = Publisher(nc)
+    got, done = await collect(nc, "fp.order.>", 400)
+    for i in range(400):
+        if i % 4 == 0:
+            await nc.publish("fp.order.plain", str(i).encode())
+        elif i % 4 == 1:
+            await pub.publish("fp.order.direct", str(i).encode())
+        else:   # sometimes a flush is due (it joins it), sometimes none is (written now)
+            await pub.publish("fp.order.now", str(i).encode(), headers={"Fn-Call-Id": f"c-{i}"}, at_once=True)
+        if i % 7 == 0:
+            await asyncio.sleep(0)
+    await asyncio.wait_for(done.wait(), 5)
+    assert [int(m.data) for m in got] == list(range(400))
