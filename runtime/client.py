@@ -472,7 +472,7 @@ class Client:
             # Straight into the connection's buffer (names and inboxes are checked; a header
             # a caller passed that needs cleaning up, or a reconnect, goes through nc.publish).
             assert self._pub is not None   # set with the connection, in start()
-            await self._pub.publish(subject, body, reply=ack_subject, headers=hdrs)
+            await self._pub.publish(subject, body, reply=ack_subject, headers=hdrs, at_once=True)
             msg = await ack
         except MaxPayloadError:
             raise PayloadTooLarge(f"the invocation of {function} does not fit in one message: "

@@ -8,7 +8,8 @@ batch, as ``Client.publish`` would.
 
 A caller's answer can go out at once (``at_once``): written to the socket in the same step,
 ahead of the store and ack work that follows it, unless a flush is already due, in which case
-it joins that one. Under load that is at most one extra write per loop pass, not one per answer.
+it joins that one. Either way the flusher is then due, so whatever follows in the same loop
+pass is written together: at most one extra write per pass, not one per answer.
 
 Only for subjects and headers the runtime made or checked itself: ack subjects come from the
 server, header values from :mod:`runtime.wire`'s checks. It leans on nats-py's client internals,
@@ -111,6 +112,7 @@ class Publisher:
                 nc._transport.writelines(nc._pending)
                 nc._pending = []
                 nc._pending_data_size = 0
-            else:   # wake it once
-                queue.put_nowait(asyncio.get_running_loop().create_future())
+            # Wake it once: what is published after this in the same loop pass, answers too, is
+            # written together, so answers cost at most one extra write per pass.
+            queue.put_nowait(asyncio.get_running_loop().create_future())
         return True

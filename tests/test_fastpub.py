@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from typing import Any
 
 import nats
 import pytest
@@ -153,3 +154,29 @@ async def test_an_answer_at_once_keeps_its_place_after_what_is_pending(nc: NATS)
             await asyncio.sleep(0)
     await asyncio.wait_for(done.wait(), 5)
     assert [int(m.data) for m in got] == list(range(400))
+
+
+async def test_answers_at_once_in_one_loop_pass_share_a_write(nc: NATS) -> None:
+    """Only the first answer of a pass is written by itself; the rest wait for the flusher together
+    (one write per answer would cost the server a read per message under load)."""
+    pub = Publisher(nc)
+    got, done = await collect(nc, "fp.pass", 50)
+    await nc.flush()
+    transport: Any = nc._transport
+    writes = 0
+    write = transport.writelines
+
+    def counting(payload: list[bytes]) -> None:
+        nonlocal writes
+        writes += 1
+        write(payload)
+
+    transport.writelines = counting
+    try:
+        for i in range(50):   # one loop pass: no await yields here
+            await pub.publish("fp.pass", str(i).encode(), at_once=True)
+        await asyncio.wait_for(done.wait(), 5)
+    finally:
+        del transport.writelines
+    assert [int(m.data) for m in got] == list(range(50))
+    assert writes == 2   # the first answer, then the other 49 in one flush
