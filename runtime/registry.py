@@ -177,9 +177,12 @@ class Registry:
         if current is None or not isinstance(current.manifest, FunctionManifest):
             return
         kept = {t.trigger_name for t in manifest.triggers}
+        dropped = False
         for spec in current.manifest.triggers:
             if spec.trigger_name not in kept:
-                await triggers.drop(self.js, manifest.name, spec)
+                dropped = await triggers.drop(self.js, manifest.name, spec) or dropped
+        if dropped:   # a subject nobody reads now is freed for other streams
+            await triggers.release_unread(self.js)
 
     async def standalone_triggers(self) -> dict[str, TriggerManifest]:
         """The deployed ``kind: Trigger`` manifests, by name."""

@@ -10,7 +10,9 @@ on the same subjects, and the user's stream and its data stay as they are.
 
 Undeploying a trigger keeps its consumer, so events published meanwhile wait for it; a consumer
 no runtime has pulled from for ``EVENT_RETENTION`` is removed by the server, and so are events
-older than that.
+older than that. A subject no consumer of ``FN_TRIGGERS`` reads any more is released (when a
+trigger is removed for good, and at a runtime's start): it would keep nothing, and it would keep
+a stream of the user's from capturing it.
 """
 
 from __future__ import annotations
@@ -208,12 +210,77 @@ def _check_fan_out(function: str, spec: TriggerSpec, info: StreamInfo) -> None:
 
 async def keep_in_shape(js: JetStreamContext, replicas: int) -> None:
     """At a runtime's start: ``FN_TRIGGERS``, if it exists, with the runtime's settings and replicas
-    (it was created by whichever deploy or runtime bound the first trigger)."""
+    (it was created by whichever deploy or runtime bound the first trigger), capturing only what
+    its consumers read (those of triggers idle for ``EVENT_RETENTION`` are gone)."""
     try:
         info = await js.stream_info(TRIGGERS_STREAM)
     except NotFoundError:
         return
     await ensure_stream(js, triggers_stream_config(list(info.config.subjects or []), replicas))
+    await release_unread(js)
+
+
+def _captured(info: StreamInfo) -> list[str]:
+    """The subjects ``FN_TRIGGERS`` captures for triggers (not the placeholder it has with none)."""
+    return [s for s in info.config.subjects or [] if s != TRIGGERS_STREAM]
+
+
+async def _read_subjects(js: JetStreamContext) -> list[str] | None:
+    """The subjects the consumers of ``FN_TRIGGERS`` read, whoever made them; None if one reads all."""
+    subjects: list[str] = []
+    infos: list[ConsumerInfo] = []
+    while True:
+        page = await js.consumers_info(TRIGGERS_STREAM, offset=len(infos) or None)
+        infos.extend(page)
+        if len(page) < _LIST_PAGE:
+            break
+    for info in infos:
+        config = info.config
+        filters = [config.filter_subject] if config.filter_subject else list(config.filter_subjects or [])
+        if not filters:
+            return None
+        subjects += filters
+    return subjects
+
+
+async def release_unread(js: JetStreamContext) -> list[str]:
+    """Stop ``FN_TRIGGERS`` capturing subjects that no consumer of it reads; the subjects released.
+
+    With interest retention nothing published there would be kept, yet the capture would keep
+    any other stream (a stream of the user's, made once the trigger is gone) from taking them.
+    With no consumer left, the stream keeps its own name as its only subject (as JetStream gives
+    a stream created without subjects), which nobody publishes to.
+    """
+    for _ in range(SUBJECT_UPDATES):
+        try:
+            info = await js.stream_info(TRIGGERS_STREAM)
+            read = await _read_subjects(js)
+        except NotFoundError:
+            return []
+        if read is None:
+            return []
+        have = _captured(info)
+        wanted = minimal_cover(read)
+        released = [s for s in have if s not in wanted]
+        if not released:
+            return []
+        config = info.config
+        config.subjects = wanted   # [] -> the server sets the stream's name
+        try:
+            await js.update_stream(config)
+        except NotFoundError:
+            return []
+        except APIError as exc:
+            log.debug("updating %s failed (%s); trying again", TRIGGERS_STREAM, exc)
+            await asyncio.sleep(0.05)
+            continue
+        log.info("stream %s no longer captures %s: no trigger reads it", TRIGGERS_STREAM, ", ".join(released))
+        # A trigger bound meanwhile (its consumer made after they were listed) is captured again.
+        unread = [s for s in await _read_subjects(js) or [] if not any(covers(w, s) for w in wanted)]
+        if unread:
+            await ensure_captured(js, unread)
+        return released
+    return []
 
 
 async def ensure_captured(js: JetStreamContext, subjects: list[str], replicas: int | None = None) -> None:
@@ -223,7 +290,7 @@ async def ensure_captured(js: JetStreamContext, subjects: list[str], replicas: i
             info: StreamInfo | None = await js.stream_info(TRIGGERS_STREAM)
         except NotFoundError:
             info = None
-        have = list(info.config.subjects or []) if info else []
+        have = _captured(info) if info else []
         if info is not None and all(any(covers(h, s) for h in have) for s in subjects):
             return
         wanted = minimal_cover([*have, *subjects])
@@ -283,6 +350,9 @@ async def _bind_one(js: JetStreamContext, manifest: FunctionManifest, spec: Trig
     binding = Binding(manifest.name, spec.trigger_name, spec.subject, stream,
                       consumer_name(manifest.name, spec.trigger_name))
     await add_consumer(js, manifest, binding)
+    if stream == TRIGGERS_STREAM:
+        # Released meanwhile by a deploy that listed the consumers before this one existed?
+        await ensure_captured(js, [spec.subject], replicas)
     return binding
 
 

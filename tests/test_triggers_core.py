@@ -163,6 +163,76 @@ async def test_a_trigger_taken_out_of_its_manifest_loses_its_consumer(js: JetStr
     await js.consumer_info(TRIGGERS_STREAM, "fn_audit_ON_orders-all")
 
 
+def _functions(**triggers: str) -> Any:
+    """A manifest set of functions (name -> their trigger subjects, space separated)."""
+    from runtime.manifest import ManifestSet, parse_manifest
+
+    functions = {name: parse_manifest({"name": name, "handler": "tests.handlers.events:audit",
+                                       "triggers": [{"subject": s} for s in subjects.split()]}, f"{name}.yaml")
+                 for name, subjects in triggers.items()}
+    return ManifestSet(functions=functions, schedules={}, sources={f"Function:{n}": f"{n}.yaml" for n in functions})
+
+
+async def _captured(js: JetStreamContext) -> list[str]:
+    return sorted((await js.stream_info(TRIGGERS_STREAM)).config.subjects or [])
+
+
+async def test_a_subject_no_trigger_reads_any_more_is_free_for_a_stream_of_ones_own(js: JetStreamContext) -> None:
+    from nats.js.api import StreamConfig
+    from nats.js.errors import APIError, NoStreamResponseError
+
+    from runtime.registry import Registry
+    from runtime.streams import provision_base
+
+    await provision_base(js)
+    registry = await Registry.open(js)
+    await registry.deploy(_functions(audit="orders.> refunds.*", billing="orders.created"))
+    assert await _captured(js) == ["orders.>", "refunds.*"]
+    with pytest.raises(APIError):   # as long as a trigger reads them, no other stream may capture them
+        await js.add_stream(StreamConfig(name="REFUNDS", subjects=["refunds.>"]))
+
+    # Undeploying keeps the consumers, and so the subjects: events published meanwhile wait.
+    await registry.undeploy("billing")
+    assert await _captured(js) == ["orders.>", "refunds.*"]
+    await registry.deploy(_functions(billing="orders.created"))
+
+    # audit loses its triggers for good: only what billing reads stays captured.
+    await registry.deploy(_functions(audit=""))
+    assert await _captured(js) == ["orders.created"]
+    await js.add_stream(StreamConfig(name="REFUNDS", subjects=["refunds.>"]))
+    ack = await js.publish("orders.created", b'{"id": 1}')
+    assert ack.stream == TRIGGERS_STREAM
+    assert (await js.consumer_info(TRIGGERS_STREAM, "fn_billing_ON_orders-created")).num_pending == 1
+    with pytest.raises(NoStreamResponseError):   # nobody reads it: not stored as if someone would
+        await js.publish("orders.updated", b'{"id": 2}')
+
+    # No trigger left: the stream keeps only its own name, and orders.> can be a stream of one's own.
+    await registry.deploy(_functions(billing=""))
+    assert await _captured(js) == [TRIGGERS_STREAM]
+    await js.add_stream(StreamConfig(name="ORDERS", subjects=["orders.>"]))
+
+    # A new trigger elsewhere is captured as before.
+    await registry.deploy(_functions(audit="payments.*"))
+    assert await _captured(js) == ["payments.*"]
+
+
+async def test_a_runtime_start_releases_subjects_whose_consumers_the_server_removed(js: JetStreamContext) -> None:
+    from nats.js.api import ConsumerConfig
+
+    from runtime.triggers import ensure_captured, keep_in_shape
+
+    await ensure_captured(js, ["idle.>", "busy.*"])
+    # busy.* is still read (by any consumer, not only a trigger's); idle.>'s consumer is gone.
+    await js.add_consumer(TRIGGERS_STREAM, ConsumerConfig(durable_name="watcher", filter_subject="busy.*"))
+    await keep_in_shape(js, 1)
+    assert await _captured(js) == ["busy.*"]
+    # A consumer reading everything keeps everything captured.
+    await ensure_captured(js, ["idle.>"])
+    await js.add_consumer(TRIGGERS_STREAM, ConsumerConfig(durable_name="all"))
+    await keep_in_shape(js, 1)
+    assert await _captured(js) == ["busy.*", "idle.>"]
+
+
 async def test_an_events_outcome_is_not_stored_unless_the_function_stores_every_one(
         runtime: Any, nc: NATS, js: JetStreamContext) -> None:
     """Nobody holds an event's ``ev-...`` call id, even when the event carries an id of its own."""
