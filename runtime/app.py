@@ -13,7 +13,7 @@ from nats.aio.client import Client as NATS
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js import JetStreamContext
 
-from . import triggers
+from . import consumer, triggers
 from .blocking import LoopMonitor
 from .connection import ConnectOptions, open_connection, redact_url
 from .errors import ConnectionLost, LoadError, PermissionDenied
@@ -92,6 +92,8 @@ async def connect(url: str, name: str = "runtime", on_closed: Callable[[], None]
 
     async def on_reconnect() -> None:
         log.info("reconnected to %s", server())
+        # A restarted server forgot the pull requests it held: every feed asks again now.
+        consumer.reconnected(nc)
 
     nc: NATS = await open_connection(
         url, options, name=name, max_reconnect_attempts=-1, reconnect_time_wait=1,

@@ -4,6 +4,12 @@ Messages arrive on a private inbox through a core subscription (no per-message r
 round trip). The feed never asks for more messages than it has free slots, so a runtime
 never holds more than ``slots`` messages of a function; the consumer's ``max_ack_pending``
 bounds what all runtimes together hold.
+
+A server that restarts forgets the pull requests it held. When the connection comes back
+(:func:`reconnected`), every feed on it asks again at once, from a new inbox: a request that
+did survive (the connection dropped, the server did not) may still deliver to the old one, and
+what it delivers is taken while there is room and handed back otherwise, so a feed never holds
+more than its slots. Missed heartbeats do the same for a request lost without a reconnect.
 """
 
 from __future__ import annotations
@@ -13,8 +19,10 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping
+import weakref
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -23,11 +31,41 @@ from nats.aio.subscription import Subscription
 from . import direct
 from . import headers as H
 from .loop import cancel_and_wait
-from .protocol import STATUS_CONFLICT, STATUS_HEARTBEAT, pull_subject
+from .protocol import NAK, STATUS_CONFLICT, STATUS_HEARTBEAT, pull_subject
 
 log = logging.getLogger("runtime.consumer")
 
 Sink = Callable[[Msg], None]
+
+
+class Renewable(Protocol):
+    def renew(self) -> None:
+        """Forget the pull requests out (they may be lost) and ask again."""
+
+
+# The feeds of each connection, told when it comes back after a disconnect.
+_FEEDS: weakref.WeakKeyDictionary[NATS, weakref.WeakSet[Renewable]] = weakref.WeakKeyDictionary()
+
+
+def follow_reconnects(nc: NATS, feed: Renewable) -> None:
+    _FEEDS.setdefault(nc, weakref.WeakSet()).add(feed)
+
+
+def unfollow_reconnects(nc: NATS, feed: Renewable) -> None:
+    feeds = _FEEDS.get(nc)
+    if feeds is not None:
+        feeds.discard(feed)
+
+
+def reconnected(nc: NATS) -> int:
+    """``nc`` is connected again: every feed on it asks again now; how many feeds there were."""
+    feeds = list(_FEEDS.get(nc, ()))
+    for feed in feeds:
+        try:
+            feed.renew()
+        except Exception:
+            log.exception("could not ask again after the reconnect")
+    return len(feeds)
 
 
 def wanted(slots: int, held: int, outstanding: int) -> int:
@@ -80,8 +118,12 @@ class PullFeed:
         self.outstanding = 0   # asked for and not yet delivered or expired
         self.delivered = 0
         self._api = pull_subject(stream, consumer)
+        # Requests go out on the inbox of the current round; a renew starts a new round (its
+        # messages carry no trace of the request they answer, only the inbox they come to).
+        self._round = 0
         self._inbox = ""
-        self._sub: Subscription | None = None
+        self._subs: dict[int, Subscription] = {}
+        self._renewing = False
         self._pulling = False
         self._pull_scheduled = False
         self._last_seen = 0.0
@@ -89,9 +131,9 @@ class PullFeed:
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
-        self._inbox = self.nc.new_inbox()
-        self._sub = await direct.subscribe(self.nc, self._inbox, self._on_msg)
         self._pulling = True
+        await self._new_round()
+        follow_reconnects(self.nc, self)
         self._last_seen = time.monotonic()
         self._watchdog = asyncio.create_task(self._watch(), name=f"feed-watch-{self.consumer}")
         await self._pull()
@@ -99,9 +141,10 @@ class PullFeed:
     async def stop(self) -> None:
         """Stop asking for messages; messages already on their way still reach the sink."""
         self._pulling = False
+        unfollow_reconnects(self.nc, self)
         await cancel_and_wait(self._watchdog)
-        if self._sub is not None:
-            sub, self._sub = self._sub, None
+        subs, self._subs = list(self._subs.values()), {}
+        for sub in subs:
             with contextlib.suppress(Exception):
                 await sub.drain()  # type: ignore[no-untyped-call]
         for task in list(self._tasks):
@@ -119,13 +162,46 @@ class PullFeed:
     def _wanted(self) -> int:
         return wanted(self.slots, self.held, self.outstanding)
 
+    def renew(self) -> None:
+        """Forget the requests out (a restarted server lost them) and ask again, from a new inbox."""
+        if self._pulling and not self._renewing:
+            self._renewing = True
+            self._spawn(self._renew())
+
+    async def _renew(self) -> None:
+        try:
+            await self._new_round()
+        except Exception as exc:   # disconnected again: the next reconnect, or the watchdog, renews
+            log.warning("could not renew the pull requests for %s: %s", self.consumer, exc)
+            return
+        finally:
+            self._renewing = False
+        self.outstanding = 0
+        self._last_seen = time.monotonic()
+        self.schedule_pull()
+
+    async def _new_round(self) -> None:
+        """Subscribe to a new inbox and send requests there from now on. The inbox before stays
+        until its requests have expired: a request that survived may still deliver to it."""
+        this = self._round + 1
+        inbox = self.nc.new_inbox()
+        self._subs[this] = await direct.subscribe(self.nc, inbox, lambda msg: self._on_msg(msg, this))
+        before, self._round, self._inbox = self._round, this, inbox
+        if before in self._subs:
+            self._spawn(self._retire(before))
+
+    async def _retire(self, old: int) -> None:
+        await asyncio.sleep(self.expires + self.heartbeat)
+        sub = self._subs.pop(old, None)
+        if sub is not None:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
     def schedule_pull(self) -> None:
         # Coalesce all releases of one event-loop turn into a single pull request.
         if self._pulling and not self._pull_scheduled and self._wanted():
             self._pull_scheduled = True
-            task = asyncio.get_running_loop().create_task(self._pull())
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._spawn(self._pull())
 
     async def _pull(self) -> None:
         self._pull_scheduled = False
@@ -143,15 +219,23 @@ class PullFeed:
             self.outstanding -= want
             log.warning("pull request for %s failed: %s", self.consumer, exc)
 
-    def _on_msg(self, msg: Msg) -> None:
+    def _on_msg(self, msg: Msg, round_: int) -> None:
         # Called as the connection reads the message (runtime.direct): nothing here waits.
         self._last_seen = time.monotonic()
+        current = round_ == self._round
         if msg.reply:
-            self.outstanding = max(0, self.outstanding - 1)
+            if current:
+                self.outstanding = max(0, self.outstanding - 1)
+            elif self.held + self.outstanding >= self.slots:
+                # From a request given up that survived after all, with no room for it.
+                self._spawn(self._hand_back(msg.reply))
+                return
             self.held += 1
             self.delivered += 1
             self.sink(msg)
             return
+        if not current:
+            return   # a request given up ended: what it did not deliver was not counted any more
         effect = read_status(msg.headers, self.outstanding)
         self.outstanding = effect.outstanding
         if effect.consumer_deleted:
@@ -160,13 +244,21 @@ class PullFeed:
             self.schedule_pull()
 
     async def _watch(self) -> None:
-        # Pull requests die silently with a reconnect or a server restart; missed
+        # Pull requests die silently with a server restart or a consumer's new leader; missed
         # heartbeats tell us to forget them and ask again.
         while True:
             await asyncio.sleep(self.heartbeat)
             silent = time.monotonic() - self._last_seen
             if self.outstanding and silent > 3 * self.heartbeat:
                 log.info("no heartbeat from %s for %.0fs; pulling again", self.consumer, silent)
-                self.outstanding = 0
-                self._last_seen = time.monotonic()
+                self.renew()
             self.schedule_pull()
+
+    def _spawn(self, work: Coroutine[object, object, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _hand_back(self, reply: str) -> None:
+        with contextlib.suppress(Exception):
+            await self.nc.publish(reply, NAK)

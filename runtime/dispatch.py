@@ -36,7 +36,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from . import direct, priority
-from .consumer import PullFeed
+from .consumer import PullFeed, follow_reconnects, unfollow_reconnects
 from .loop import cancel_and_wait
 from .manifest import FunctionManifest
 from .protocol import IN_PROGRESS, NAK, AckSubject, parse_ack, pull_subject
@@ -121,12 +121,26 @@ class PriorityFeed:
         self._sub = await direct.subscribe(self.nc, f"{self._inbox}.*", self._on_fetched)
         self._running = True
         await self.slot_feed.start()
+        follow_reconnects(self.nc, self)
         self._spawn(self._housekeeping())
+        self._kick()
+
+    def renew(self) -> None:
+        """The connection is back: requests out may be lost (a restarted server forgets them) and
+        doorbells rung meanwhile were missed. Give the requests up and look at every level now."""
+        if not self._running:
+            return
+        for fetch in list(self._by_tag.values()):
+            self._finish(fetch)
+        for level in priority.LEVELS:
+            if not self.maybe[level]:
+                self._wake(level)
         self._kick()
 
     async def stop(self) -> None:
         """Stop starting invocations; idle slots go back now, busy ones as their invocations finish."""
         self._running = False
+        unfollow_reconnects(self.nc, self)
         await self.slot_feed.stop()
         await cancel_and_wait(self._round)
         for level in list(self._bells):

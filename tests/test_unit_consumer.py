@@ -111,7 +111,7 @@ async def test_a_delivered_message_is_held_and_no_longer_outstanding() -> None:
     pull, sunk = feed()
     pull.outstanding = 4
     msg = inbox_msg(reply="$JS.ACK.FN.greet.1.1.1.1714566896123456789.3")
-    pull._on_msg(msg)
+    pull._on_msg(msg, pull._round)
     assert sunk == [msg]
     assert (pull.held, pull.outstanding, pull.delivered) == (1, 3, 1)
     pull.release()
@@ -121,12 +121,25 @@ async def test_a_delivered_message_is_held_and_no_longer_outstanding() -> None:
 async def test_the_feed_takes_the_outstanding_count_from_a_status_message() -> None:
     pull, sunk = feed()
     pull.outstanding = 4
-    pull._on_msg(inbox_msg(headers={"Status": "408", "Nats-Pending-Messages": "1"}))
+    pull._on_msg(inbox_msg(headers={"Status": "408", "Nats-Pending-Messages": "1"}), pull._round)
     assert pull.outstanding == 3 and sunk == [] and pull.held == 0
 
 
 async def test_the_feed_logs_a_deleted_consumer(caplog: pytest.LogCaptureFixture) -> None:
     pull, _ = feed()
     with caplog.at_level(logging.WARNING, logger="runtime.consumer"):
-        pull._on_msg(inbox_msg(headers={"Status": "409", "Description": "Consumer Deleted"}))
+        pull._on_msg(inbox_msg(headers={"Status": "409", "Description": "Consumer Deleted"}), pull._round)
     assert "consumer greet was deleted" in caplog.text
+
+
+async def test_what_a_request_of_an_earlier_round_brings_is_taken_only_while_there_is_room() -> None:
+    pull, sunk = feed(slots=2)
+    pull._round = 2           # renewed: requests of round 1 were given up
+    pull.outstanding = 1      # asked for one in round 2
+    early = inbox_msg(reply="$JS.ACK.FN.greet.1.1.1.1714566896123456789.3")
+    pull._on_msg(early, 1)    # room for it: held, and round 2's request still counts as out
+    assert sunk == [early] and (pull.held, pull.outstanding) == (1, 1)
+    pull._on_msg(inbox_msg(reply="$JS.ACK.FN.greet.1.1.2.1714566896123456789.3"), 1)
+    assert sunk == [early] and pull.held == 1   # none left: handed back
+    pull._on_msg(inbox_msg(headers={"Status": "408", "Nats-Pending-Messages": "1"}), 1)
+    assert pull.outstanding == 1   # the end of a request given up changes nothing
