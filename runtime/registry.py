@@ -91,9 +91,10 @@ class _Head:
 class Registry:
     """Read and write deployments."""
 
-    def __init__(self, js: JetStreamContext, kv: KeyValue) -> None:
+    def __init__(self, js: JetStreamContext, kv: KeyValue, replicas: int | None = None) -> None:
         self.js = js
         self.kv = kv
+        self.replicas = replicas   # of FN_TRIGGERS, if a deploy creates it (None: one, or as it is)
 
     @classmethod
     async def open(cls, js: JetStreamContext, replicas: int | None = None) -> Registry:
@@ -104,7 +105,7 @@ class Registry:
         # stream is left as the runtimes configured it.
         for config in (invoke_stream_config(), slots_stream_config()):
             await ensure_stream(js, replace(config, num_replicas=replicas), update=False)
-        return cls(js, await js.key_value(MANIFESTS_BUCKET))
+        return cls(js, await js.key_value(MANIFESTS_BUCKET), replicas)
 
     async def _head(self, key: str) -> _Head:
         try:
@@ -164,7 +165,7 @@ class Registry:
             if isinstance(manifest, FunctionManifest):
                 await ensure_consumer(self.js, manifest)
                 await self._drop_removed_triggers(manifest)
-                await triggers.bind(self.js, with_triggers(manifest, standalone))
+                await triggers.bind(self.js, with_triggers(manifest, standalone), self.replicas)
             elif isinstance(manifest, TriggerManifest):
                 await self._bind_standalone(manifest, manifests)
             results.append(await self._deploy_one(key, Deployment(manifest, code, source=source)))
@@ -196,7 +197,7 @@ class Registry:
             function = dep.manifest if dep is not None and isinstance(dep.manifest, FunctionManifest) else None
         if function is None:
             raise RegistryError(f"trigger {trigger.name} targets function {trigger.function!r}, which is not deployed")
-        await triggers.bind(self.js, function.model_copy(update={"triggers": [trigger.spec()]}))
+        await triggers.bind(self.js, function.model_copy(update={"triggers": [trigger.spec()]}), self.replicas)
 
     async def _deploy_one(self, key: str, new: Deployment) -> DeployResult:
         name, kind = new.manifest.name, new.manifest.kind
@@ -291,7 +292,8 @@ class Registry:
             if isinstance(manifest, FunctionManifest):
                 await ensure_consumer(self.js, manifest)
                 await self._drop_removed_triggers(manifest)
-                await triggers.bind(self.js, with_triggers(manifest, (await self.standalone_triggers()).values()))
+                await triggers.bind(self.js, with_triggers(manifest, (await self.standalone_triggers()).values()),
+                                    self.replicas)
             elif isinstance(manifest, TriggerManifest):
                 await self._bind_standalone(manifest)
             if await self._write(key, restored, _Head(current.deployment, current.seq, current.revision)):

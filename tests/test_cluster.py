@@ -201,6 +201,53 @@ async def test_every_owned_stream_and_bucket_has_three_replicas(cluster: Cluster
         await nc.close()
 
 
+AUDIT = "name: audit\nhandler: tests.handlers.events:audit\nconcurrency: 4\ntriggers:\n  - subject: orders.>\n"
+
+
+async def test_a_trigger_keeps_taking_events_when_the_node_leading_its_consumer_dies(
+        cluster: Cluster, manifest_dir: Callable[..., Path], tmp_path: Path) -> None:
+    from runtime.triggers import TRIGGERS_STREAM, consumer_name
+    from tests.handlers import events
+
+    events.seen.clear()
+    settings = Settings(project_root=ROOT, data_dir=tmp_path / "rt", grace=2.0, replicas=3, trust=("tests",),
+                        manifests=(manifest_dir(audit=AUDIT),))
+    # The deploy of serve --manifests creates FN_TRIGGERS, with the runtime's replicas.
+    async with Runtime(settings, cluster.url):
+        pass
+    nc = await cluster.connect()
+    try:
+        js = nc.jetstream(timeout=5)
+        assert await cluster.replicas_of(nc, TRIGGERS_STREAM) == 3
+        consumer = consumer_name("audit", "orders-all")
+        info = await js.consumer_info(TRIGGERS_STREAM, consumer)
+        assert info.cluster is not None and len(info.cluster.replicas or []) == 2
+        leader = str(info.cluster.leader)
+        others = [name for name in NAMES if name != leader]
+        # A runtime on the other two nodes: it does not reconnect when the consumer's leader dies.
+        async with Runtime(settings, cluster.urls(*others)):
+            await js.publish("orders.created", b'{"id": 1}')
+            await eventually(lambda: len(events.seen.get("audit", [])) == 1, timeout=10, message="the first event")
+            cluster.kill(leader)
+            await nc.close()
+            nc = await cluster.connect()
+            killed = asyncio.get_running_loop().time()
+            js = nc.jetstream(timeout=5)
+            while True:   # through the stream's election, if its leader died too
+                try:
+                    await js.publish("orders.created", b'{"id": 2}')
+                    break
+                except Exception:
+                    await asyncio.sleep(0.2)
+            await eventually(lambda: len(events.seen.get("audit", [])) == 2, timeout=RESUME_WITHIN + 5,
+                             message="the event published after the kill to run")
+            took = asyncio.get_running_loop().time() - killed
+        print(f"\ntrigger failover: killed {leader} (leader of {consumer}); the next event ran {took:.1f}s after")
+        assert took < RESUME_WITHIN, f"the trigger resumed only after {took:.1f}s"
+    finally:
+        await nc.close()
+
+
 def test_replicas_a_single_server_cannot_keep_are_one_clear_error(nats_server: EmbeddedServer,
                                                                   tmp_path: Path) -> None:
     env = {**os.environ, "RUNTIME_REPLICAS": "3", "NATS_URL": nats_server.url}
