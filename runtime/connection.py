@@ -31,6 +31,7 @@ from nats.aio.client import Client as NATS
 from nats.errors import AuthorizationError
 from pydantic import BaseModel, ConfigDict, SecretStr, ValidationError, field_validator
 
+from . import direct
 from .errors import AuthError, ConfigError, format_problems, validation_problems
 from .permissions import permission_denied, watch_permissions
 from .permissions import permission_watch as permission_watch
@@ -346,6 +347,7 @@ async def open_connection(url: str, options: ConnectOptions | None = None, *,
             await error_cb(denied or exc)
 
     nc = NATS()
+    direct.read_headers_faster(nc)
     watch = watch_permissions(nc)
     try:
         await nc.connect(server_list(url), error_cb=on_error, **options.nats_kwargs(url), **kwargs)

@@ -10,13 +10,21 @@ from the read loop: the function must not block and must not raise (what it rais
 It leans on two nats-py internals, checked: ``Subscription._pending_queue`` (which the read loop
 ``put_nowait``s into) and ``_pending_size``. Without them the subscription keeps its queue and
 task, and its callback calls the same function.
+
+Reading a message's headers is the other cost on that path: nats-py splits the block into lines
+and checks each key character by character, about 4.5 µs for an invocation's four headers. The
+connections the runtime opens read them with :func:`read_headers_faster` instead: the same
+result (keys and values as nats-py gives them), decoding an all-ASCII block once; a block with a
+status line, or anything unusual, still goes to nats-py.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
-from collections.abc import Callable
+import re
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from nats.aio.client import Client as NATS
@@ -72,4 +80,63 @@ async def subscribe(nc: NATS, subject: str, handler: Handler) -> Subscription:
     return sub
 
 
-__all__ = ["Handler", "handing_over", "subscribe"]
+# ------------------------------------------------------------------ headers
+
+_HEADER_LINE = b"NATS/1.0\r\n"
+_BYTES_SPACE = " \t\n\r\x0b\x0c"   # what bytes.strip() strips: nats-py strips keys and values so
+_SPACE = re.compile(r"\s")            # a key with any whitespace left (str.isspace) is dropped
+
+
+def parse_header_block(block: bytes) -> dict[str, str]:
+    """The headers of ``block`` (``NATS/1.0\\r\\n`` then ``Name: Value`` lines, no status) as
+    nats-py reads them: keys ASCII, values UTF-8 (invalid bytes replaced), both stripped; a line
+    without a colon, or with a key that is not ASCII or holds whitespace, is left out."""
+    lines = block[len(_HEADER_LINE):]
+    try:
+        text = lines.decode("ascii")
+    except UnicodeDecodeError:
+        return _parse_lines(lines)
+    out: dict[str, str] = {}
+    for line in text.split("\r\n"):
+        name, colon, value = line.partition(":")
+        if colon:
+            key = name.strip(_BYTES_SPACE)
+            if not _SPACE.search(key):
+                out[key] = value.strip(_BYTES_SPACE)
+    return out
+
+
+def _parse_lines(lines: bytes) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for line in lines.split(b"\r\n"):
+        name, colon, value = line.partition(b":")
+        if not colon:
+            continue
+        try:
+            key = name.strip().decode("ascii")
+        except UnicodeDecodeError:
+            continue
+        if not _SPACE.search(key):
+            out[key] = value.strip().decode("utf-8", "replace")
+    return out
+
+
+def read_headers_faster(nc: NATS) -> bool:
+    """Make ``nc`` read message headers with :func:`parse_header_block`; False if it cannot."""
+    original: Callable[[bytes | None], Awaitable[dict[str, str] | None]] | None = getattr(
+        nc, "_process_headers", None)
+    if original is None or not inspect.iscoroutinefunction(original):
+        return False
+
+    async def process_headers(headers: bytes | None) -> dict[str, str] | None:
+        if not headers:
+            return None
+        if not headers.startswith(_HEADER_LINE):   # a status line (or not a block nats-py expects)
+            return await original(headers)
+        return parse_header_block(headers) or None
+
+    nc._process_headers = process_headers  # type: ignore[method-assign]
+    return True
+
+
+__all__ = ["Handler", "handing_over", "parse_header_block", "read_headers_faster", "subscribe"]

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 
+import nats.errors
 import pytest
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
 from runtime import direct
+from runtime.connection import open_connection
 from runtime.fastpub import Publisher
+from runtime.server import EmbeddedServer
 
 
 async def test_every_message_is_handled_in_order_as_it_is_read(nc: NATS) -> None:
@@ -94,3 +98,61 @@ async def test_a_handler_may_publish_as_it_handles(nc: NATS) -> None:
         await nc.publish("direct.ask", f"q{i}".encode())
     await asyncio.wait_for(done.wait(), 5)
     assert answers == [f"q{i}".encode()[::-1] for i in range(100)]
+
+
+# ------------------------------------------------------------------ headers, read as nats-py reads them
+
+TRICKY = [
+    b"NATS/1.0\r\nFn-Call-Id: c-1\r\nContent-Type: application/json\r\n\r\n",
+    b"NATS/1.0\r\nNats-Msg-Id: a\r\nFn-Reply-To: _INBOX.x.1\r\nFn-Call-Id: a\r\nFn-Priority: 7\r\n\r\n",
+    b"NATS/1.0\r\n\r\n",
+    b"NATS/1.0\r\nA:b\r\nC:\tD \r\nE:   \r\n\r\n",                 # no space, tabs, an empty value
+    b"NATS/1.0\r\nK: 1\r\nK: 2\r\n\r\n",                              # the last one wins
+    b"NATS/1.0\r\nno colon here\r\nX: y\r\n\r\n",
+    b"NATS/1.0\r\nBad Key: v\r\n\tFolded: v\r\n\x1cSep: v\r\nOk: v\x1c\r\n\r\n",
+    b"NATS/1.0\r\nName: caf\xc3\xa9\r\nBroken: \xff\xfe\r\n\r\n",    # UTF-8, and bytes that are not
+    "NATS/1.0\r\nK\u00e9y: v\r\nOk: v\r\n\r\n".encode(),              # a key that is not ASCII
+    b"NATS/1.0\r\nUrl: nats://h:4222/x\r\nTime: 12:30:00\r\n\r\n",  # colons in values
+    b"NATS/1.0 404 No Messages\r\n\r\n",                             # status lines: nats-py's own
+    b"NATS/1.0 100 Idle Heartbeat\r\nNats-Last-Consumer: 0\r\nNats-Last-Stream: 0\r\n\r\n",
+    b"NATS/1.0 408 Request Timeout\r\nNats-Pending-Messages: 3\r\nNats-Pending-Bytes: 120\r\n\r\n",
+]
+
+
+def _random_blocks(count: int) -> list[bytes]:
+    rng = random.Random(7)
+    alphabet = [b"a", b"Z", b"-", b"_", b" ", b"\t", b":", b"\x1c", b"\x0b", b"\xc3\xa9", b"\xff", b"\r", b"\n",
+                b"1", b"."]
+    blocks = []
+    for _ in range(count):
+        lines = [b"".join(rng.choice(alphabet) for _ in range(rng.randint(0, 12))) for _ in range(rng.randint(0, 5))]
+        blocks.append(b"NATS/1.0\r\n" + b"".join(line + b"\r\n" for line in lines) + b"\r\n")
+    return blocks
+
+
+async def test_headers_are_read_exactly_as_nats_py_reads_them() -> None:
+    plain, fast = NATS(), NATS()
+    assert direct.read_headers_faster(fast)
+    for block in [*TRICKY, *_random_blocks(3000)]:
+        assert await fast._process_headers(block) == await plain._process_headers(block), block
+
+
+async def test_a_connection_the_runtime_opens_reads_every_header_as_sent(nats_server: EmbeddedServer,
+                                                                         nc: NATS) -> None:
+    ours = await open_connection(nats_server.url)
+    try:
+        sub = await ours.subscribe("hdr.>")
+        await ours.flush()
+        sent = [{"Fn-Call-Id": "c-1", "Content-Type": "application/json"}, {"Name": "café", "Empty": ""}, {}]
+        for i, headers in enumerate(sent):
+            await nc.publish(f"hdr.{i}", b"x", headers=headers or None)
+        got = [await sub.next_msg(timeout=5) for _ in sent]
+        assert [m.headers or {} for m in got] == sent
+        # A status message (a pull request that found nothing) is still read by nats-py.
+        js = ours.jetstream()
+        await js.add_stream(name="HDR", subjects=["hdrjs.>"])
+        psub = await js.pull_subscribe("hdrjs.x", durable="reader")
+        with pytest.raises(nats.errors.TimeoutError):
+            await psub.fetch(1, timeout=0.3)
+    finally:
+        await ours.close()
