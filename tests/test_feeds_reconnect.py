@@ -100,3 +100,42 @@ async def test_a_request_that_survives_a_reconnect_never_overfills_the_feed(nc: 
     finally:
         await feed.stop()
 
+
+
+async def test_a_call_stored_while_the_runtime_reconnects_starts_as_soon_as_it_is_back(
+        runtime: RuntimeFactory, nats_server: EmbeddedServer) -> None:
+    events.seen.clear()
+    rt = await runtime(hello=HELLO)
+    assert rt.state.connection is not None
+    runtime_nc = rt.state.connection[0]
+    caller = await nats.connect(nats_server.url, reconnect_time_wait=0.05, max_reconnect_attempts=-1)
+
+    def ran() -> int:
+        return len(events.seen.get("billing", []))
+
+    try:
+        async with Client(caller) as fn:
+            assert await fn.invoke("hello", {"id": 0}, timeout=10) == {"billed": {"id": 0}}
+            for attempt in range(1, 4):
+                await asyncio.sleep(0.5)   # its queue found empty: the runtime waits for the doorbell
+                await restart(nats_server)
+                # The caller is back within 50 ms, the runtime after its 1 s reconnect wait: the
+                # call's doorbell rings while nobody listens (unless the runtime's retry came first).
+                await eventually(lambda: caller.is_connected, timeout=5, interval=0.01, message="the caller back")
+                before = ran()
+                await fn.submit("hello", {"id": attempt}, call_id=f"while-away-{attempt}")
+                away = not runtime_nc.is_connected
+                await eventually(lambda: runtime_nc.is_connected, timeout=10, interval=0.01,
+                                 message="the runtime back")
+                back = time.monotonic()
+                await eventually(lambda before=before: ran() == before + 1, timeout=10, interval=0.01,
+                                 message="the call stored while it was away to run")
+                if away:
+                    break
+            else:
+                pytest.skip("the runtime reconnected before the call was stored, three times")
+            # Without looking again on reconnect it would wait for the periodic look (every 5 s).
+            assert time.monotonic() - back < 1.5
+            assert await fn.result(f"while-away-{attempt}", wait=5) == {"billed": {"id": attempt}}
+    finally:
+        await caller.close()
