@@ -221,8 +221,9 @@ class PullFeed:
 
     def _on_msg(self, msg: Msg, round_: int) -> None:
         # Called as the connection reads the message (runtime.direct): nothing here waits.
-        self._last_seen = time.monotonic()
         current = round_ == self._round
+        if current:   # only the requests out now can say they are alive (see _watch)
+            self._last_seen = time.monotonic()
         if msg.reply:
             if current:
                 self.outstanding = max(0, self.outstanding - 1)

@@ -143,3 +143,13 @@ async def test_what_a_request_of_an_earlier_round_brings_is_taken_only_while_the
     assert sunk == [early] and pull.held == 1   # none left: handed back
     pull._on_msg(inbox_msg(headers={"Status": "408", "Nats-Pending-Messages": "1"}), 1)
     assert pull.outstanding == 1   # the end of a request given up changes nothing
+
+
+async def test_only_the_requests_of_the_current_round_count_as_alive() -> None:
+    pull, _ = feed(slots=2)
+    pull._round = 2
+    pull._last_seen = 0.0
+    pull._on_msg(inbox_msg(headers={"Status": "100", "Description": "Idle Heartbeat"}), 1)
+    assert pull._last_seen == 0.0   # an old request's heartbeat says nothing of the one out now
+    pull._on_msg(inbox_msg(headers={"Status": "100", "Description": "Idle Heartbeat"}), 2)
+    assert pull._last_seen > 0.0
