@@ -20,7 +20,7 @@ import json
 import logging
 import time
 import weakref
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -30,7 +30,7 @@ from nats.aio.subscription import Subscription
 
 from . import direct
 from . import headers as H
-from .loop import cancel_and_wait
+from .loop import cancel_and_wait, spawn
 from .protocol import NAK, STATUS_CONFLICT, STATUS_HEARTBEAT, pull_subject
 
 log = logging.getLogger("runtime.consumer")
@@ -166,7 +166,7 @@ class PullFeed:
         """Forget the requests out (a restarted server lost them) and ask again, from a new inbox."""
         if self._pulling and not self._renewing:
             self._renewing = True
-            self._spawn(self._renew())
+            spawn(self._tasks, self._renew())
 
     async def _renew(self) -> None:
         try:
@@ -188,7 +188,7 @@ class PullFeed:
         self._subs[this] = await direct.subscribe(self.nc, inbox, lambda msg: self._on_msg(msg, this))
         before, self._round, self._inbox = self._round, this, inbox
         if before in self._subs:
-            self._spawn(self._retire(before))
+            spawn(self._tasks, self._retire(before))
 
     async def _retire(self, old: int) -> None:
         await asyncio.sleep(self.expires + self.heartbeat)
@@ -201,7 +201,7 @@ class PullFeed:
         # Coalesce all releases of one event-loop turn into a single pull request.
         if self._pulling and not self._pull_scheduled and self._wanted():
             self._pull_scheduled = True
-            self._spawn(self._pull())
+            spawn(self._tasks, self._pull())
 
     async def _pull(self) -> None:
         self._pull_scheduled = False
@@ -229,7 +229,7 @@ class PullFeed:
                 self.outstanding = max(0, self.outstanding - 1)
             elif self.held + self.outstanding >= self.slots:
                 # From a request given up that survived after all, with no room for it.
-                self._spawn(self._hand_back(msg.reply))
+                spawn(self._tasks, self._hand_back(msg.reply))
                 return
             self.held += 1
             self.delivered += 1
@@ -254,11 +254,6 @@ class PullFeed:
                 log.info("no heartbeat from %s for %.0fs; pulling again", self.consumer, silent)
                 self.renew()
             self.schedule_pull()
-
-    def _spawn(self, work: Coroutine[object, object, None]) -> None:
-        task = asyncio.get_running_loop().create_task(work)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
     async def _hand_back(self, reply: str) -> None:
         with contextlib.suppress(Exception):

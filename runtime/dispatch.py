@@ -27,9 +27,8 @@ import json
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -37,7 +36,7 @@ from nats.aio.subscription import Subscription
 
 from . import direct, priority
 from .consumer import PullFeed, follow_reconnects, unfollow_reconnects
-from .loop import cancel_and_wait
+from .loop import cancel_and_wait, spawn
 from .manifest import FunctionManifest
 from .protocol import IN_PROGRESS, NAK, AckSubject, parse_ack, pull_subject
 from .streams import INVOKE_STREAM, SLOT_ACK_WAIT, SLOTS_STREAM
@@ -122,7 +121,7 @@ class PriorityFeed:
         self._running = True
         await self.slot_feed.start()
         follow_reconnects(self.nc, self)
-        self._spawn(self._housekeeping())
+        spawn(self._tasks, self._housekeeping())
         self._kick()
 
     def renew(self) -> None:
@@ -179,7 +178,7 @@ class PriorityFeed:
         now = time.monotonic()
         slot = Slot(msg.reply, now, now)
         if not self._running:
-            self._spawn(self._give_back(slot))
+            spawn(self._tasks, self._give_back(slot))
             return
         self.idle.append(slot)
         self._kick()
@@ -191,7 +190,7 @@ class PriorityFeed:
             return
         now = time.monotonic()
         if not self._running or (self.contended and now - slot.since > TURN):
-            self._spawn(self._give_back(slot))
+            spawn(self._tasks, self._give_back(slot))
         else:
             slot.idle_since = now
             self.idle.append(slot)
@@ -358,7 +357,7 @@ class PriorityFeed:
             if self.idle and self._running:
                 self._run(msg, self.idle.popleft())
             else:
-                self._spawn(self._hand_back(msg.reply))
+                spawn(self._tasks, self._hand_back(msg.reply))
             return
         fetch.got += 1
         self._seen[fetch.level] = time.monotonic()
@@ -414,7 +413,7 @@ class PriorityFeed:
         subs: list[Subscription] = []
         self._bells[level] = subs
         self._arming.add(level)
-        self._spawn(self._listen(level, subs))
+        spawn(self._tasks, self._listen(level, subs))
 
     async def _listen(self, level: int, subs: list[Subscription]) -> None:
         # The level is asked again only after this: the server then sees the subscriptions
@@ -446,7 +445,7 @@ class PriorityFeed:
         # must not take the level for still armed.
         subs = self._bells.pop(level, [])
         if subs:
-            self._spawn(self._unsubscribe(subs))
+            spawn(self._tasks, self._unsubscribe(subs))
         self._demand()
         self._kick()
 
@@ -470,14 +469,10 @@ class PriorityFeed:
 
         def ring() -> None:
             if not self.nc.is_closed:
-                self._spawn(self.nc.publish(subject, b""))
+                spawn(self._tasks, self.nc.publish(subject, b""))
         asyncio.get_running_loop().call_later(max(0.0, delay) + REDELIVERY_SLACK, ring)
 
     def level_of(self, consumer: str) -> int:
         level = priority.split_consumer(consumer)[1]
         return self.default if level is None else level
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)

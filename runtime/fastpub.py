@@ -26,6 +26,8 @@ from typing import Any
 
 from nats.aio.client import Client as NATS
 
+from .loop import spawn
+
 log = logging.getLogger("runtime.fastpub")
 
 _INTERNALS = ("_pending", "_pending_data_size", "_max_pending_size", "_flush_queue", "_flusher_task", "stats",
@@ -69,9 +71,7 @@ class Publisher:
         """Publish without waiting: appended to the buffer, or published by :meth:`publish` in a task
         (the connection is not up); what that raises is logged, the message is then lost."""
         if not self._write(subject, payload, reply, headers):
-            task = asyncio.get_running_loop().create_task(self._publish_later(subject, payload, reply, headers))
-            _LATER.add(task)
-            task.add_done_callback(_LATER.discard)
+            spawn(_LATER, self._publish_later(subject, payload, reply, headers))
 
     async def _publish_later(self, subject: str, payload: bytes, reply: str,
                              headers: Mapping[str, str] | None) -> None:

@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from .errors import FnRuntimeError
-from .loop import cancel_and_wait
+from .loop import cancel_and_wait, spawn
 from .manifest import FunctionManifest, Schedule, ScheduleManifest, TriggerManifest, with_triggers
 from .protocol import entry_value
 from .registry import SCHEDULE_PREFIX, TRIGGER_PREFIX, Deployment, Registry, deployed_set
@@ -101,9 +101,7 @@ class RegistryFollower:
                 # Also the tombstone of a function undeployed before this runtime started.
                 log.info("%s is no longer deployed (this runtime was not serving it)", key)
             # Removal waits for in-flight work: keep following meanwhile.
-            task = asyncio.create_task(self.remove(key), name=f"remove-{key}")
-            self._removals.add(task)
-            task.add_done_callback(self._removals.discard)
+            spawn(self._removals, self.remove(key), name=f"remove-{key}")
             return
         dep = self._decode(entry)
         if dep is None or not isinstance(dep.manifest, FunctionManifest):

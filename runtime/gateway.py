@@ -43,7 +43,7 @@ from .errors import (
 )
 from .inbox import ReplyInbox
 from .logs import call_fields
-from .loop import finish_within
+from .loop import finish_within, spawn
 from .manifest import FunctionManifest
 from .micro import MicroService, reply_subject
 from .outbox import Outbox
@@ -289,10 +289,7 @@ class Gateway:
     def _later(self, work: Coroutine[Any, Any, None], storing: _Storing, *, waits: bool = False) -> None:
         """Run ``work`` in a task: an error reply (finished at shutdown), or a wait for an outcome
         (``waits``: cancelled at shutdown)."""
-        tasks = self._waits if waits else self._replying
-        task = asyncio.get_running_loop().create_task(work, name=f"gateway-{storing.call_id[:64]}")
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
+        spawn(self._waits if waits else self._replying, work, name=f"gateway-{storing.call_id[:64]}")
 
     async def _answer_duplicate(self, storing: _Storing) -> None:
         assert self.client is not None

@@ -33,6 +33,7 @@ from .errors import (
     Unavailable,
 )
 from .http import HttpServer, Route, json_response
+from .loop import spawn
 from .metrics import Monitoring
 from .results import Replayed, Response, fetch_state
 from .settings import Settings
@@ -209,9 +210,7 @@ class HttpGateway:
             return error_response(exc)
         self._remember(call.id)
         if callback is not None:
-            task = asyncio.create_task(self._call_back(name, call.id, callback, wait), name=f"callback-{call.id}")
-            self.callbacks.add(task)
-            task.add_done_callback(self.callbacks.discard)
+            spawn(self.callbacks, self._call_back(name, call.id, callback, wait), name=f"callback-{call.id}")
         response = json_response(202, {"call_id": call.id, "duplicate": call.duplicate})
         response.headers[CALL_ID] = call.id
         return response

@@ -21,7 +21,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from . import direct
-from .loop import cancel_and_wait, finish_within
+from .loop import cancel_and_wait, finish_within, spawn
 
 log = logging.getLogger("runtime.inbox")
 
@@ -150,9 +150,7 @@ class ReplyInbox:
             log.exception("handling the reply on an inbox failed")
             return
         if inspect.isawaitable(waits):
-            task = asyncio.get_running_loop().create_task(self._finish(waits))
-            self._callbacks.add(task)
-            task.add_done_callback(self._callbacks.discard)
+            spawn(self._callbacks, self._finish(waits))
 
     @staticmethod
     async def _finish(waits: Awaitable[None]) -> None:

@@ -28,6 +28,14 @@ async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
         await task
 
 
+def spawn(tasks: set[asyncio.Task[Any]], work: Coroutine[Any, Any, Any], name: str | None = None) -> asyncio.Task[Any]:
+    """Run ``work`` in a task kept in ``tasks`` until it is done (the loop holds tasks only weakly)."""
+    task = asyncio.get_running_loop().create_task(work, name=name)
+    tasks.add(task)
+    task.add_done_callback(tasks.discard)
+    return task
+
+
 async def finish_within(tasks: Collection[asyncio.Task[Any]], grace: float) -> None:
     """Let ``tasks`` finish for up to ``grace`` seconds, then cancel the rest and wait until they have ended."""
     if not tasks:

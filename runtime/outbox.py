@@ -36,6 +36,7 @@ from .errors import InvocationError
 from .fastpub import Publisher
 from .inbox import ReplyInbox
 from .logs import call_fields
+from .loop import spawn
 from .protocol import ACK, IN_PROGRESS, WRONG_LAST_SEQUENCE, is_tombstone, kv_stream
 from .results import Response, result_subject
 from .streams import RESULTS_BUCKET
@@ -257,9 +258,7 @@ class Outbox:
             self._slow(response, ack_subject)
 
     def _slow(self, response: Response, ack_subject: str) -> None:
-        task = asyncio.get_running_loop().create_task(self._store_and_ack(response, ack_subject))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        spawn(self._tasks, self._store_and_ack(response, ack_subject))
 
     async def _store_and_ack(self, response: Response, ack_subject: str) -> None:
         async def keep_held() -> None:

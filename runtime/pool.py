@@ -8,6 +8,8 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
 
+from .loop import spawn
+
 T = TypeVar("T")
 
 # How many items a worker runs in a row without waiting before it lets the event loop run once:
@@ -78,9 +80,7 @@ class WorkerPool(Generic[T]):
                 self._waking += 1
                 wanted -= 1
         while wanted > 0 and len(self._workers) < self.size:
-            task = asyncio.get_running_loop().create_task(self._work(), name=f"{self.name}-worker")
-            self._workers.add(task)
-            task.add_done_callback(self._workers.discard)
+            spawn(self._workers, self._work(), name=f"{self.name}-worker")
             self._waking += 1
             wanted -= 1
 

@@ -23,7 +23,7 @@ MoveExhausted = Callable[[ConsumerInfo, RawStreamMsg], Awaitable[object]]
 
 
 def filter_subjects(config: ConsumerConfig) -> list[str]:
-    """The subjects a function consumer takes from ``FN`` (a default level takes two); [] for any other."""
+    """The subjects a consumer takes (a default level of ``FN`` takes two); [] when it takes all."""
     return [config.filter_subject] if config.filter_subject else list(config.filter_subjects or [])
 
 

@@ -39,6 +39,7 @@ from .manifest import OWN_STREAM, FunctionManifest, TriggerSpec
 from .streams import TRIGGERS_STREAM as TRIGGERS_STREAM
 from .streams import ensure_stream
 from .subjects import conflicts, covers, minimal_cover, overlaps
+from .sweep import filter_subjects
 
 log = logging.getLogger("runtime.triggers")
 
@@ -228,15 +229,8 @@ def _captured(info: StreamInfo) -> list[str]:
 async def _read_subjects(js: JetStreamContext) -> list[str] | None:
     """The subjects the consumers of ``FN_TRIGGERS`` read, whoever made them; None if one reads all."""
     subjects: list[str] = []
-    infos: list[ConsumerInfo] = []
-    while True:
-        page = await js.consumers_info(TRIGGERS_STREAM, offset=len(infos) or None)
-        infos.extend(page)
-        if len(page) < _LIST_PAGE:
-            break
-    for info in infos:
-        config = info.config
-        filters = [config.filter_subject] if config.filter_subject else list(config.filter_subjects or [])
+    for info in await _consumers(js, TRIGGERS_STREAM):
+        filters = filter_subjects(info.config)
         if not filters:
             return None
         subjects += filters
@@ -383,12 +377,17 @@ async def drop(js: JetStreamContext, function: str, spec: TriggerSpec) -> bool:
 
 async def trigger_consumers(js: JetStreamContext, stream: str) -> list[ConsumerInfo]:
     """Every trigger consumer of ``stream``."""
+    return [i for i in await _consumers(js, stream) if parse_consumer(i.name or "")]
+
+
+async def _consumers(js: JetStreamContext, stream: str) -> list[ConsumerInfo]:
+    """Every consumer of ``stream``, page after page."""
     infos: list[ConsumerInfo] = []
     while True:
         page = await js.consumers_info(stream, offset=len(infos) or None)
         infos.extend(page)
         if len(page) < _LIST_PAGE:
-            return [i for i in infos if parse_consumer(i.name or "")]
+            return infos
 
 
 async def find_binding(js: JetStreamContext, function: str, spec: TriggerSpec,
