@@ -5,6 +5,11 @@ in a separate process, on a file-storage work-queue stream with 64-byte JSON pay
   raw:     the client subscribes to its inbox, ``js.publish``es with a reply-to header and awaits
            the matching future; the worker keeps MSG.NEXT pull requests (batch 100) topped up on a
            callback subscription, publishes the reply and acks each message;
+  raw_kept: the same loop doing what ``invoke`` promises on top: each call carries its id as
+           ``Nats-Msg-Id`` (the stream drops a duplicate), and the worker writes the outcome once
+           under the call id (``Nats-Expected-Last-Subject-Sequence: 0``) to a KV-style stream
+           (one message per subject, 24 h max age) and acks the call only once that write is
+           acknowledged;
   invoke:  ``runtime serve --server URL`` with a no-op function (pydantic input), default manifest,
            called with ``Client.invoke`` (each outcome stored by call id before the call is acked);
   gateway: the same runtime called with a plain nats-py request to ``fn.call.noop`` (for reference).
@@ -41,6 +46,9 @@ from runtime.loop import run
 
 RAW_STREAM = "RAWRPC"
 RAW_SUBJECT = "rawrpc.invoke.noop"
+KEPT_STREAM = "RAWKEPT"
+KEPT_SUBJECT = "rawkept.invoke.noop"
+KEPT_RESULTS = "KV_rawkept"   # the raw_kept worker's outcomes, under $KV.rawkept.<call id>
 RAW_REPLY = "Raw-Reply-To"
 RAW_ID = "Raw-Call-Id"
 STOP = "bench.rpc.stop"
@@ -48,15 +56,22 @@ STOP = "bench.rpc.stop"
 Call = Callable[[], Awaitable[Any]]
 
 
+def stop_subject(kept: bool) -> str:
+    return f"{STOP}.{'kept' if kept else 'raw'}"
+
+
 # ------------------------------------------------------------------ the raw loop
 
-async def raw_worker(url: str, batch: int = 100) -> None:
+async def raw_worker(url: str, kept: bool, batch: int = 100) -> None:
     nc = await nats.connect(url)
     inbox = nc.new_inbox()
-    api = f"$JS.API.CONSUMER.MSG.NEXT.{RAW_STREAM}.worker"
+    api = f"$JS.API.CONSUMER.MSG.NEXT.{KEPT_STREAM if kept else RAW_STREAM}.worker"
     request = json.dumps({"batch": batch, "expires": 30_000_000_000}).encode()
     outstanding = 0
     stop = asyncio.Event()
+    stores = nc.new_inbox()
+    storing: dict[str, str] = {}   # the store's reply token -> the ack subject of its call
+    tokens = itertools.count()
 
     async def pull() -> None:
         nonlocal outstanding
@@ -69,19 +84,31 @@ async def raw_worker(url: str, batch: int = 100) -> None:
             outstanding -= 1
             hdrs = m.headers or {}
             await nc.publish(hdrs[RAW_REPLY], b"null", headers={RAW_ID: hdrs[RAW_ID]})
-            await nc.publish(m.reply, b"+ACK")
+            if kept:   # acked once the outcome is stored (see on_stored)
+                token = str(next(tokens))
+                storing[token] = m.reply
+                await nc.publish(f"$KV.rawkept.{hdrs[RAW_ID]}", b"null", reply=f"{stores}.{token}",
+                                 headers={RAW_ID: hdrs[RAW_ID], "Nats-Expected-Last-Subject-Sequence": "0"})
+            else:
+                await nc.publish(m.reply, b"+ACK")
         else:  # a pull request ended (expired); it says how many it did not deliver
             left = (m.headers or {}).get("Nats-Pending-Messages")
             outstanding -= int(left) if left else 0
         if outstanding <= batch // 2:
             await pull()
 
+    async def on_stored(m: Msg) -> None:
+        reply = storing.pop(m.subject.rsplit(".", 1)[1], None)
+        if reply is not None and b'"error"' not in m.data:
+            await nc.publish(reply, b"+ACK")
+
     async def on_stop(m: Msg) -> None:
         await m.respond(b"")
         stop.set()
 
     await nc.subscribe(inbox, cb=on_msg, pending_msgs_limit=-1, pending_bytes_limit=-1)
-    await nc.subscribe(STOP, cb=on_stop)
+    await nc.subscribe(f"{stores}.*", cb=on_stored, pending_msgs_limit=-1, pending_bytes_limit=-1)
+    await nc.subscribe(stop_subject(kept), cb=on_stop)
     await pull()
     await nc.flush()
     print("READY", flush=True)
@@ -90,21 +117,27 @@ async def raw_worker(url: str, batch: int = 100) -> None:
 
 
 class RawLoop:
-    """The raw contender: its stream, its worker process and its calling connection."""
+    """A raw contender: its stream, its worker process and its calling connection."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, kept: bool = False) -> None:
         self.url = url
+        self.kept = kept
         self.nc: NATS | None = None
         self.proc: subprocess.Popen[str] | None = None
 
     async def start(self) -> Call:
         nc = self.nc = await nats.connect(self.url)
         js = nc.jetstream()
-        await js.add_stream(StreamConfig(name=RAW_STREAM, subjects=["rawrpc.>"], storage=StorageType.FILE,
+        stream, subject = (KEPT_STREAM, KEPT_SUBJECT) if self.kept else (RAW_STREAM, RAW_SUBJECT)
+        await js.add_stream(StreamConfig(name=stream, subjects=[subject], storage=StorageType.FILE,
                                          retention=RetentionPolicy.WORK_QUEUE))
-        await js.add_consumer(RAW_STREAM, ConsumerConfig(durable_name="worker", ack_policy=AckPolicy.EXPLICIT,
-                                                         filter_subject=RAW_SUBJECT, max_ack_pending=1000))
-        self.proc = subprocess.Popen([sys.executable, "-m", "bench.rpc", "--role", "raw-worker", "--url", self.url],
+        await js.add_consumer(stream, ConsumerConfig(durable_name="worker", ack_policy=AckPolicy.EXPLICIT,
+                                                     filter_subject=subject, max_ack_pending=1000))
+        if self.kept:
+            await js.add_stream(StreamConfig(name=KEPT_RESULTS, subjects=["$KV.rawkept.>"], storage=StorageType.FILE,
+                                             max_msgs_per_subject=1, max_age=24 * 3600, allow_direct=True))
+        role = "kept-worker" if self.kept else "raw-worker"
+        self.proc = subprocess.Popen([sys.executable, "-m", "bench.rpc", "--role", role, "--url", self.url],
                                      cwd=ROOT, stdout=subprocess.PIPE, text=True)
         assert self.proc.stdout is not None
         assert (await asyncio.to_thread(self.proc.stdout.readline)).strip() == "READY"
@@ -121,10 +154,13 @@ class RawLoop:
         await nc.subscribe(inbox, cb=on_reply, pending_msgs_limit=-1, pending_bytes_limit=-1)
 
         async def call() -> Msg:
-            cid = str(next(ids))
+            cid = f"c{next(ids)}"
             future: asyncio.Future[Msg] = loop.create_future()
             waiting[cid] = future
-            await js.publish(RAW_SUBJECT, PAYLOAD, headers={RAW_REPLY: inbox, RAW_ID: cid})
+            headers = {RAW_REPLY: inbox, RAW_ID: cid}
+            if self.kept:
+                headers["Nats-Msg-Id"] = cid
+            await js.publish(subject, PAYLOAD, headers=headers)
             return await asyncio.wait_for(future, 10)
 
         return call
@@ -132,7 +168,7 @@ class RawLoop:
     async def stop(self) -> None:
         if self.nc is not None:
             try:
-                await self.nc.request(STOP, b"", timeout=5)
+                await self.nc.request(stop_subject(self.kept), b"", timeout=5)
             finally:
                 await self.nc.close()
         if self.proc is not None:
@@ -228,19 +264,22 @@ async def throughput(call: Call, n: int, outstanding: int) -> float:
 async def main_bench(args: argparse.Namespace) -> dict[str, Any]:
     server = private_server()
     await server.start()
-    raw_loop = RawLoop(server.url)
-    lat: dict[str, list[float]] = {"raw": [], "invoke": [], "gateway": []}
-    rates: dict[str, list[float]] = {"raw": [], "invoke": [], "gateway": []}
-    cpus: dict[str, list[dict[str, float]]] = {"raw": [], "invoke": [], "gateway": []}
+    raw_loop, kept_loop = RawLoop(server.url), RawLoop(server.url, kept=True)
+    names = ("raw", "raw_kept", "invoke", "gateway")
+    lat: dict[str, list[float]] = {k: [] for k in names}
+    rates: dict[str, list[float]] = {k: [] for k in names}
+    cpus: dict[str, list[dict[str, float]]] = {k: [] for k in names}
     try:
         with tempfile.TemporaryDirectory(prefix="bench-rpc-") as tmp:
             runtime_loop = RuntimeLoop(server.url, Path(tmp), args.concurrency, not args.no_store_results)
             invoke, gateway = await runtime_loop.start()
-            calls = {"raw": await raw_loop.start(), "invoke": invoke, "gateway": gateway}
-            assert server.proc is not None and raw_loop.proc is not None and runtime_loop.proc is not None
+            calls = {"raw": await raw_loop.start(), "raw_kept": await kept_loop.start(), "invoke": invoke,
+                     "gateway": gateway}
+            assert server.proc is not None and runtime_loop.proc is not None
+            assert raw_loop.proc is not None and kept_loop.proc is not None
             meters = {name: CpuMeter({"worker": worker.pid, "nats_server": server.proc.pid, "caller": os.getpid()})
-                      for name, worker in (("raw", raw_loop.proc), ("invoke", runtime_loop.proc),
-                                           ("gateway", runtime_loop.proc))}
+                      for name, worker in (("raw", raw_loop.proc), ("raw_kept", kept_loop.proc),
+                                           ("invoke", runtime_loop.proc), ("gateway", runtime_loop.proc))}
             try:
                 for call in calls.values():
                     await latencies(call, 300)  # warm up
@@ -257,6 +296,7 @@ async def main_bench(args: argparse.Namespace) -> dict[str, Any]:
             finally:
                 await runtime_loop.stop()
                 await raw_loop.stop()
+                await kept_loop.stop()
     finally:
         await server.stop()
     block_p50 = {k: [percentile(lat[k][i:i + args.n], 0.5) for i in range(0, len(lat[k]), args.n)] for k in lat}
@@ -268,13 +308,16 @@ async def main_bench(args: argparse.Namespace) -> dict[str, Any]:
                for k in lat}
     p50 = percentile(lat["invoke"], 0.5) / percentile(lat["raw"], 0.5)
     rate = spread(rates["invoke"])["median"] / spread(rates["raw"])["median"]
+    kept_p50 = percentile(lat["invoke"], 0.5) / percentile(lat["raw_kept"], 0.5)
+    kept_rate = spread(rates["invoke"])["median"] / spread(rates["raw_kept"])["median"]
     return {
         "bench": "rpc", "payload_bytes": len(PAYLOAD), "storage": "file",
         "store_results": "never" if args.no_store_results else "default",
         "blocks": args.blocks, "latency_calls": args.n * args.blocks, "throughput_calls": args.throughput_n,
-        "outstanding": args.outstanding, "raw": summary["raw"], "invoke": summary["invoke"],
-        "gateway": summary["gateway"],
+        "outstanding": args.outstanding, "raw": summary["raw"], "raw_kept": summary["raw_kept"],
+        "invoke": summary["invoke"], "gateway": summary["gateway"],
         "ratio_p50": round(p50, 2), "ratio_throughput": round(rate, 2),
+        "ratio_to_raw_kept": {"p50": round(kept_p50, 2), "throughput": round(kept_rate, 2)},
         "targets": {"p50_le_1.2x": p50 <= 1.2, "throughput_ge_0.9x": rate >= 0.9},
     }
 
@@ -287,11 +330,11 @@ def main() -> None:
     ap.add_argument("--blocks", type=int, default=8)
     ap.add_argument("--concurrency", type=int, default=256, help="the function's concurrency in the manifest")
     ap.add_argument("--no-store-results", action="store_true", help="manifest store_results: never")
-    ap.add_argument("--role", choices=["main", "raw-worker"], default="main")
+    ap.add_argument("--role", choices=["main", "raw-worker", "kept-worker"], default="main")
     ap.add_argument("--url", default="")
     args = ap.parse_args()
-    if args.role == "raw-worker":
-        run(raw_worker(args.url))
+    if args.role != "main":
+        run(raw_worker(args.url, kept=args.role == "kept-worker"))
         return
     print(json.dumps(run(main_bench(args))))
 
