@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import json
 import secrets
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -295,6 +296,16 @@ async def runtime_latency(url: str, count: int, workdir: Path) -> dict[str, floa
     return {"p50_ms": round(percentile(lat, 0.5), 3), "p99_ms": round(percentile(lat, 0.99), 3)}
 
 
+def per_rep(results: dict[str, list[float]], base: str) -> dict[str, dict[str, float]]:
+    """Each runtime contender's ratio to ``base`` within each repetition: median, min and max."""
+    out = {}
+    for key in (k for k in results if k.startswith("runtime_")):
+        ratios = [a / b for a, b in zip(results[key], results[base], strict=True)]
+        out[key] = {"median": round(statistics.median(ratios), 2), "min": round(min(ratios), 2),
+                    "max": round(max(ratios), 2)}
+    return out
+
+
 def summary(results: dict[str, list[float]]) -> dict[str, dict[str, int]]:
     return {k: {key: round(v) for key, v in spread(vals).items()} for k, vals in results.items()}
 
@@ -338,6 +349,9 @@ async def main_bench(n: int, reps: int, concurrency: int, store: str | None, sca
         "all_rates": {k: [round(x) for x in v] for k, v in results.items()},
         "ratio_vs_pull_cb": {k: round(med[k] / med["raw_pull_cb"], 2) for k in results if k.startswith("runtime_")},
         "ratio_vs_fetch100": {k: round(med[k] / med["raw_fetch100"], 2) for k in results if k.startswith("runtime_")},
+        # Each repetition runs every contender back to back: its own ratios drift less with the machine.
+        "ratio_per_rep_vs_pull_cb": per_rep(results, "raw_pull_cb"),
+        "ratio_per_rep_vs_fetch100": per_rep(results, "raw_fetch100"),
         "publish_to_start_latency": latency,
         "runtime_peak_rss_kb": max(rss),
         "idle_rss_kb_10_functions": idle,
