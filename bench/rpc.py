@@ -1,6 +1,6 @@
 """Round trips through JetStream: ``Client.invoke`` beside a raw nats-py request-reply loop.
 
-Both contenders run against the same private nats-server in the same run, each with its worker
+All contenders run against the same private nats-server in the same run, each with its worker
 in a separate process, on a file-storage work-queue stream with 64-byte JSON payloads:
   raw:     the client subscribes to its inbox, ``js.publish``es with a reply-to header and awaits
            the matching future; the worker keeps MSG.NEXT pull requests (batch 100) topped up on a
@@ -14,9 +14,11 @@ in a separate process, on a file-storage work-queue stream with 64-byte JSON pay
            called with ``Client.invoke`` (each outcome stored by call id before the call is acked);
   gateway: the same runtime called with a plain nats-py request to ``fn.call.noop`` (for reference).
 Phases: latency one call at a time, then throughput with 100 calls outstanding. The contenders
-take turns in short blocks (ABBA order) so that load from elsewhere on the machine hits both alike.
+take turns in short blocks (ABBA order) so that load from elsewhere on the machine hits all alike.
 With the throughput, the CPU time (µs per call, read from /proc) of the contender's worker process
-(the raw worker, or the runtime), of nats-server and of this process (the caller). Prints one JSON line.
+(the raw worker, or the runtime), of nats-server and of this process (the caller). ``invoke`` is
+compared with ``raw`` (the targets) and with ``raw_kept`` (what the runtime itself adds to the cost
+of its promises). Prints one JSON line.
 """
 
 from __future__ import annotations
