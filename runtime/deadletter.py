@@ -23,7 +23,7 @@ from nats.js.api import ObjectMeta, ObjectMetaOptions
 from nats.js.errors import NotFoundError
 
 from . import headers as H
-from .errors import FnRuntimeError
+from .errors import Expired, FnRuntimeError, FunctionError, InvalidInput, InvocationError, InvocationTimeout, Rejected
 from .logs import call_fields
 from .protocol import kv_stream, kv_subject
 from .streams import DLQ_BODIES_BUCKET, DLQ_PREFIX, ERRORS_BUCKET, INVOKE_STREAM
@@ -262,3 +262,21 @@ async def last_error(js: JetStreamContext, key: int | str, deliveries: int) -> s
     if int(data.get("attempt", 0)) < deliveries:
         return WORKER_LOST
     return str(data.get("error", WORKER_LOST))
+
+
+def failure_of(reason: str, error: str) -> InvocationError:
+    """The caller's error for a dead letter's ``Fn-Reason`` and ``Fn-Error``, as the executor reports it."""
+    type_, sep, message = error.partition(": ")
+    if not sep or not type_.isidentifier():
+        type_, message = "", error
+    if error.startswith("worker lost"):
+        return FunctionError(error, type="worker_lost")
+    if reason == "expired":
+        return Expired(message, type=type_ or None)
+    if reason == "timeout" or type_ == "InvocationTimeout":
+        return InvocationTimeout(message, type=type_ or None)
+    if reason == "invalid_input":
+        return InvalidInput(message, type=type_ or None)
+    if reason == "rejected":
+        return Rejected(message, type=type_ or None)
+    return FunctionError(message, type=type_ or None)

@@ -24,7 +24,7 @@ from nats.js.errors import NoStreamResponseError
 from . import cache, codec, expiry
 from . import headers as H
 from .context import Context
-from .deadletter import dead_letter_headers, record_error, write_dead_letter
+from .deadletter import dead_letter_headers, failure_of, last_error, record_error, write_dead_letter
 from .errors import InvocationError
 from .invocation import Invocation
 from .loader import Handler
@@ -97,6 +97,9 @@ class Executor:
             self.stats.record(outcome_of(refused), None, inv.delivered)
             await self.fail_for_good(inv, refused.reason, refused.error, manifest)
             return
+        if 0 < manifest.retry.max_deliver < inv.delivered:
+            await self._exhausted(inv, manifest)
+            return
         if manifest.cache is not None and (hit := await cache.answer(self.js, manifest, inv, handler.code)) is not None:
             self.stats.record(outcome_of(Ack()), None, inv.delivered)
             await self._succeed(inv, manifest, hit.body, hit)
@@ -130,6 +133,22 @@ class Executor:
             await self._retry(inv, manifest, decision)
         else:
             await self.fail_for_good(inv, decision.reason, decision.error, manifest)
+
+    async def _exhausted(self, inv: Invocation, manifest: FunctionManifest) -> None:
+        """A delivery past the last attempt: the runtime that ran that attempt ended before settling it.
+
+        A trigger's consumer delivers an event once more than ``max_deliver`` for this (see
+        ``triggers.trigger_consumer_config``), so that a live runtime dead-letters it instead of
+        the server's advisory, which is not kept for a stream of the user's own (nor when the store
+        is full). The delivery is not an attempt: the dead letter counts ``max_deliver`` of them,
+        and names the last one's error, or ``worker lost``.
+        """
+        attempts = manifest.retry.max_deliver
+        recorded = await last_error(self.js, inv.error_key, attempts)   # as the mover would name it
+        error = failure_of("max_deliver", recorded)
+        inv.delivered = attempts
+        self.stats.record(outcome_of(DeadLetter("max_deliver", error)), None, attempts)
+        await self.fail_for_good(inv, "max_deliver", error, manifest, described=recorded)
 
     async def _succeed(self, inv: Invocation, manifest: FunctionManifest, body: bytes,
                        response: Response | None = None) -> None:
@@ -175,16 +194,17 @@ class Executor:
         await self.outbox.persist(f"output of call {inv.call_id} to {subject}", publish)
 
     async def fail_for_good(self, inv: Invocation, reason: str, error: InvocationError,
-                            manifest: FunctionManifest | None = None) -> None:
+                            manifest: FunctionManifest | None = None, described: str | None = None) -> None:
         """Dead-letter the message, tell the caller, then terminate it with the reason.
 
-        ``manifest`` is the one the attempt ran with (default: the current one). A dead letter
-        JetStream cannot take yet (a full store) is retried while the message is held, so the
-        message never runs out of deliveries waiting for room.
+        ``manifest`` is the one the attempt ran with (default: the current one); ``described``
+        the dead letter's ``Fn-Error`` (default: the error, described). A dead letter JetStream
+        cannot take yet (a full store) is retried while the message is held, so the message never
+        runs out of deliveries waiting for room.
         """
         manifest = manifest or self.manifest
         error.call_id = inv.call_id
-        described = error.described
+        described = described or error.described
         self.logger.warning("%s failed for good after %d attempt(s) (%s): %s", inv.call_id, inv.delivered,
                             reason, described, extra=fields(inv))
         dead = dead_letter_headers(inv.headers, function=manifest.name, subject=inv.msg.subject,

@@ -35,8 +35,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, ConsumerInfo, RawStreamMsg
 from nats.js.errors import NotFoundError, ServerError
 
 from . import headers as H
-from .deadletter import REASONS, WORKER_LOST, dead_letter_headers, last_error, write_dead_letter
-from .errors import Expired, FunctionError, InvalidInput, InvocationError, InvocationTimeout, Rejected
+from .deadletter import REASONS, WORKER_LOST, dead_letter_headers, failure_of, last_error, write_dead_letter
 from .invocation import error_key, event_call_id
 from .logs import call_fields
 from .outbox import Outbox
@@ -100,24 +99,6 @@ def _milliseconds(timestamp: str) -> str:
     if not match:
         return ""
     return f"{match.group(1)}.{(match.group(2) or '').ljust(3, '0')[:3]}Z"
-
-
-def failure_of(reason: str, error: str) -> InvocationError:
-    """The caller's error for a dead letter's ``Fn-Reason`` and ``Fn-Error``, as the executor reports it."""
-    type_, sep, message = error.partition(": ")
-    if not sep or not type_.isidentifier():
-        type_, message = "", error
-    if error.startswith("worker lost"):
-        return FunctionError(error, type="worker_lost")
-    if reason == "expired":
-        return Expired(message, type=type_ or None)
-    if reason == "timeout" or type_ == "InvocationTimeout":
-        return InvocationTimeout(message, type=type_ or None)
-    if reason == "invalid_input":
-        return InvalidInput(message, type=type_ or None)
-    if reason == "rejected":
-        return Rejected(message, type=type_ or None)
-    return FunctionError(message, type=type_ or None)
 
 
 @dataclass(frozen=True, slots=True)

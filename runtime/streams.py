@@ -348,8 +348,9 @@ OWNED_STREAMS = frozenset({INVOKE_STREAM, DELAYED_STREAM, SLOTS_STREAM, DLQ_STRE
 ADVISORY_SUBJECTS = [
     f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{INVOKE_STREAM}.>",
     f"$JS.EVENT.ADVISORY.CONSUMER.MSG_TERMINATED.{INVOKE_STREAM}.>",
-    # An event a function's runtime never got to settle (it died on every delivery). Those it
-    # settled were dead-lettered by it, and a terminated event is nothing to move.
+    # An event no runtime got to settle, not even on the extra delivery a runtime dead-letters it on
+    # (see triggers.trigger_consumer_config). Those settled were dead-lettered by the runtime, and a
+    # terminated event is nothing to move.
     f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{TRIGGERS_STREAM}.>",
 ]
 RESULTS_BUCKET = "fn_results"

@@ -138,7 +138,11 @@ def trigger_consumer_config(manifest: FunctionManifest, binding: Binding) -> Con
         deliver_policy=DeliverPolicy.NEW,
         ack_policy=AckPolicy.EXPLICIT,
         ack_wait=manifest.effective_ack_wait,
-        max_deliver=manifest.retry.max_deliver,
+        # One delivery more than the attempts: an event whose last attempt was never settled (the
+        # runtime running it died) comes back once more, and a live runtime dead-letters it without
+        # running it (Executor._exhausted). JetStream's advisory alone would not do: FN_EVENTS keeps
+        # none for a stream of the user's own, nor any while the store is full.
+        max_deliver=manifest.retry.max_deliver + 1,
         max_ack_pending=manifest.concurrency,
         max_waiting=512,
         inactive_threshold=EVENT_RETENTION,

@@ -93,8 +93,9 @@ async def test_output_triggers_the_next_function_once_despite_retries(runtime: A
 
 
 async def test_an_event_whose_runtime_died_on_every_delivery_is_dead_lettered(nc: NATS, js: JetStreamContext) -> None:
-    """No runtime settled it (each died holding it): the advisory drives the mover; the event stays
-    in the stream for the functions that still want it."""
+    """No runtime settled it (each died holding it, even on the extra delivery that a live runtime
+    dead-letters without running it): the advisory drives the mover; the event stays in the stream
+    for the functions that still want it."""
     from runtime.manifest import FunctionManifest
     from runtime.mover import DeadLetterMover
     from runtime.streams import provision_base
@@ -108,9 +109,9 @@ async def test_an_event_whose_runtime_died_on_every_delivery_is_dead_lettered(nc
     sub = await js.pull_subscribe_bind(binding.consumer, TRIGGERS_STREAM)
     await nc.publish("orders.created", b'{"id": 7}', headers={"Fn-Note": "kept"})
     async with DeadLetterMover(nc, js):
-        for _ in range(2):   # delivered twice, never settled: a runtime that died with it each time
+        for _ in range(3):   # two attempts and the extra delivery, never settled: a runtime died each time
             [msg] = await sub.fetch(1, timeout=5)
-        # JetStream gives up on it (and says so) when it would deliver it a third time.
+        # JetStream gives up on it (and says so) when it would deliver it a fourth time.
         with contextlib.suppress(nats.errors.TimeoutError):
             await sub.fetch(1, timeout=1)
         listing: list[Any] = []

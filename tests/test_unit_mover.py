@@ -7,8 +7,9 @@ from typing import Any
 
 import pytest
 
+from runtime.deadletter import failure_of
 from runtime.errors import FunctionError, InvalidInput, InvocationTimeout, Rejected
-from runtime.mover import Advisory, _milliseconds, failure_of
+from runtime.mover import Advisory, _milliseconds
 
 # The advisory types as nats-server spells them.
 MAX_DELIVERIES = "io.nats.jetstream.advisory.v1.max_deliver"

@@ -438,7 +438,8 @@ def test_a_trigger_consumer_takes_the_functions_settings() -> None:
     assert config.filter_subject == "orders.>"
     assert config.deliver_policy == DeliverPolicy.NEW
     assert config.ack_policy == AckPolicy.EXPLICIT
-    assert (config.max_deliver, config.max_ack_pending, config.ack_wait) == (4, 7, 5.0)
+    # One delivery more than the attempts, for dead-lettering an event whose last attempt never settled.
+    assert (config.max_deliver, config.max_ack_pending, config.ack_wait) == (5, 7, 5.0)
     assert config.inactive_threshold == EVENT_RETENTION
     assert config.metadata == {"fn-function": "audit", "fn-trigger": "orders-all"}
     assert binding.owned and not Binding("a", "t", "p.x", "PAYMENTS", "c").owned

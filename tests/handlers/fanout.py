@@ -6,6 +6,7 @@ processes can be counted without a lock; ``runs`` reads them all back.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import time
@@ -54,4 +55,11 @@ async def fails_twice(event: dict[str, Any], ctx: Context) -> dict[str, Any]:
     _record(event, ctx, ok=ctx.attempt >= 3)
     if ctx.attempt < 3:
         raise RuntimeError(f"attempt {ctx.attempt} fails")
+    return {"id": event.get("id")}
+
+
+async def record_then_hang(event: dict[str, Any], ctx: Context) -> dict[str, Any]:
+    """Records the run, then waits far past any test: the runtime running it is killed meanwhile."""
+    _record(event, ctx)
+    await asyncio.sleep(3600)
     return {"id": event.get("id")}
