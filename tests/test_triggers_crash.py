@@ -92,3 +92,31 @@ async def test_an_event_whose_runtime_died_on_every_attempt_is_dead_lettered_by_
 
 async def _messages(js: JetStreamContext, stream: str, count: int) -> bool:
     return (await js.stream_info(stream)).state.messages == count
+
+
+
+async def test_a_trigger_consumer_made_with_as_many_deliveries_as_attempts_gets_the_extra_one_at_start(
+        runtime: Any, js: JetStreamContext, scratch: Path) -> None:
+    """A consumer made before triggers had the extra delivery (max_deliver = attempts) is updated
+    in place when a runtime serving the function starts, and the event it held still runs."""
+    import dataclasses
+
+    from runtime.manifest import FunctionManifest
+    from runtime.streams import provision_base
+    from runtime.triggers import Binding, consumer_name, trigger_consumer_config
+
+    await provision_base(js)
+    await js.add_stream(StreamConfig(name="PAYMENTS", subjects=["payments.>"], storage=StorageType.FILE,
+                                     retention=RetentionPolicy.LIMITS))
+    manifest = FunctionManifest.model_validate({
+        "name": "payout", "handler": "tests.handlers.fanout:record", "retry": {"max_deliver": 2},
+        "triggers": [{"subject": "payments.settled", "stream": "PAYMENTS"}]})
+    name = consumer_name("payout", "payments-settled")
+    binding = Binding("payout", "payments-settled", "payments.settled", "PAYMENTS", name)
+    await js.add_consumer("PAYMENTS", dataclasses.replace(trigger_consumer_config(manifest, binding), max_deliver=2))
+    await js.publish("payments.settled", b'{"id": 1}')
+
+    await runtime({"trust": ("tests",)}, payout=MANIFEST.replace("record_then_hang", "record")
+                  + "    stream: PAYMENTS\n")
+    assert (await js.consumer_info("PAYMENTS", name)).config.max_deliver == 3
+    await eventually(lambda: [r["id"] for r in runs(scratch, "payout")] == [1])
