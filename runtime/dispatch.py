@@ -131,9 +131,7 @@ class PriorityFeed:
             return
         for fetch in list(self._by_tag.values()):
             self._finish(fetch)
-        for level in priority.LEVELS:
-            if not self.maybe[level]:
-                self._wake(level)
+        self._wake_empty()
         self._kick()
 
     async def stop(self) -> None:
@@ -249,9 +247,7 @@ class PriorityFeed:
                 # Invocations held by a runtime that died come back after ack_wait, with no bell;
                 # and a bell is a hint, not a promise (see _ended).
                 last_poll = now
-                for level in priority.LEVELS:
-                    if not self.maybe[level]:
-                        self._wake(level)
+                self._wake_empty()
 
     async def _check_contention(self) -> None:
         if self.slot_feed.held < self.concurrency:
@@ -438,6 +434,12 @@ class PriorityFeed:
                 self._last_ring[level] = time.monotonic()
                 self._wake(level)
         return ring
+
+    def _wake_empty(self) -> None:
+        """Look again at every level found empty: a bell may have been missed, or never rung."""
+        for level in priority.LEVELS:
+            if not self.maybe[level]:
+                self._wake(level)
 
     def _wake(self, level: int) -> None:
         self.maybe[level] = True

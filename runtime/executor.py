@@ -97,7 +97,7 @@ class Executor:
             self.stats.record(outcome_of(refused), None, inv.delivered)
             await self.fail_for_good(inv, refused.reason, refused.error, manifest)
             return
-        if 0 < manifest.retry.max_deliver < inv.delivered:
+        if inv.delivered > manifest.retry.max_deliver:
             await self._exhausted(inv, manifest)
             return
         if manifest.cache is not None and (hit := await cache.answer(self.js, manifest, inv, handler.code)) is not None:

@@ -293,14 +293,19 @@ CONSUMER_CREATE_TIMEOUT = 20.0   # seconds; see ensure_consumer
 _LIST_PAGE = 256   # consumers per JetStream list reply
 
 
-async def invoke_consumers(js: JetStreamContext) -> list[ConsumerInfo]:
-    """Every consumer of ``FN`` (a function has one per priority level), all pages of the list."""
+async def all_consumers(js: JetStreamContext, stream: str) -> list[ConsumerInfo]:
+    """Every consumer of ``stream``, all pages of the list."""
     infos: list[ConsumerInfo] = []
     while True:
-        page = await js.consumers_info(INVOKE_STREAM, offset=len(infos) or None)
+        page = await js.consumers_info(stream, offset=len(infos) or None)
         infos.extend(page)
         if len(page) < _LIST_PAGE:
             return infos
+
+
+async def invoke_consumers(js: JetStreamContext) -> list[ConsumerInfo]:
+    """Every consumer of ``FN`` (a function has one per priority level)."""
+    return await all_consumers(js, INVOKE_STREAM)
 
 
 async def ensure_slots(js: JetStreamContext, manifest: FunctionManifest) -> None:

@@ -37,7 +37,7 @@ from nats.js.errors import APIError, NotFoundError
 from .errors import ConfigError
 from .manifest import OWN_STREAM, FunctionManifest, TriggerSpec
 from .streams import TRIGGERS_STREAM as TRIGGERS_STREAM
-from .streams import ensure_stream
+from .streams import all_consumers, ensure_stream
 from .subjects import conflicts, covers, minimal_cover, overlaps
 from .sweep import filter_subjects
 
@@ -233,7 +233,7 @@ def _captured(info: StreamInfo) -> list[str]:
 async def _read_subjects(js: JetStreamContext) -> list[str] | None:
     """The subjects the consumers of ``FN_TRIGGERS`` read, whoever made them; None if one reads all."""
     subjects: list[str] = []
-    for info in await _consumers(js, TRIGGERS_STREAM):
+    for info in await all_consumers(js, TRIGGERS_STREAM):
         filters = filter_subjects(info.config)
         if not filters:
             return None
@@ -381,17 +381,7 @@ async def drop(js: JetStreamContext, function: str, spec: TriggerSpec) -> bool:
 
 async def trigger_consumers(js: JetStreamContext, stream: str) -> list[ConsumerInfo]:
     """Every trigger consumer of ``stream``."""
-    return [i for i in await _consumers(js, stream) if parse_consumer(i.name or "")]
-
-
-async def _consumers(js: JetStreamContext, stream: str) -> list[ConsumerInfo]:
-    """Every consumer of ``stream``, page after page."""
-    infos: list[ConsumerInfo] = []
-    while True:
-        page = await js.consumers_info(stream, offset=len(infos) or None)
-        infos.extend(page)
-        if len(page) < _LIST_PAGE:
-            return infos
+    return [i for i in await all_consumers(js, stream) if parse_consumer(i.name or "")]
 
 
 async def find_binding(js: JetStreamContext, function: str, spec: TriggerSpec,
