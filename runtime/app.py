@@ -251,7 +251,7 @@ class Runtime:
             components.append(self.scheduler)
         if self.settings.dead_letters:
             components.append(DeadLetterMover(*self.connection, store_results=self._stores_results,
-                                              outbox=self.outbox))
+                                              attempts=self._attempts, outbox=self.outbox))
         if self.settings.gateway:
             components.append(Gateway(self.state))
         if self.http_gateway is not None:
@@ -267,6 +267,10 @@ class Runtime:
 
     def _stores_results(self, name: str, call: Call) -> bool:
         return should_store(self.state.deployed.get(name), call)
+
+    def _attempts(self, name: str) -> int | None:
+        manifest = self.state.deployed.get(name)
+        return None if manifest is None else manifest.retry.max_deliver
 
     async def apply(self, manifest: FunctionManifest) -> None:
         """Serve ``manifest``'s function, or apply its new settings if already served."""

@@ -10,6 +10,9 @@ finish: fetch the original from ``FN`` → write the dead letter (deterministic
 ``Nats-Msg-Id``, so a second write is dropped) → tell the caller → delete the original →
 ack the advisory. A message already gone from ``FN`` was terminated by a runtime that
 wrote its dead letter itself, or was moved before: the advisory is just acknowledged.
+A trigger's event that ran out of deliveries (on ``FN_TRIGGERS``, or on a stream of the user's
+own whose advisories ``FN_EVENTS`` keeps: see ``streams.capture_advisories``) is moved the same
+way, except that it stays in its stream for the other functions it triggers.
 
 An advisory the server could not store (the store was full) is lost, and its message would
 stay in ``FN`` for good, delivered no more. So the mover also sweeps ``FN`` (``sweep.py``), on
@@ -42,7 +45,7 @@ from .outbox import Outbox
 from .priority import function_of_consumer
 from .protocol import ADVISORY_MAX_DELIVERIES, ADVISORY_TERMINATED, NO_MESSAGE_FOUND, fallback_call_id
 from .results import Call, Response, should_store
-from .streams import DLQ_STREAM, EVENTS_STREAM, INVOKE_STREAM, TRIGGERS_STREAM
+from .streams import DLQ_STREAM, EVENTS_STREAM, INVOKE_STREAM
 from .sweep import SWEEP_LIMIT, sweep_exhausted
 from .triggers import parse_consumer
 from .wire import call_id_for
@@ -74,7 +77,10 @@ class Advisory:
             raw: dict[str, Any] = json.loads(data)
             kind, stream, consumer = raw.get("type"), raw.get("stream"), str(raw["consumer"])
             trigger = None
-            if stream == TRIGGERS_STREAM and kind == ADVISORY_MAX_DELIVERIES and parse_consumer(consumer):
+            if (isinstance(stream, str) and stream and stream != INVOKE_STREAM and kind == ADVISORY_MAX_DELIVERIES
+                    and parse_consumer(consumer)):
+                # A trigger's consumer, on FN_TRIGGERS or on a stream of the user's own
+                # (``FN_EVENTS`` keeps no other advisory of those streams that matters here).
                 function, trigger = parse_consumer(consumer) or ("", "")
             elif kind in (ADVISORY_MAX_DELIVERIES, ADVISORY_TERMINATED) and stream == INVOKE_STREAM:
                 function = function_of_consumer(consumer)
@@ -114,12 +120,14 @@ class DeadLetterMover:
 
     def __init__(self, nc: NATS, js: JetStreamContext, *,
                  store_results: Callable[[str, Call], bool] = lambda _, call: should_store(None, call),
+                 attempts: Callable[[str], int | None] = lambda _: None,
                  batch: int = 128, ack_wait: float = 30.0, sweep_interval: float = SWEEP_INTERVAL,
                  sweep_limit: int = SWEEP_LIMIT, outbox: Outbox | None = None) -> None:
         self.nc = nc
         self.js = js
         self.outbox = outbox or Outbox(nc, js)
         self.store_results = store_results
+        self.attempts = attempts   # a function's retry.max_deliver, if known
         self.batch = batch
         self.ack_wait = ack_wait
         self.sweep_interval = sweep_interval
@@ -270,14 +278,20 @@ class DeadLetterMover:
             except NotFoundError:
                 return False
         hdrs = dict(original.headers or {})
+        deliveries = advisory.deliveries
         if event:
             # The call id the runtime gave that event for that function (see Invocation.from_event).
             call_id = event_call_id(advisory.function, advisory.trigger or "", seq)
+            # Its consumer delivers once more than the attempts (see triggers.trigger_consumer_config):
+            # that delivery was never an attempt, so the dead letter counts the attempts.
+            allowed = self.attempts(advisory.function)
+            if allowed is not None:
+                deliveries = min(deliveries, allowed)
         else:
             call_id = call_id_for(hdrs.get(H.CALL_ID) or hdrs.get(H.MSG_ID)) or fallback_call_id(INVOKE_STREAM, seq)
-        error = await last_error(self.js, error_key(advisory.stream, seq, advisory.function), advisory.deliveries)
+        error = await last_error(self.js, error_key(advisory.stream, seq, advisory.function), deliveries)
         dead = dead_letter_headers(hdrs, function=advisory.function, subject=original.subject or "", seq=seq,
-                                   deliveries=advisory.deliveries, reason=advisory.dead_letter_reason,
+                                   deliveries=deliveries, reason=advisory.dead_letter_reason,
                                    error=error, call_id=call_id, stream=advisory.stream, trigger=advisory.trigger)
         if advisory.timestamp:
             dead[H.FAILED_AT] = advisory.timestamp
@@ -301,8 +315,8 @@ class DeadLetterMover:
             # Other functions may still want the event: it stays, and goes once they have it (or its age).
             self.moved += 1
             log.warning("dead-lettered event %d of %s for %s after %d deliveries: %s", seq, advisory.stream,
-                        advisory.function, advisory.deliveries, stored_hdrs.get(H.ERROR, error),
-                        extra=call_fields(advisory.function, call_id, advisory.deliveries, seq))
+                        advisory.function, deliveries, stored_hdrs.get(H.ERROR, error),
+                        extra=call_fields(advisory.function, call_id, deliveries, seq))
             return True
         try:
             await self.js.delete_msg(INVOKE_STREAM, seq)

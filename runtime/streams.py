@@ -350,14 +350,18 @@ TRIGGERS_STREAM = "FN_TRIGGERS"   # events for function triggers (see triggers.p
 # The streams every runtime creates (besides the KV_ and OBJ_ streams of its buckets). FN_TRIGGERS
 # is the runtime's too, created with the first trigger.
 OWNED_STREAMS = frozenset({INVOKE_STREAM, DELAYED_STREAM, SLOTS_STREAM, DLQ_STREAM, EVENTS_STREAM})
+MAX_DELIVERIES_ADVISORIES = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES."
 ADVISORY_SUBJECTS = [
-    f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{INVOKE_STREAM}.>",
+    f"{MAX_DELIVERIES_ADVISORIES}{INVOKE_STREAM}.>",
     f"$JS.EVENT.ADVISORY.CONSUMER.MSG_TERMINATED.{INVOKE_STREAM}.>",
     # An event no runtime got to settle, not even on the extra delivery a runtime dead-letters it on
     # (see triggers.trigger_consumer_config). Those settled were dead-lettered by the runtime, and a
-    # terminated event is nothing to move.
-    f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{TRIGGERS_STREAM}.>",
+    # terminated event is nothing to move. A stream of the user's own that triggers read from is
+    # added with its first trigger (see capture_advisories).
+    f"{MAX_DELIVERIES_ADVISORIES}{TRIGGERS_STREAM}.>",
 ]
+OVERLAPS_OTHER_STREAM = 10065   # JetStream's "subjects overlap with an existing stream"
+ADVISORY_UPDATES = 5            # tries at adding a subject to FN_EVENTS while other runtimes change it
 RESULTS_BUCKET = "fn_results"
 ERRORS_BUCKET = "fn_errors"
 DLQ_BODIES_BUCKET = "fn_dlq_bodies"  # the full originals of dead letters too large to carry them
@@ -383,16 +387,62 @@ def dlq_stream_config(retention: float = 30 * DAY, replicas: int = 1) -> StreamC
     )
 
 
-def events_stream_config(replicas: int = 1) -> StreamConfig:
-    """``FN_EVENTS``: the consumer advisories that drive the dead-letter mover."""
+def events_stream_config(replicas: int = 1, streams: list[str] | None = None) -> StreamConfig:
+    """``FN_EVENTS``: the consumer advisories that drive the dead-letter mover; ``streams``:
+    the user's streams whose consumers' ``MAX_DELIVERIES`` advisories it also keeps."""
     return StreamConfig(
         name=EVENTS_STREAM,
-        subjects=ADVISORY_SUBJECTS,
+        subjects=[*ADVISORY_SUBJECTS, *(trigger_advisories(name) for name in streams or [])],
         retention=RetentionPolicy.WORK_QUEUE,
         storage=StorageType.FILE,
         max_age=30 * DAY,
         num_replicas=replicas,
     )
+
+
+def trigger_advisories(stream: str) -> str:
+    """The subject of the ``MAX_DELIVERIES`` advisories of ``stream``'s consumers."""
+    return f"{MAX_DELIVERIES_ADVISORIES}{stream}.*"
+
+
+def advised_streams(config: StreamConfig) -> list[str]:
+    """The user's streams ``FN_EVENTS`` (``config``) keeps ``MAX_DELIVERIES`` advisories of."""
+    own = {INVOKE_STREAM, TRIGGERS_STREAM}
+    return [name for subject in config.subjects or []
+            if subject.startswith(MAX_DELIVERIES_ADVISORIES) and subject.endswith(".*")
+            and (name := subject[len(MAX_DELIVERIES_ADVISORIES):-2]) not in own]
+
+
+async def capture_advisories(js: JetStreamContext, stream: str) -> bool:
+    """Make ``FN_EVENTS`` keep the ``MAX_DELIVERIES`` advisories of ``stream``'s consumers.
+
+    A trigger's event whose runtimes all died holding it, even on the extra delivery (see
+    ``triggers.trigger_consumer_config``), is then dead-lettered by the mover, as one of
+    ``FN_TRIGGERS`` is. Best effort: False (with a warning) when another stream already
+    captures those advisories, or ``FN_EVENTS`` kept changing; the trigger works all the same.
+    """
+    subject = trigger_advisories(stream)
+    for _ in range(ADVISORY_UPDATES):
+        try:
+            info = await js.stream_info(EVENTS_STREAM)
+        except NotFoundError:
+            return False   # made by the next runtime start, which keeps what triggers need
+        subjects = list(info.config.subjects or [])
+        if subject in subjects:
+            return True
+        info.config.subjects = [*subjects, subject]
+        try:
+            await js.update_stream(info.config)
+        except APIError as exc:
+            if exc.err_code == OVERLAPS_OTHER_STREAM:
+                log.warning("%s cannot keep the advisories of stream %s's consumers (%s): an event of a trigger "
+                            "on %s whose runtimes all die while holding it is not dead-lettered", EVENTS_STREAM,
+                            stream, exc.description, stream)
+                return False
+            await asyncio.sleep(0.05)   # raced by another runtime changing FN_EVENTS: read it again
+    log.warning("%s kept changing while the advisories of stream %s were added to it; the next deploy or "
+                "runtime start adds them", EVENTS_STREAM, stream)
+    return False
 
 
 def kv_stream_config(bucket: str, history: int = 1, ttl: float | None = None,
@@ -456,7 +506,11 @@ async def _provision(js: JetStreamContext, *, results_ttl: float, dlq_retention:
     await ensure_stream(js, slots_stream_config(replicas))
     await ensure_stream(js, dlq_stream_config(dlq_retention, replicas))
     await ensure_stream(js, object_stream_config(DLQ_BODIES_BUCKET, ttl=dlq_retention, replicas=replicas))
-    await ensure_stream(js, events_stream_config(replicas))
+    try:   # keeping the advisories of the user's streams that triggers read from
+        advised = advised_streams((await js.stream_info(EVENTS_STREAM)).config)
+    except NotFoundError:
+        advised = []
+    await ensure_stream(js, events_stream_config(replicas, advised))
     await ensure_kv(js, RESULTS_BUCKET, ttl=results_ttl, replicas=replicas)
     await ensure_kv(js, ERRORS_BUCKET, ttl=DAY, replicas=replicas)
     await ensure_kv(js, MANIFESTS_BUCKET, history=16, replicas=replicas)

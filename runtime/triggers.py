@@ -36,8 +36,8 @@ from nats.js.errors import APIError, NotFoundError
 
 from .errors import ConfigError
 from .manifest import OWN_STREAM, FunctionManifest, TriggerSpec
+from .streams import OVERLAPS_OTHER_STREAM, all_consumers, capture_advisories, ensure_stream
 from .streams import TRIGGERS_STREAM as TRIGGERS_STREAM
-from .streams import all_consumers, ensure_stream
 from .subjects import conflicts, covers, minimal_cover, overlaps
 from .sweep import filter_subjects
 
@@ -140,8 +140,10 @@ def trigger_consumer_config(manifest: FunctionManifest, binding: Binding) -> Con
         ack_wait=manifest.effective_ack_wait,
         # One delivery more than the attempts: an event whose last attempt was never settled (the
         # runtime running it died) comes back once more, and a live runtime dead-letters it without
-        # running it (Executor._exhausted). JetStream's advisory alone would not do: FN_EVENTS keeps
-        # none for a stream of the user's own, nor any while the store is full.
+        # running it (Executor._exhausted). JetStream's advisory alone would not do: none is kept
+        # while the store is full, nor for a stream of the user's own whose advisories another
+        # stream captures (see streams.capture_advisories). It covers a runtime that dies on that
+        # extra delivery too: the mover dead-letters the event then.
         max_deliver=manifest.retry.max_deliver + 1,
         max_ack_pending=manifest.concurrency,
         max_waiting=512,
@@ -308,7 +310,7 @@ async def ensure_captured(js: JetStreamContext, subjects: list[str], replicas: i
                 await js.update_stream(config)
                 log.info("stream %s now captures %s", TRIGGERS_STREAM, ", ".join(wanted))
         except APIError as exc:
-            if exc.err_code == 10065:   # overlaps another stream created meanwhile
+            if exc.err_code == OVERLAPS_OTHER_STREAM:   # another stream created meanwhile
                 raise TriggerError(f"cannot capture {', '.join(subjects)}: {exc.description}") from None
             # Raced by another runtime adding its subjects: read again.
             log.debug("updating %s failed (%s); trying again", TRIGGERS_STREAM, exc)
@@ -342,9 +344,11 @@ async def _bind_one(js: JetStreamContext, manifest: FunctionManifest, spec: Trig
     stream = choose_stream(manifest.name, spec, streams)
     if stream == TRIGGERS_STREAM:
         await ensure_captured(js, [spec.subject], replicas)
-    elif spec.stream is None:
-        log.info("trigger %s of %s consumes %s from stream %s, which captures it", spec.trigger_name,
-                 manifest.name, spec.subject, stream)
+    else:
+        if spec.stream is None:
+            log.info("trigger %s of %s consumes %s from stream %s, which captures it", spec.trigger_name,
+                     manifest.name, spec.subject, stream)
+        await capture_advisories(js, stream)
     binding = Binding(manifest.name, spec.trigger_name, spec.subject, stream,
                       consumer_name(manifest.name, spec.trigger_name))
     await add_consumer(js, manifest, binding)

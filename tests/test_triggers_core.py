@@ -92,23 +92,31 @@ async def test_output_triggers_the_next_function_once_despite_retries(runtime: A
     assert sorted(s["event"]["from"]["id"] for s in events.seen["after"]) == list(range(10))
 
 
-async def test_an_event_whose_runtime_died_on_every_delivery_is_dead_lettered(nc: NATS, js: JetStreamContext) -> None:
+@pytest.mark.parametrize("stream", [TRIGGERS_STREAM, "PAYMENTS"])
+async def test_an_event_whose_runtime_died_on_every_delivery_is_dead_lettered(nc: NATS, js: JetStreamContext,
+                                                                               stream: str) -> None:
     """No runtime settled it (each died holding it, even on the extra delivery that a live runtime
-    dead-letters without running it): the advisory drives the mover; the event stays in the stream
-    for the functions that still want it."""
+    dead-letters without running it): the advisory drives the mover, for the runtime's event stream
+    and for a stream of the user's own alike. The dead letter counts the attempts, not the extra
+    delivery; the event stays in its stream for the functions that still want it."""
     from runtime.manifest import FunctionManifest
     from runtime.mover import DeadLetterMover
     from runtime.streams import provision_base
     from runtime.triggers import bind
 
     await provision_base(js)
+    trigger: dict[str, Any] = {"subject": "orders.>"}
+    if stream != TRIGGERS_STREAM:
+        await js.add_stream(name=stream, subjects=["orders.>"])
+        trigger["stream"] = stream
     manifest = FunctionManifest.model_validate({
         "name": "lost", "handler": "tests.handlers.events:audit", "ack_wait": 0.3,
-        "retry": {"max_deliver": 2}, "triggers": [{"subject": "orders.>"}]})
+        "retry": {"max_deliver": 2}, "triggers": [trigger]})
     [binding] = await bind(js, manifest)
-    sub = await js.pull_subscribe_bind(binding.consumer, TRIGGERS_STREAM)
+    assert binding.stream == stream
+    sub = await js.pull_subscribe_bind(binding.consumer, stream)
     await nc.publish("orders.created", b'{"id": 7}', headers={"Fn-Note": "kept"})
-    async with DeadLetterMover(nc, js):
+    async with DeadLetterMover(nc, js, attempts={"lost": 2}.get):
         for _ in range(3):   # two attempts and the extra delivery, never settled: a runtime died each time
             [msg] = await sub.fetch(1, timeout=5)
         # JetStream gives up on it (and says so) when it would deliver it a fourth time.
@@ -122,11 +130,42 @@ async def test_an_event_whose_runtime_died_on_every_delivery_is_dead_lettered(nc
         await eventually(letter)
     stored = await dlq.get_dead_letter(js, listing[0].seq)
     assert stored.reason == "max_deliver"
+    assert stored.headers["Fn-Deliveries"] == "2"
+    assert stored.headers["Fn-Error"].startswith("worker lost")
     assert stored.headers["Fn-Trigger"] == "orders-all" and stored.headers["Fn-Note"] == "kept"
     assert stored.headers["Fn-Original-Subject"] == "orders.created"
     assert stored.body == b'{"id": 7}'
     assert msg.data == b'{"id": 7}'
-    assert (await js.stream_info(TRIGGERS_STREAM)).state.messages == 1
+    assert (await js.stream_info(stream)).state.messages == 1
+
+
+async def test_fn_events_keeps_the_advisories_of_a_users_stream_unless_another_stream_captures_them(
+        js: JetStreamContext, caplog: pytest.LogCaptureFixture) -> None:
+    """A trigger on a stream of the user's own adds that stream's advisories to FN_EVENTS, and a
+    runtime start keeps them. Where a stream of the user's already captures them, the trigger is
+    bound all the same, with a warning."""
+    from runtime.manifest import FunctionManifest
+    from runtime.streams import EVENTS_STREAM, provision_base, trigger_advisories
+    from runtime.triggers import bind
+
+    await provision_base(js)
+    await js.add_stream(name="PAYMENTS", subjects=["payments.>"])
+    await js.add_stream(name="LEDGER", subjects=["ledger.>"])
+    await js.add_stream(name="LEDGER_FAILURES", subjects=[trigger_advisories("LEDGER")])   # the user's own
+    manifest = FunctionManifest.model_validate({
+        "name": "books", "handler": "tests.handlers.events:audit",
+        "triggers": [{"subject": "payments.>", "stream": "PAYMENTS"}, {"subject": "ledger.>", "stream": "LEDGER"}]})
+    bindings = await bind(js, manifest)
+    assert [b.stream for b in bindings] == ["PAYMENTS", "LEDGER"]
+
+    async def subjects() -> list[str]:
+        return list((await js.stream_info(EVENTS_STREAM)).config.subjects or [])
+    assert trigger_advisories("PAYMENTS") in await subjects()
+    assert trigger_advisories("LEDGER") not in await subjects()
+    assert any("LEDGER" in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
+    await provision_base(js)   # what every runtime start does
+    assert trigger_advisories("PAYMENTS") in await subjects()
+    assert (await js.stream_info("LEDGER_FAILURES")).config.subjects == [trigger_advisories("LEDGER")]
 
 
 async def test_a_trigger_taken_out_of_its_manifest_loses_its_consumer(js: JetStreamContext) -> None:

@@ -67,6 +67,23 @@ def test_advisories_of_other_streams_are_ignored(stream: str | None) -> None:
     assert Advisory.parse(advisory(stream=stream)) is None
 
 
+@pytest.mark.parametrize("stream", ["FN_TRIGGERS", "PAYMENTS"])
+def test_a_trigger_consumers_max_deliveries_advisory_names_function_and_trigger(stream: str) -> None:
+    parsed = Advisory.parse(advisory(stream=stream, consumer="fn_payout_ON_payments-all"))
+    assert parsed is not None
+    assert (parsed.stream, parsed.function, parsed.trigger, parsed.stream_seq) == (stream, "payout", "payments-all", 17)
+
+
+@pytest.mark.parametrize(("stream", "consumer", "type_"), [
+    ("PAYMENTS", "billing", MAX_DELIVERIES),                          # the user's own consumer
+    ("PAYMENTS", "fn_payout_ON_payments-all", TERMINATED),            # terminated: settled by a runtime
+    ("FN_TRIGGERS", "fn_payout_ON_payments-all", TERMINATED),
+    (None, "fn_payout_ON_payments-all", MAX_DELIVERIES),
+])
+def test_other_advisories_of_event_streams_are_ignored(stream: str | None, consumer: str, type_: str) -> None:
+    assert Advisory.parse(advisory(stream=stream, consumer=consumer, type=type_)) is None
+
+
 @pytest.mark.parametrize("data", [
     b"", b"{", b"not json", b"\xff\xfe", b"null", b"[]", b'"max_deliver"', b"17",
 ])
