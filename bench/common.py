@@ -126,9 +126,10 @@ async def drain_time(js: JetStreamContext, stream: str, consumer: str, n: int, d
 
 
 async def drain_rate(js: JetStreamContext, stream: str, consumer: str, n: int, low: float = 0.2, high: float = 0.9,
-                     deadline: float = 180.0) -> float:
+                     deadline: float = 180.0, meter: CpuMeter | None = None) -> float:
     """Acks per second while the acked share of the last ``n`` messages went from ``low`` to ``high``,
-    seen from the server (10 ms polling): start-up and the tail do not count."""
+    seen from the server (10 ms polling): start-up and the tail do not count. ``meter`` is started
+    at ``low``; read it for the ``(high - low) * n`` messages in between."""
     marks: dict[float, float] = {}
     limit = time.monotonic() + deadline
     while time.monotonic() < limit:
@@ -138,6 +139,8 @@ async def drain_rate(js: JetStreamContext, stream: str, consumer: str, n: int, l
         for share in (low, high):
             if share not in marks and done >= share * n:
                 marks[share] = now
+                if share == low and meter is not None:
+                    meter.start()
         if high in marks:
             if low not in marks or marks[high] - marks[low] < 0.05:
                 raise RuntimeError("the drain went by faster than polling can time it: increase -n")

@@ -11,7 +11,9 @@ no-op, an ack per message.
     `Client.submit` sends them: each outcome is stored, and acked only once JetStream has it.
 Every repetition runs each contender once; the JSON line gives medians, min and max of the same run.
 Then one runtime process against two on 3x the messages, timed over the middle 20-90% of the
-drain (so that the processes' start-up does not count), the resident memory of an idle runtime
+drain (so that the processes' start-up does not count), with the CPU time per invocation of the
+runtimes and of nats-server over the same part and the cores they kept busy (if one process
+already keeps most of them busy, two cannot do much better), the resident memory of an idle runtime
 serving 10 functions, publish-to-start latency at light load and the runtime's peak RSS.
 With --secure, instead: the runtime on a plain server against the runtime on a server that
 requires TLS and a user/password, in the same run. Prints one JSON line.
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import secrets
 import statistics
 import subprocess
@@ -37,6 +40,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StorageType,
 
 from bench.common import (
     PAYLOAD,
+    CpuMeter,
     drain_rate,
     drain_time,
     log,
@@ -153,10 +157,12 @@ def manifest(name: str, concurrency: int, store: str | bool | None, handler: str
 
 async def runtime_rate(url: str, n: int, concurrency: int, store: str | bool | None, workdir: Path,
                        secure: SecureServer | None = None, http: str | None = None,
-                       processes: int = 1, steady: bool = False, ids: bool = False) -> tuple[float, int]:
+                       processes: int = 1, steady: bool = False, ids: bool = False,
+                       cpu: dict[str, float] | None = None, server_pid: int | None = None) -> tuple[float, int]:
     """Invocations/s of ``processes`` runtime processes draining ``n`` pre-filled invocations,
-    and the largest peak RSS among them. ``steady``: timed over the middle of the drain only;
-    ``ids``: every invocation carries a call id (so its outcome is stored before it is acked)."""
+    and the largest peak RSS among them. ``steady``: timed over the middle of the drain only,
+    with the CPU time per invocation (µs) of the runtimes together and of nats-server put in
+    ``cpu``; ``ids``: every invocation carries a call id (so its outcome is stored before it is acked)."""
     manifests = workdir / "manifests"
     manifests.mkdir(exist_ok=True)
     (manifests / "noop.yaml").write_text(manifest("noop", concurrency, store))
@@ -170,7 +176,13 @@ async def runtime_rate(url: str, n: int, concurrency: int, store: str | bool | N
     scraper = asyncio.create_task(scrape_forever(http)) if http else None
     try:
         if steady:
-            rate = await drain_rate(js, "FN", "noop", n)
+            assert server_pid is not None
+            meter = CpuMeter({**{f"runtime{i}": proc.pid for i, proc in enumerate(procs)}, "nats_server": server_pid})
+            rate = await drain_rate(js, "FN", "noop", n, meter=meter)
+            used = meter.per_call(round(0.7 * n))
+            if cpu is not None:
+                cpu["runtimes_us"] = sum(v for k, v in used.items() if k.startswith("runtime"))
+                cpu["nats_server_us"] = used["nats_server"]
         else:
             rate = n / await drain_time(js, "FN", "noop", n)
         rss = max(rss_peak_kb(proc.pid) for proc in procs)
@@ -319,6 +331,7 @@ async def main_bench(n: int, reps: int, concurrency: int, store: str | None, sca
     if store is not None:   # --no-store-results: one more contender
         results[f"runtime_{store}"] = []
     scale: dict[str, list[float]] = {"one_process": [], "two_processes": []}
+    scale_cpu: dict[str, list[dict[str, float]]] = {"one_process": [], "two_processes": []}
     rss: list[int] = []
     try:
         with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
@@ -333,9 +346,13 @@ async def main_bench(n: int, reps: int, concurrency: int, store: str | None, sca
                     results[key].append(rate)
                     rss.append(peak)
                 if scaleout:
+                    assert server.proc is not None
                     for procs, key in ((1, "one_process"), (2, "two_processes")):
+                        cpu: dict[str, float] = {}
                         scale[key].append((await runtime_rate(server.url, 3 * n, concurrency, None, workdir,
-                                                              processes=procs, steady=True))[0])
+                                                              processes=procs, steady=True, cpu=cpu,
+                                                              server_pid=server.proc.pid))[0])
+                        scale_cpu[key].append(cpu)
                 log(f"rep {rep}: " + ", ".join(f"{k}={v[-1]:.0f}/s" for k, v in {**results, **scale}.items() if v))
             latency = await runtime_latency(server.url, 300, workdir)
             idle = await idle_rss(server.url, workdir)
@@ -361,6 +378,18 @@ async def main_bench(n: int, reps: int, concurrency: int, store: str | None, sca
         out["scaleout_all_rates"] = {k: [round(x) for x in v] for k, v in scale.items()}
         out["ratio_two_vs_one_process"] = round(spread(scale["two_processes"])["median"]
                                                 / spread(scale["one_process"])["median"], 2)
+        # Where the time goes: CPU per invocation, and the cores the runtimes and the server kept
+        # busy (CPU per invocation times rate). With every core busy at the cost per invocation of
+        # one process, two processes could reach at most cores / cores busy with one.
+        busy = {k: [(c["runtimes_us"] + c["nats_server_us"]) * r / 1e6 for c, r in zip(scale_cpu[k], scale[k],
+                                                                                       strict=True)]
+                for k in scale}
+        out["scaleout_cpu_us_per_invocation"] = {
+            k: {part: round(statistics.median(c[part] for c in scale_cpu[k]), 1)
+                for part in ("runtimes_us", "nats_server_us")} for k in scale}
+        out["scaleout_cores_busy"] = {k: round(statistics.median(v), 2) for k, v in busy.items()}
+        cores = os.cpu_count() or 1
+        out["two_vs_one_ceiling_at_full_cores"] = round(cores / statistics.median(busy["one_process"]), 2)
     return out
 
 
