@@ -165,7 +165,7 @@ class Registry:
             if isinstance(manifest, FunctionManifest):
                 await ensure_consumer(self.js, manifest)
                 await self._drop_removed_triggers(manifest)
-                await triggers.bind(self.js, with_triggers(manifest, standalone), self.replicas)
+                await triggers.bind(self.js, with_triggers(manifest, standalone), self.replicas, advisories=False)
             elif isinstance(manifest, TriggerManifest):
                 await self._bind_standalone(manifest, manifests)
             results.append(await self._deploy_one(key, Deployment(manifest, code, source=source)))
@@ -197,7 +197,8 @@ class Registry:
             function = dep.manifest if dep is not None and isinstance(dep.manifest, FunctionManifest) else None
         if function is None:
             raise RegistryError(f"trigger {trigger.name} targets function {trigger.function!r}, which is not deployed")
-        await triggers.bind(self.js, function.model_copy(update={"triggers": [trigger.spec()]}), self.replicas)
+        await triggers.bind(self.js, function.model_copy(update={"triggers": [trigger.spec()]}), self.replicas,
+                            advisories=False)
 
     async def _deploy_one(self, key: str, new: Deployment) -> DeployResult:
         name, kind = new.manifest.name, new.manifest.kind
@@ -293,7 +294,7 @@ class Registry:
                 await ensure_consumer(self.js, manifest)
                 await self._drop_removed_triggers(manifest)
                 await triggers.bind(self.js, with_triggers(manifest, (await self.standalone_triggers()).values()),
-                                    self.replicas)
+                                    self.replicas, advisories=False)
             elif isinstance(manifest, TriggerManifest):
                 await self._bind_standalone(manifest)
             if await self._write(key, restored, _Head(current.deployment, current.seq, current.revision)):

@@ -419,14 +419,20 @@ async def capture_advisories(js: JetStreamContext, stream: str) -> bool:
     A trigger's event whose runtimes all died holding it, even on the extra delivery (see
     ``triggers.trigger_consumer_config``), is then dead-lettered by the mover, as one of
     ``FN_TRIGGERS`` is. Best effort: False (with a warning) when another stream already
-    captures those advisories, or ``FN_EVENTS`` kept changing; the trigger works all the same.
+    captures those advisories, when ``FN_EVENTS`` cannot be read or changed (permissions), or
+    kept changing; the trigger works all the same.
     """
     subject = trigger_advisories(stream)
+    missed = "an event of a trigger on it whose runtimes all die while holding it is not dead-lettered"
     for _ in range(ADVISORY_UPDATES):
         try:
             info = await js.stream_info(EVENTS_STREAM)
         except NotFoundError:
             return False   # made by the next runtime start, which keeps what triggers need
+        except Exception as exc:   # no permission, no JetStream: the trigger works all the same
+            log.warning("cannot read %s to keep the advisories of stream %s (%s); %s", EVENTS_STREAM, stream,
+                        exc or type(exc).__name__, missed)
+            return False
         subjects = list(info.config.subjects or [])
         if subject in subjects:
             return True
@@ -435,13 +441,16 @@ async def capture_advisories(js: JetStreamContext, stream: str) -> bool:
             await js.update_stream(info.config)
         except APIError as exc:
             if exc.err_code == OVERLAPS_OTHER_STREAM:
-                log.warning("%s cannot keep the advisories of stream %s's consumers (%s): an event of a trigger "
-                            "on %s whose runtimes all die while holding it is not dead-lettered", EVENTS_STREAM,
-                            stream, exc.description, stream)
+                log.warning("%s cannot keep the advisories of stream %s's consumers, another stream captures them "
+                            "(%s); %s", EVENTS_STREAM, stream, exc.description, missed)
                 return False
             await asyncio.sleep(0.05)   # raced by another runtime changing FN_EVENTS: read it again
-    log.warning("%s kept changing while the advisories of stream %s were added to it; the next deploy or "
-                "runtime start adds them", EVENTS_STREAM, stream)
+        except Exception as exc:
+            log.warning("cannot update %s to keep the advisories of stream %s (%s); %s", EVENTS_STREAM, stream,
+                        exc or type(exc).__name__, missed)
+            return False
+    log.warning("%s kept changing while the advisories of stream %s were added to it; the next runtime start "
+                "adds them", EVENTS_STREAM, stream)
     return False
 
 

@@ -319,11 +319,14 @@ async def ensure_captured(js: JetStreamContext, subjects: list[str], replicas: i
 
 
 async def bind(js: JetStreamContext, manifest: FunctionManifest, replicas: int | None = None,
-               failed: dict[str, str] | None = None) -> list[Binding]:
+               failed: dict[str, str] | None = None, *, advisories: bool = True) -> list[Binding]:
     """Create or update the consumer of every trigger of ``manifest``; its bindings, in order.
 
     A trigger that cannot be bound raises ``TriggerError``; with ``failed``, it is recorded there
-    (trigger name -> why) and the others are bound.
+    (trigger name -> why) and the others are bound. ``advisories``: also have ``FN_EVENTS`` keep the
+    advisories of the user's streams the triggers read from (``streams.capture_advisories``), as
+    every runtime serving the function does; a deploy leaves that to them (a deployer's user may
+    not touch ``FN_EVENTS``).
     """
     if not manifest.triggers:
         return []
@@ -331,7 +334,7 @@ async def bind(js: JetStreamContext, manifest: FunctionManifest, replicas: int |
     bindings = []
     for spec in manifest.triggers:
         try:
-            bindings.append(await _bind_one(js, manifest, spec, streams, replicas))
+            bindings.append(await _bind_one(js, manifest, spec, streams, replicas, advisories))
         except TriggerError as exc:
             if failed is None:
                 raise
@@ -340,7 +343,7 @@ async def bind(js: JetStreamContext, manifest: FunctionManifest, replicas: int |
 
 
 async def _bind_one(js: JetStreamContext, manifest: FunctionManifest, spec: TriggerSpec, streams: list[StreamInfo],
-                    replicas: int | None) -> Binding:
+                    replicas: int | None, advisories: bool) -> Binding:
     stream = choose_stream(manifest.name, spec, streams)
     if stream == TRIGGERS_STREAM:
         await ensure_captured(js, [spec.subject], replicas)
@@ -348,7 +351,8 @@ async def _bind_one(js: JetStreamContext, manifest: FunctionManifest, spec: Trig
         if spec.stream is None:
             log.info("trigger %s of %s consumes %s from stream %s, which captures it", spec.trigger_name,
                      manifest.name, spec.subject, stream)
-        await capture_advisories(js, stream)
+        if advisories:
+            await capture_advisories(js, stream)
     binding = Binding(manifest.name, spec.trigger_name, spec.subject, stream,
                       consumer_name(manifest.name, spec.trigger_name))
     await add_consumer(js, manifest, binding)

@@ -155,11 +155,13 @@ async def test_fn_events_keeps_the_advisories_of_a_users_stream_unless_another_s
     manifest = FunctionManifest.model_validate({
         "name": "books", "handler": "tests.handlers.events:audit",
         "triggers": [{"subject": "payments.>", "stream": "PAYMENTS"}, {"subject": "ledger.>", "stream": "LEDGER"}]})
-    bindings = await bind(js, manifest)
-    assert [b.stream for b in bindings] == ["PAYMENTS", "LEDGER"]
 
     async def subjects() -> list[str]:
         return list((await js.stream_info(EVENTS_STREAM)).config.subjects or [])
+    await bind(js, manifest, advisories=False)   # as a deploy binds them: the runtimes add the advisories
+    assert trigger_advisories("PAYMENTS") not in await subjects()
+    bindings = await bind(js, manifest)          # as a runtime serving the function does
+    assert [b.stream for b in bindings] == ["PAYMENTS", "LEDGER"]
     assert trigger_advisories("PAYMENTS") in await subjects()
     assert trigger_advisories("LEDGER") not in await subjects()
     assert any("LEDGER" in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
