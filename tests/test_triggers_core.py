@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from pathlib import Path
 from typing import Any
 
 import nats.errors
@@ -168,6 +169,49 @@ async def test_fn_events_keeps_the_advisories_of_a_users_stream_unless_another_s
     await provision_base(js)   # what every runtime start does
     assert trigger_advisories("PAYMENTS") in await subjects()
     assert (await js.stream_info("LEDGER_FAILURES")).config.subjects == [trigger_advisories("LEDGER")]
+
+
+async def test_a_runtime_user_that_may_not_change_fn_events_still_binds_a_trigger_on_its_stream(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """An operator's own permissions may leave FN_EVENTS out: the trigger is bound all the same,
+    and the runtime warns that a double fault on that stream would not be dead-lettered."""
+    from runtime.manifest import FunctionManifest
+    from runtime.server import EmbeddedServer, free_port
+    from runtime.streams import EVENTS_STREAM, provision_base, trigger_advisories
+    from runtime.triggers import bind
+
+    conf = tmp_path / "nats.conf"
+    conf.write_text('authorization { users: [\n'
+                    '  { user: admin, password: admin-pw }\n'
+                    '  { user: runner, password: runner-pw, permissions: {\n'
+                    '      publish: { allow: [">"], deny: ["$JS.API.STREAM.INFO.FN_EVENTS", '
+                    '"$JS.API.STREAM.UPDATE.FN_EVENTS"] },\n'
+                    '      subscribe: { allow: [">"] } } }\n'
+                    '] }\n')
+    async with EmbeddedServer(tmp_path / "nats", port=free_port(), config=conf) as server:
+        admin = await nats.connect(server.url, user="admin", password="admin-pw")
+        runner = await nats.connect(server.url, user="runner", password="runner-pw", error_cb=_ignore)
+        try:
+            js = admin.jetstream()
+            await provision_base(js)
+            await js.add_stream(name="PAYMENTS", subjects=["payments.>"])
+            manifest = FunctionManifest.model_validate({
+                "name": "books", "handler": "tests.handlers.events:audit",
+                "triggers": [{"subject": "payments.>", "stream": "PAYMENTS"}]})
+            [binding] = await bind(runner.jetstream(timeout=1), manifest)
+            assert binding.stream == "PAYMENTS"
+            assert (await js.consumer_info("PAYMENTS", binding.consumer)).config.filter_subject == "payments.>"
+            assert trigger_advisories("PAYMENTS") not in ((await js.stream_info(EVENTS_STREAM)).config.subjects or [])
+            warned = [r.getMessage() for r in caplog.records
+                      if r.levelname == "WARNING" and "PAYMENTS" in r.getMessage()]
+            assert warned and EVENTS_STREAM in warned[0], warned
+        finally:
+            await runner.close()
+            await admin.close()
+
+
+async def _ignore(_exc: Exception) -> None:
+    """The permission errors the server reports for the refused requests (expected here)."""
 
 
 async def test_a_trigger_taken_out_of_its_manifest_loses_its_consumer(js: JetStreamContext) -> None:
