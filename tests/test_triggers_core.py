@@ -288,7 +288,10 @@ async def test_a_subject_no_trigger_reads_any_more_is_free_for_a_stream_of_ones_
     await js.add_stream(StreamConfig(name="REFUNDS", subjects=["refunds.>"]))
     ack = await js.publish("orders.created", b'{"id": 1}')
     assert ack.stream == TRIGGERS_STREAM
-    assert (await js.consumer_info(TRIGGERS_STREAM, "fn_billing_ON_orders-created")).num_pending == 1
+
+    async def pending() -> bool:   # the consumer counts a stored message a moment after its PubAck
+        return (await js.consumer_info(TRIGGERS_STREAM, "fn_billing_ON_orders-created")).num_pending == 1
+    await eventually(pending, timeout=5, message="billing's consumer to count the event")
     with pytest.raises(NoStreamResponseError):   # nobody reads it: not stored as if someone would
         await js.publish("orders.updated", b'{"id": 2}')
 
