@@ -7,6 +7,7 @@ import contextlib
 import contextvars
 import dataclasses
 import logging
+from collections.abc import Callable
 
 from nats.js import JetStreamContext
 from nats.js.api import (
@@ -189,12 +190,14 @@ async def settled(js: JetStreamContext, name: str, replicas: int) -> None:
         await asyncio.sleep(0.1)
 
 
-async def ensure_stream(js: JetStreamContext, config: StreamConfig, update: bool = True) -> None:
+async def ensure_stream(js: JetStreamContext, config: StreamConfig, update: bool = True,
+                        kept: Callable[[StreamConfig], list[str]] | None = None) -> None:
     """Create ``config.name``, or bring an existing stream in line with ``config`` if ``update``.
 
     A different ``num_replicas`` scales the stream in place (JetStream copies it to the new
     peers, or drops some); None leaves an existing stream's as it is. Replicas the server cannot
-    place raise ``ConfigError``.
+    place raise ``ConfigError``. ``kept``: the subjects of the existing stream's configuration
+    that stay captured beside ``config``'s (added to it at run time).
     """
     assert config.name is not None
     try:
@@ -216,7 +219,11 @@ async def ensure_stream(js: JetStreamContext, config: StreamConfig, update: bool
                         "(runtime serve --replicas %d scales it)", config.name, have_replicas,
                         config.num_replicas, config.num_replicas)
         return
-    merged = merged_config(info.config, config)
+    wanted = config
+    if kept is not None:
+        subjects = list(config.subjects or [])
+        wanted = dataclasses.replace(config, subjects=[*subjects, *(s for s in kept(info.config) if s not in subjects)])
+    merged = merged_config(info.config, wanted)
     have, want = info.config.as_dict(), merged.as_dict()
     changed = sorted(k for k in have.keys() | want.keys() if have.get(k) != want.get(k))
     if changed:
@@ -357,7 +364,7 @@ ADVISORY_SUBJECTS = [
     # An event no runtime got to settle, not even on the extra delivery a runtime dead-letters it on
     # (see triggers.trigger_consumer_config). Those settled were dead-lettered by the runtime, and a
     # terminated event is nothing to move. A stream of the user's own that triggers read from is
-    # added with its first trigger (see capture_advisories).
+    # added by the runtimes serving them (see capture_advisories).
     f"{MAX_DELIVERIES_ADVISORIES}{TRIGGERS_STREAM}.>",
 ]
 OVERLAPS_OTHER_STREAM = 10065   # JetStream's "subjects overlap with an existing stream"
@@ -387,12 +394,11 @@ def dlq_stream_config(retention: float = 30 * DAY, replicas: int = 1) -> StreamC
     )
 
 
-def events_stream_config(replicas: int = 1, streams: list[str] | None = None) -> StreamConfig:
-    """``FN_EVENTS``: the consumer advisories that drive the dead-letter mover; ``streams``:
-    the user's streams whose consumers' ``MAX_DELIVERIES`` advisories it also keeps."""
+def events_stream_config(replicas: int = 1) -> StreamConfig:
+    """``FN_EVENTS``: the consumer advisories that drive the dead-letter mover."""
     return StreamConfig(
         name=EVENTS_STREAM,
-        subjects=[*ADVISORY_SUBJECTS, *(trigger_advisories(name) for name in streams or [])],
+        subjects=ADVISORY_SUBJECTS,
         retention=RetentionPolicy.WORK_QUEUE,
         storage=StorageType.FILE,
         max_age=30 * DAY,
@@ -405,12 +411,11 @@ def trigger_advisories(stream: str) -> str:
     return f"{MAX_DELIVERIES_ADVISORIES}{stream}.*"
 
 
-def advised_streams(config: StreamConfig) -> list[str]:
-    """The user's streams ``FN_EVENTS`` (``config``) keeps ``MAX_DELIVERIES`` advisories of."""
-    own = {INVOKE_STREAM, TRIGGERS_STREAM}
-    return [name for subject in config.subjects or []
-            if subject.startswith(MAX_DELIVERIES_ADVISORIES) and subject.endswith(".*")
-            and (name := subject[len(MAX_DELIVERIES_ADVISORIES):-2]) not in own]
+def user_stream_advisories(config: StreamConfig) -> list[str]:
+    """The subjects ``capture_advisories`` added to ``FN_EVENTS`` (``config``): kept by every update."""
+    own = {trigger_advisories(INVOKE_STREAM), trigger_advisories(TRIGGERS_STREAM)}
+    return [subject for subject in config.subjects or []
+            if subject.startswith(MAX_DELIVERIES_ADVISORIES) and subject.endswith(".*") and subject not in own]
 
 
 async def capture_advisories(js: JetStreamContext, stream: str) -> bool:
@@ -515,11 +520,7 @@ async def _provision(js: JetStreamContext, *, results_ttl: float, dlq_retention:
     await ensure_stream(js, slots_stream_config(replicas))
     await ensure_stream(js, dlq_stream_config(dlq_retention, replicas))
     await ensure_stream(js, object_stream_config(DLQ_BODIES_BUCKET, ttl=dlq_retention, replicas=replicas))
-    try:   # keeping the advisories of the user's streams that triggers read from
-        advised = advised_streams((await js.stream_info(EVENTS_STREAM)).config)
-    except NotFoundError:
-        advised = []
-    await ensure_stream(js, events_stream_config(replicas, advised))
+    await ensure_stream(js, events_stream_config(replicas), kept=user_stream_advisories)
     await ensure_kv(js, RESULTS_BUCKET, ttl=results_ttl, replicas=replicas)
     await ensure_kv(js, ERRORS_BUCKET, ttl=DAY, replicas=replicas)
     await ensure_kv(js, MANIFESTS_BUCKET, history=16, replicas=replicas)
