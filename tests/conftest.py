@@ -218,3 +218,16 @@ async def eventually(predicate: Callable[[], Any], timeout: float = 10.0, interv
         if loop.time() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {message}")
         await asyncio.sleep(interval)
+
+
+async def the_dead_letter(nc: NATS, js: JetStreamContext, function: str, timeout: float = 10.0) -> Any:
+    """The dead letter of ``function``, read whole, once it has exactly one."""
+    from runtime import dlq
+
+    letters: list[Any] = []
+
+    async def one() -> bool:
+        letters[:] = (await dlq.list_dead_letters(nc, js, function)).letters
+        return len(letters) == 1
+    await eventually(one, timeout=timeout, message=f"one dead letter of {function}")
+    return await dlq.get_dead_letter(js, letters[0].seq)

@@ -14,7 +14,7 @@ from nats.js import JetStreamContext
 
 from runtime import dlq
 from runtime.triggers import TRIGGERS_STREAM
-from tests.conftest import eventually
+from tests.conftest import eventually, the_dead_letter
 from tests.handlers import events
 
 pytestmark = pytest.mark.asyncio
@@ -123,13 +123,7 @@ async def test_an_event_whose_runtime_died_on_every_delivery_is_dead_lettered(nc
         # JetStream gives up on it (and says so) when it would deliver it a fourth time.
         with contextlib.suppress(nats.errors.TimeoutError):
             await sub.fetch(1, timeout=1)
-        listing: list[Any] = []
-
-        async def letter() -> bool:
-            listing[:] = (await dlq.list_dead_letters(nc, js, "lost")).letters
-            return len(listing) == 1
-        await eventually(letter)
-    stored = await dlq.get_dead_letter(js, listing[0].seq)
+        stored = await the_dead_letter(nc, js, "lost")
     assert stored.reason == "max_deliver"
     assert stored.headers["Fn-Deliveries"] == "2"
     assert stored.headers["Fn-Error"].startswith("worker lost")

@@ -19,9 +19,8 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.api import RetentionPolicy, StorageType, StreamConfig
 
-from runtime import dlq
 from runtime.triggers import TRIGGERS_STREAM
-from tests.conftest import RuntimeProcess, eventually
+from tests.conftest import RuntimeProcess, eventually, the_dead_letter
 from tests.handlers.fanout import runs
 
 pytestmark = pytest.mark.asyncio
@@ -43,7 +42,7 @@ async def test_an_event_whose_runtime_died_on_every_attempt_is_dead_lettered_by_
         runtime_process: Callable[..., RuntimeProcess], scratch: Path, stream: str) -> None:
     if stream == TRIGGERS_STREAM:
         manifests = manifest_dir(payout=MANIFEST)
-    else:   # a stream of the user's own, whose advisories FN_EVENTS does not keep
+    else:   # a stream of the user's own
         await js.add_stream(StreamConfig(name=stream, subjects=["payments.>"], storage=StorageType.FILE,
                                          retention=RetentionPolicy.LIMITS))
         manifests = manifest_dir(payout=MANIFEST + f"    stream: {stream}\n")
@@ -62,13 +61,7 @@ async def test_an_event_whose_runtime_died_on_every_attempt_is_dead_lettered_by_
 
     survivor = runtime_process(manifests, env={"RUNTIME_TEST_DIR": str(scratch)})
     await survivor.wait_ready()
-    letters: list[Any] = []
-
-    async def dead_lettered() -> bool:
-        letters[:] = (await dlq.list_dead_letters(nc, js, "payout")).letters
-        return len(letters) == 1
-    await eventually(dead_lettered, timeout=20)
-    letter = await dlq.get_dead_letter(js, letters[0].seq)
+    letter = await the_dead_letter(nc, js, "payout", timeout=20)
     assert letter.reason == "max_deliver"
     assert letter.headers["Fn-Deliveries"] == "2"
     assert letter.headers["Fn-Error"].startswith("worker lost")
