@@ -192,8 +192,11 @@ async def test_a_runtime_restarted_with_trust_serves_the_package(
 
     trusting = runtime_process(None, extra=["--trust", "evilpkg"], env=env)
     await trusting.wait_ready()
-    reply = await nc.request("fn.call.evil", b"{}", timeout=10)
-    assert json.loads(reply.data) == {"imported": True}
+
+    async def answer() -> Any:   # ready may come a moment before the deployed manifest is applied
+        data = json.loads((await nc.request("fn.call.evil", b"{}", timeout=10)).data)
+        return None if data.get("error", {}).get("type") == "UnknownFunction" else data
+    assert await eventually(answer, message="evil to be served") == {"imported": True}
     assert not refusals(trusting, "evil")
     assert "evilpkg" in marker.read_text().split()
     rows = {row["name"]: row for row in json.loads((await cli(nats_server, "ls", "--json")).stdout)}
