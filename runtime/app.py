@@ -251,7 +251,8 @@ class Runtime:
             components.append(self.scheduler)
         if self.settings.dead_letters:
             components.append(DeadLetterMover(*self.connection, store_results=self._stores_results,
-                                              attempts=self._attempts, outbox=self.outbox))
+                                              attempts=self._attempts, user_streams=self._trigger_streams,
+                                              outbox=self.outbox))
         if self.settings.gateway:
             components.append(Gateway(self.state))
         if self.http_gateway is not None:
@@ -267,6 +268,11 @@ class Runtime:
 
     def _stores_results(self, name: str, call: Call) -> bool:
         return should_store(self.state.deployed.get(name), call)
+
+    def _trigger_streams(self) -> set[str]:
+        """The streams of the user's own that the triggers served here read from."""
+        return {binding.stream for worker in self.state.workers.values() for binding in worker.bindings
+                if not binding.owned}
 
     def _attempts(self, name: str) -> int | None:
         manifest = self.state.deployed.get(name)

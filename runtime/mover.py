@@ -17,6 +17,8 @@ way, except that it stays in its stream for the other functions it triggers.
 An advisory the server could not store (the store was full) is lost, and its message would
 stay in ``FN`` for good, delivered no more. So the mover also sweeps ``FN`` (``sweep.py``), on
 start-up and then every ``sweep_interval`` seconds, for such messages and moves them the same way.
+Before each sweep it also checks that ``FN_EVENTS`` still keeps the advisories of the user's
+streams that its runtime's triggers read (``keep_advisories``), and adds back those it lost.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import contextlib
 import json
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,7 +47,7 @@ from .outbox import Outbox
 from .priority import function_of_consumer
 from .protocol import ADVISORY_MAX_DELIVERIES, ADVISORY_TERMINATED, NO_MESSAGE_FOUND, fallback_call_id
 from .results import Call, Response, should_store
-from .streams import DLQ_STREAM, EVENTS_STREAM, INVOKE_STREAM
+from .streams import DLQ_STREAM, EVENTS_STREAM, INVOKE_STREAM, capture_advisories, trigger_advisories
 from .sweep import SWEEP_LIMIT, sweep_exhausted
 from .triggers import parse_consumer
 from .wire import call_id_for
@@ -121,6 +123,7 @@ class DeadLetterMover:
     def __init__(self, nc: NATS, js: JetStreamContext, *,
                  store_results: Callable[[str, Call], bool] = lambda _, call: should_store(None, call),
                  attempts: Callable[[str], int | None] = lambda _: None,
+                 user_streams: Callable[[], Iterable[str]] = lambda: (),
                  batch: int = 128, ack_wait: float = 30.0, sweep_interval: float = SWEEP_INTERVAL,
                  sweep_limit: int = SWEEP_LIMIT, outbox: Outbox | None = None) -> None:
         self.nc = nc
@@ -128,6 +131,8 @@ class DeadLetterMover:
         self.outbox = outbox or Outbox(nc, js)
         self.store_results = store_results
         self.attempts = attempts   # a function's retry.max_deliver, if known
+        self.user_streams = user_streams   # the streams of the user's own that this runtime's triggers read
+        self._uncovered: set[str] = set()   # of those, the ones whose advisories FN_EVENTS cannot keep
         self.batch = batch
         self.ack_wait = ack_wait
         self.sweep_interval = sweep_interval
@@ -222,6 +227,10 @@ class DeadLetterMover:
                         await asyncio.sleep(min(1.0, self.sweep_interval))
                         continue
                 waiting_since = None
+                try:
+                    await self.keep_advisories()
+                except Exception as exc:   # disconnected: the next round looks again
+                    log.warning("cannot check which advisories %s keeps: %s", EVENTS_STREAM, exc)
                 self._sweeping = True
                 try:
                     handled = await self.sweep()
@@ -232,6 +241,31 @@ class DeadLetterMover:
                 log.warning("sweeping %s failed: %s", INVOKE_STREAM, exc)
             if self._running and handled < self.sweep_limit:
                 await asyncio.sleep(self.sweep_interval)
+
+    async def keep_advisories(self) -> list[str]:
+        """Add back to ``FN_EVENTS`` the advisories of the user's trigger streams that it lost; the
+        streams added back.
+
+        Two runtimes adding subjects to ``FN_EVENTS`` at once can each overwrite the other's
+        (JetStream updates a stream's whole configuration), and so can an operator's edit. A
+        stream whose advisories cannot be kept (another stream captures them, no permission) is
+        warned about once, by ``streams.capture_advisories``, and not tried again.
+        """
+        wanted = set(self.user_streams()) - self._uncovered
+        if not wanted:
+            return []
+        kept = set((await self.js.stream_info(EVENTS_STREAM)).config.subjects or [])
+        restored = []
+        for stream in sorted(wanted):
+            if trigger_advisories(stream) in kept:
+                continue
+            if await capture_advisories(self.js, stream):
+                log.warning("%s no longer kept the advisories of stream %s's consumers (changed by someone "
+                            "else meanwhile); added them back", EVENTS_STREAM, stream)
+                restored.append(stream)
+            else:
+                self._uncovered.add(stream)
+        return restored
 
     async def _advisories_waiting(self) -> bool:
         info = await self.js.consumer_info(EVENTS_STREAM, MOVER_CONSUMER)

@@ -165,6 +165,58 @@ async def test_fn_events_keeps_the_advisories_of_a_users_stream_unless_another_s
     assert (await js.stream_info("LEDGER_FAILURES")).config.subjects == [trigger_advisories("LEDGER")]
 
 
+async def test_the_mover_adds_back_the_advisories_of_a_users_stream_that_fn_events_lost(
+        nc: NATS, js: JetStreamContext, caplog: pytest.LogCaptureFixture) -> None:
+    """Two runtimes adding subjects to FN_EVENTS at once can overwrite each other's: here another
+    writer updates it from a read made before PAYMENTS was added. The mover's next round adds
+    PAYMENTS back; LEDGER, whose advisories a stream of the user's captures, is warned about once,
+    not at every round."""
+    from runtime.mover import DeadLetterMover
+    from runtime.streams import EVENTS_STREAM, capture_advisories, provision_base, trigger_advisories
+
+    await provision_base(js)
+    await js.add_stream(name="PAYMENTS", subjects=["payments.>"])
+    await js.add_stream(name="LEDGER", subjects=["ledger.>"])
+    await js.add_stream(name="LEDGER_FAILURES", subjects=[trigger_advisories("LEDGER")])   # the user's own
+
+    async def subjects() -> list[str]:
+        return list((await js.stream_info(EVENTS_STREAM)).config.subjects or [])
+    stale = (await js.stream_info(EVENTS_STREAM)).config   # read by another runtime, then ...
+    assert await capture_advisories(js, "PAYMENTS")
+    await js.update_stream(stale)                             # ... written after PAYMENTS was added
+    assert trigger_advisories("PAYMENTS") not in await subjects()
+    caplog.clear()
+    async with DeadLetterMover(nc, js, sweep_interval=0.05, user_streams=lambda: ("PAYMENTS", "LEDGER")) as mover:
+        await eventually(lambda: mover.sweeps >= 6, message="six rounds of the mover")
+        assert trigger_advisories("PAYMENTS") in await subjects()
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len([w for w in warned if "PAYMENTS" in w and "added them back" in w]) == 1, warned
+    assert len([w for w in warned if "LEDGER" in w]) == 1, warned
+    assert trigger_advisories("LEDGER") not in await subjects()
+    assert (await js.stream_info("LEDGER_FAILURES")).config.subjects == [trigger_advisories("LEDGER")]
+
+
+async def test_a_runtimes_mover_keeps_the_advisories_of_the_streams_its_triggers_read(
+        runtime: Any, js: JetStreamContext) -> None:
+    """The mover of a runtime serving a trigger on a stream of the user's own knows that stream."""
+    from runtime.mover import DeadLetterMover
+    from runtime.streams import EVENTS_STREAM, trigger_advisories
+
+    await js.add_stream(name="PAYMENTS", subjects=["payments.>"])
+    rt = await runtime({"trust": ("tests",)},
+                       audit=fn("audit", "audit", "triggers:\n  - subject: payments.>\n    stream: PAYMENTS\n"),
+                       billing=fn("billing", "billing", "triggers:\n  - subject: orders.>\n"))
+    [mover] = [c for c in rt.components if isinstance(c, DeadLetterMover)]
+    await eventually(lambda: mover.sweeps >= 1, message="the mover's first round")   # the next is 30 s later
+    events_config = (await js.stream_info(EVENTS_STREAM)).config
+    assert trigger_advisories("PAYMENTS") in (events_config.subjects or [])
+    events_config.subjects = [s for s in events_config.subjects or [] if s != trigger_advisories("PAYMENTS")]
+    await js.update_stream(events_config)
+    assert await mover.keep_advisories() == ["PAYMENTS"]   # FN_TRIGGERS' own are not the user's
+    assert trigger_advisories("PAYMENTS") in ((await js.stream_info(EVENTS_STREAM)).config.subjects or [])
+    assert await mover.keep_advisories() == []
+
+
 async def test_a_runtime_user_that_may_not_change_fn_events_still_binds_a_trigger_on_its_stream(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """An operator's own permissions may leave FN_EVENTS out: the trigger is bound all the same,
