@@ -7,6 +7,7 @@ buttons and takes a screenshot as a user would see it.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import itertools
@@ -100,7 +101,8 @@ class Page:
 async def browser() -> AsyncIterator[Page]:
     """A headless Chromium with a fresh profile and one blank tab, stopped by its PID only."""
     port = free_port()
-    with tempfile.TemporaryDirectory(prefix="rt-chromium-") as profile:
+    profile = tempfile.mkdtemp(prefix="rt-chromium-")
+    try:
         proc = subprocess.Popen([chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={profile}",
                                  f"--remote-debugging-port={port}", "about:blank"],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -126,6 +128,19 @@ async def browser() -> AsyncIterator[Page]:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+    finally:
+        await remove_profile(Path(profile))
+
+
+async def remove_profile(profile: Path) -> None:
+    """Chromium's helper processes may still write to the profile for a moment after the browser
+    process exited: remove it, and try again while they do."""
+    for _ in range(50):
+        shutil.rmtree(profile, ignore_errors=True)
+        if not profile.exists():
+            return
+        await asyncio.sleep(0.1)
+    shutil.rmtree(profile)   # still there after 5 s: say why
 
 
 def rows(table: str) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -33,6 +34,18 @@ def runs(scratch: Path) -> Counter[int]:
 
 def runs_by_process(scratch: Path) -> dict[str, int]:
     return {p.name: len(p.read_text().split()) for p in scratch.glob("runs-*")}
+
+
+def just_started(scratch: Path, pid: int, within: float) -> bool:
+    """Process ``pid`` started a run less than ``within`` seconds ago that it has not finished."""
+    try:
+        started = (scratch / f"started-{pid}").read_text().split()
+        finished = set((scratch / f"runs-{pid}").read_text().split())
+    except FileNotFoundError:
+        return False
+    now = time.time()
+    return any(line.rsplit(":", 1)[0] not in finished and now - float(line.rsplit(":", 1)[1]) < within
+               for line in started)
 
 
 async def publish_ids(js: JetStreamContext, ids: range, seconds: float) -> None:
@@ -130,7 +143,10 @@ async def test_sigkill_hands_unacked_work_to_the_survivor(runtime_process: Calla
     manifests = manifest_dir(tracked=TRACKED.format(concurrency=16, ack_wait="1s"))
     victim, survivor = await start_two(runtime_process, manifests, scratch)
     await publish_ids(js, range(200), 0.3)
-    await eventually(lambda: runs_by_process(scratch).get(f"runs-{victim.pid}", 0) >= 5, timeout=20,
+    # Killed once it has done some work and is in the middle of more: a run it started a moment
+    # ago (each takes 0.3 s) is still going when the signal lands.
+    await eventually(lambda: runs_by_process(scratch).get(f"runs-{victim.pid}", 0) >= 5
+                     and just_started(scratch, victim.pid, within=0.15), timeout=20,
                      message="the victim doing work")
     victim.signal(signal.SIGKILL)
     await victim.wait_exit(10)

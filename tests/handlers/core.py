@@ -105,7 +105,10 @@ def _bump(delta: int) -> int:
 
 
 async def tracked(event: dict[str, Any], ctx: Context) -> dict[str, Any]:
-    """Counts invocations in flight across processes; writes each run's id to a log."""
+    """Counts invocations in flight across processes; logs each run's id as it starts (with the
+    time) and as it ends."""
+    with open(_scratch() / f"started-{os.getpid()}", "a") as f:
+        f.write(f"{event['id']}:{ctx.attempt}:{time.time():.3f}\n")
     _bump(+1)
     try:
         await asyncio.sleep(float(event.get("seconds", 0.05)))
