@@ -20,6 +20,7 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
 from runtime.app import Runtime
+from runtime.connection import pings_in_order
 from runtime.manifest import ManifestSet
 from runtime.server import EmbeddedServer, free_port
 from runtime.settings import Settings
@@ -57,8 +58,11 @@ async def nats_server(tmp_path: Path) -> AsyncIterator[EmbeddedServer]:
 
 @pytest.fixture
 async def nc(nats_server: EmbeddedServer) -> AsyncIterator[NATS]:
-    """A plain nats-py connection: what any client outside the project would use."""
+    """A plain nats-py connection: what any client outside the project would use. Its ``flush()``
+    waits for what was sent before it, as the runtime's connections do (``pings_in_order``), so
+    that a test subscribing on it, then flushing, has the subscription in place."""
     conn = await nats.connect(nats_server.url)
+    pings_in_order(conn)
     yield conn
     await conn.close()
 
