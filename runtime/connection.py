@@ -31,7 +31,7 @@ from nats.aio.client import Client as NATS
 from nats.errors import AuthorizationError
 from pydantic import BaseModel, ConfigDict, SecretStr, ValidationError, field_validator
 
-from . import direct
+from . import direct, fastpub
 from .errors import AuthError, ConfigError, format_problems, validation_problems
 from .permissions import permission_denied, watch_permissions
 from .permissions import permission_watch as permission_watch
@@ -348,7 +348,7 @@ async def open_connection(url: str, options: ConnectOptions | None = None, *,
 
     nc = NATS()
     direct.read_headers_faster(nc)
-    pings_in_order(nc)
+    fastpub.pings_in_order(nc)
     watch = watch_permissions(nc)
     try:
         await nc.connect(server_list(url), error_cb=on_error, **options.nats_kwargs(url), **kwargs)
@@ -361,39 +361,6 @@ async def open_connection(url: str, options: ConnectOptions | None = None, *,
     finally:
         connecting = False
     return nc
-
-
-_PING = b"PING\r\n"
-
-
-def pings_in_order(nc: NATS) -> bool:
-    """Make ``nc.flush()`` wait for the server to have what was sent before it; False if it cannot.
-
-    nats-py writes a flush's PING straight to the socket, ahead of commands still buffered for
-    its flusher, such as the SUB of a subscription just made. The server can then answer PONG
-    before it has that subscription, and a message published meanwhile from another connection
-    never reaches it (about 1 in 100 times on a loopback). Here the PING joins the buffer
-    behind them, as every other command does. While the connection is not up, nats-py's own
-    PING goes out as before.
-    """
-    original = getattr(nc, "_send_ping", None)
-    if original is None or not all(hasattr(nc, name) for name in ("_pongs", "_pending", "_pending_data_size",
-                                                                   "_flush_pending")):
-        return False
-
-    async def send_ping(future: asyncio.Future[Any] | None = None) -> None:
-        if not nc.is_connected:
-            await original(future)
-            return
-        if future is None:
-            future = asyncio.get_running_loop().create_future()
-        nc._pongs.append(future)
-        nc._pending.append(_PING)
-        nc._pending_data_size += len(_PING)
-        await nc._flush_pending()
-
-    nc._send_ping = send_ping  # type: ignore[method-assign]
-    return True
 
 
 async def _close_quietly(nc: NATS) -> None:

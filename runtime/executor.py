@@ -114,9 +114,15 @@ class Executor:
                                           self.nc, self.js, self.outbox.limits, self.threads,
                                           self.outbox.replies)
         except asyncio.CancelledError:
-            # Shut down before the attempt finished: hand it back for another runtime at once.
-            await self.nc.publish(inv.msg.reply, NAK)
-            self.requeued(inv, 0.0)
+            # Shut down before the attempt finished: hand it back for another runtime at once. With
+            # the connection gone it cannot be, and is redelivered once its ack wait runs out: the
+            # cancellation must go on all the same (the shutdown waits for it).
+            try:
+                await self.nc.publish(inv.msg.reply, NAK)
+            except Exception:
+                log.debug("could not hand back %s: the connection is gone", inv.call_id)
+            else:
+                self.requeued(inv, 0.0)
             raise
         finally:
             self._deadlines.pop(task, None)

@@ -86,6 +86,8 @@ class WorkerPool(Generic[T]):
 
     async def _work(self) -> None:
         loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
         while True:
             self._waking -= 1
             streak = 0
@@ -98,6 +100,10 @@ class WorkerPool(Generic[T]):
                     await self.process(item)
                 finally:
                     self.running -= 1
+                if task.cancelling():
+                    # Cancelled while it ran, and the cancellation was swallowed on the way (a
+                    # handler that catches it): stop all the same, or cancel() would wait forever.
+                    raise asyncio.CancelledError
                 streak += 1
                 if streak >= self._yield_every and self.queue:
                     streak = 0

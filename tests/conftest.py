@@ -20,7 +20,7 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
 from runtime.app import Runtime
-from runtime.connection import pings_in_order
+from runtime.fastpub import pings_in_order
 from runtime.manifest import ManifestSet
 from runtime.server import EmbeddedServer, free_port
 from runtime.settings import Settings

@@ -243,6 +243,23 @@ async def test_a_runtime_whose_connection_is_closed_for_good_exits_non_zero(
     code = await proc.wait_exit(timeout=20)
     assert code == 5, proc.output()
     assert "closed for good" in proc.output()
+    # The invocation running then is cancelled, and left for redelivery: no error to report.
+    assert "could not be settled" not in proc.output()
+
+
+async def test_a_handler_that_swallows_its_cancellation_does_not_hold_up_shutdown(
+        runtime: RuntimeFactory, js: JetStreamContext) -> None:
+    """Past the grace period the runtime cancels what still runs; a handler that catches that and
+    returns must not keep the shutdown waiting for ever."""
+    from tests.handlers import hardening
+
+    hardening.stubborn_started.clear()
+    rt = await runtime({"grace": 0.2}, stubborn=fn("stubborn", "swallows_cancel", timeout="120s"))
+    await js.publish("fn.invoke.stubborn", b"{}")
+    await asyncio.wait_for(hardening.stubborn_started.wait(), 10)
+    started = time.monotonic()
+    await asyncio.wait_for(rt.stop(), 10)
+    assert time.monotonic() - started < 5
 
 
 async def test_handlers_run_only_once_the_runtime_has_started(

@@ -59,6 +59,29 @@ async def test_join_times_out_while_an_item_runs() -> None:
     await pool.cancel()
 
 
+async def test_cancel_ends_a_worker_whose_item_swallowed_the_cancellation() -> None:
+    """An item that catches its cancellation and returns (a careless handler) must not keep
+    ``cancel()`` waiting: its worker stops all the same."""
+    started = asyncio.Event()
+    swallowed: list[int] = []
+
+    async def stubborn(i: int) -> None:
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            swallowed.append(i)
+
+    pool: WorkerPool[int] = WorkerPool(stubborn, 2)
+    pool.submit(1)
+    await asyncio.wait_for(started.wait(), 5)
+    cancelling = asyncio.ensure_future(pool.cancel())
+    # Not wait_for: cancelling cancel() on a timeout would end the worker too, and hide the hang.
+    done, _ = await asyncio.wait([cancelling], timeout=2)
+    assert done, "cancel() still waits for the worker"
+    assert swallowed == [1] and not pool._workers
+
+
 async def test_a_long_burst_lets_the_loop_run_as_it_goes() -> None:
     # The connection writes acks, and the next pull request goes out, only when the loop runs:
     # a burst of handlers that never wait must not hold it until the whole burst is done.

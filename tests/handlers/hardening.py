@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import sys
 import time
 from typing import Any
@@ -61,3 +62,17 @@ async def breaks_connection(event: dict[str, Any], ctx: Context) -> None:
     """Bypasses the runtime and sends the server a protocol line it answers by closing the connection."""
     await ctx.nc.publish("x" * 5000, b"")
     await ctx.nc.flush()
+
+
+stubborn_started = asyncio.Event()
+
+
+async def swallows_cancel(event: dict[str, Any], ctx: Context) -> str:
+    """Catches its own cancellation and returns, as careless handler code does."""
+    stubborn_started.set()
+    try:
+        await asyncio.sleep(60)
+    except asyncio.CancelledError:
+        return "swallowed"
+    return "slept"
+
