@@ -12,7 +12,7 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from prometheus_client.parser import text_string_to_metric_families
 
-from runtime.manifest import FunctionManifest, ManifestSet, Schedule
+from runtime.manifest import FunctionManifest, ManifestSet
 from runtime.registry import Registry
 from runtime.server import free_port
 from runtime.status import gather_status
@@ -117,9 +117,11 @@ async def test_queue_depth_of_a_function_nobody_pulls(runtime_process: Callable[
 
 async def test_cron_ticks_and_their_lateness(runtime: RuntimeFactory) -> None:
     http = f"127.0.0.1:{free_port()}"
-    rt = await runtime({"http": http}, planned=PLANNED)
+    # Deployed as a user deploys it: a schedule set on the scheduler by hand is replaced by the
+    # deployed set whenever the registry's watch reports a change, which it may do after the start.
+    rt = await runtime({"http": http}, planned=PLANNED,
+                       every="kind: Schedule\nname: every\nfunction: planned\ncron: '* * * * * *'\ncatchup: none\n")
     assert rt.scheduler is not None
-    rt.scheduler.set_schedules([Schedule(name="every", cron="* * * * * *", function="planned")])
 
     async def ticked() -> Samples | None:
         samples = await scrape(http)
