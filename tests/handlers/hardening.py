@@ -75,4 +75,3 @@ async def swallows_cancel(event: dict[str, Any], ctx: Context) -> str:
     except asyncio.CancelledError:
         return "swallowed"
     return "slept"
-
