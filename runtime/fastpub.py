@@ -11,8 +11,8 @@ ahead of the store and ack work that follows it, unless a flush is already due, 
 it joins that one. Either way the flusher is then due, so whatever follows in the same loop
 pass is written together: at most one extra write per pass, not one per answer.
 
-``pings_in_order`` puts a flush's PING into the same buffer, behind what is already there, so
-that ``flush()`` waits for the server to have it (nats-py writes the PING ahead of it).
+``pings_in_order`` writes what is buffered ahead of a flush's PING, so that ``flush()`` waits
+for the server to have it (nats-py writes the PING ahead of it).
 
 Only for subjects and headers the runtime made or checked itself: ack subjects come from the
 server, header values from :mod:`runtime.wire`'s checks. It leans on nats-py's client internals,
@@ -121,34 +121,28 @@ class Publisher:
         return True
 
 
-_PING = b"PING\r\n"
-
-
 def pings_in_order(nc: NATS) -> bool:
     """Make ``nc.flush()`` wait for the server to have what was sent before it; False if it cannot.
 
     nats-py writes a flush's PING straight to the socket, ahead of commands still buffered for
     its flusher, such as the SUB of a subscription just made. The server can then answer PONG
     before it has that subscription, and a message published meanwhile from another connection
-    never reaches it (about 1 in 100 times on a loopback). Here the PING joins the buffer
-    behind them, as every other command does. While the connection is not up, nats-py's own
-    PING goes out as before.
+    never reaches it (about 1 in 100 times on a loopback). Here what is buffered is written
+    first, as the flusher would, and the PING right behind it. The PING itself is never
+    buffered: a buffer the connection still holds when it drops is sent again after the
+    reconnect, and a PING in it would have its PONG answer a later flush too early.
     """
     original = getattr(nc, "_send_ping", None)
-    if original is None or not all(hasattr(nc, name) for name in ("_pongs", "_pending", "_pending_data_size",
-                                                                   "_flush_pending")):
+    if original is None or not all(hasattr(nc, name) for name in ("_pending", "_pending_data_size", "_transport")):
         return False
 
     async def send_ping(future: asyncio.Future[Any] | None = None) -> None:
-        if not nc.is_connected:
-            await original(future)
-            return
-        if future is None:
-            future = asyncio.get_running_loop().create_future()
-        nc._pongs.append(future)
-        nc._pending.append(_PING)
-        nc._pending_data_size += len(_PING)
-        await nc._flush_pending()
+        transport = nc._transport
+        if nc.is_connected and transport is not None and nc._pending:
+            transport.writelines(nc._pending)
+            nc._pending = []
+            nc._pending_data_size = 0
+        await original(future)
 
     nc._send_ping = send_ping  # type: ignore[method-assign]
     return True
