@@ -52,7 +52,8 @@ FETCH_TIMEOUT = 5.0     # an unanswered pull request (the server restarting) is 
 POLL_EVERY = 5.0         # every level is looked at this often (at most ack_wait) whatever the bells said
 MIXED_WINDOW = 10.0      # a level that had work this recently counts as in use (see _ask)
 LINGER = 0.05           # how long a request to a level that just ran dry waits for more (see _request)
-RING_SETTLE = 0.02       # a level found empty this soon after its bell is looked at once more, this much later
+RING_SETTLE = 0.02       # a level found empty this soon after its bell, or after its bell was
+                         # listened to, is looked at once more, this much later (see _ended)
 REDELIVERY_SLACK = 0.02  # a handed-back invocation's bell rings this long after it is due again
 
 
@@ -99,6 +100,7 @@ class PriorityFeed:
         self._arming: set[int] = set()                      # levels whose doorbells are being subscribed to
         self._rings = dict.fromkeys(priority.LEVELS, 0)     # bells heard per level
         self._last_ring = dict.fromkeys(priority.LEVELS, 0.0)
+        self._listening_since = dict.fromkeys(priority.LEVELS, 0.0)   # when its bells were last subscribed to
         self._shallow = dict.fromkeys(priority.LEVELS, False)   # its last request found it empty
         self._seen = dict.fromkeys(priority.LEVELS, float("-inf"))   # when an invocation last came from it
         # consumer -> its outstanding request. One at a time per consumer: its messages carry no
@@ -379,9 +381,11 @@ class PriorityFeed:
             if level in self._bells:
                 if not any(f.level == level for f in self._by_tag.values()):
                     self.maybe[level] = False
-                if fetch.sent - self._last_ring[level] < RING_SETTLE:
-                    # The server rings as it stores, and its consumer may see the invocation
-                    # a moment later: a "none" just after a bell is checked once more.
+                if fetch.sent - max(self._last_ring[level], self._listening_since[level]) < RING_SETTLE:
+                    # The server rings as it stores, and its consumer may see the invocation a
+                    # moment later: a "none" just after a bell is checked once more. So is one
+                    # just after the runtime began to listen: an invocation stored right before
+                    # rang for nobody, and the request that followed may have missed it too.
                     asyncio.get_running_loop().call_later(RING_SETTLE, self._recheck, level)
             else:
                 # Listen first, then ask once more (maybe stays set): an invocation stored in
@@ -392,7 +396,15 @@ class PriorityFeed:
 
     def _recheck(self, level: int) -> None:
         if self._running and not self.maybe[level]:
-            self._wake(level)
+            self._look([level])
+
+    def _look(self, levels: list[int]) -> None:
+        """Ask ``levels`` again, still listening to their bells: one found empty again stays
+        armed, without subscribing anew (and is not rechecked: see _ended)."""
+        for level in levels:
+            self.maybe[level] = True
+        self._demand()
+        self._kick()
 
     def _run(self, msg: Msg, slot: Slot) -> None:
         self.busy[msg.reply] = slot
@@ -413,10 +425,12 @@ class PriorityFeed:
 
     async def _listen(self, level: int, subs: list[Subscription]) -> None:
         # The level is asked again only after this: the server then sees the subscriptions
-        # before the request, so an invocation stored in between rings or is found.
+        # before the request, so an invocation stored in between rings or is found (by that
+        # request, or by the one RING_SETTLE later: see _ended).
         try:
             for subject in priority.doorbell_subjects(self.function, level, self.default):
                 subs.append(await self.nc.subscribe(subject, cb=self._bell_for(level)))
+            self._listening_since[level] = time.monotonic()
         except Exception as exc:   # disconnected: the periodic look finds the level's work instead
             log.warning("cannot listen for invocations of %s at level %d: %s", self.function, level, exc)
             if self._bells.get(level) is subs:
@@ -437,9 +451,9 @@ class PriorityFeed:
 
     def _wake_empty(self) -> None:
         """Look again at every level found empty: a bell may have been missed, or never rung."""
-        for level in priority.LEVELS:
-            if not self.maybe[level]:
-                self._wake(level)
+        empty = [level for level in priority.LEVELS if not self.maybe[level]]
+        if empty and self._running:
+            self._look(empty)
 
     def _wake(self, level: int) -> None:
         self.maybe[level] = True

@@ -229,3 +229,33 @@ async def test_calls_after_the_queue_ran_dry_start_at_once(nc: NATS, js: JetStre
             assert await fn.invoke("ranked", {"i": i}, priority=(i % 3) * 4 + 1, timeout=3) == {"i": i}
             slowest = max(slowest, asyncio.get_running_loop().time() - started)
     assert slowest < 1.0, f"a call took {slowest:.2f}s: it waited for the periodic look, not its doorbell"
+
+
+
+
+async def test_an_idle_function_is_looked_at_with_one_request_per_level(
+        nc: NATS, js: JetStreamContext, runtime: Any) -> None:
+    """The periodic look (here every ack_wait, 0.5 s) asks each level once: a level found empty
+    again stays listened to, so it is neither subscribed to anew nor asked a second time."""
+    await provision(js, 1)
+    await runtime(ranked=RANKED.format(concurrency=1) + "    ack_wait: 0.5s\n")
+    async with Client(nc) as fn:
+        assert await fn.invoke("ranked", {"i": 1}, timeout=5) == {"i": 1}
+    await asyncio.sleep(1.0)   # the call's own requests are over
+    loop = asyncio.get_running_loop()
+    looks: list[list[str]] = []   # the consumers asked, per look (requests less than 0.2 s apart)
+    last = 0.0
+
+    async def on_request(msg: Any) -> None:
+        nonlocal last
+        now = loop.time()
+        if now - last > 0.2:
+            looks.append([])
+        last = now
+        looks[-1].append(msg.subject.rsplit(".", 1)[1])
+
+    await nc.subscribe(f"$JS.API.CONSUMER.MSG.NEXT.{INVOKE_STREAM}.>", cb=on_request)
+    await asyncio.sleep(3.0)
+    assert len(looks) >= 3, f"a look every 0.5-0.75 s: {looks}"
+    for asked in looks[:-1]:   # the last may still be going on
+        assert sorted(asked) == sorted(set(asked)) and len(asked) == 10, f"each level once: {asked}"
