@@ -11,6 +11,7 @@ from typing import Any
 import msgpack
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
+from nats.js.api import ConsumerInfo
 
 from runtime.results import fetch_response
 
@@ -158,6 +159,12 @@ async def test_timeout_on_the_last_attempt_fails_with_504(runtime: RuntimeFactor
     assert result.error is not None and result.error.code == 504
 
 
+async def acked(js: JetStreamContext, consumer: str) -> ConsumerInfo | None:
+    """The consumer's info once it has no invocation waiting for an ack, else None."""
+    info = await js.consumer_info("FN", consumer)
+    return info if info.num_ack_pending == 0 else None
+
+
 async def test_long_invocation_is_delivered_once(runtime: RuntimeFactory, nc: NATS, js: JetStreamContext) -> None:
     # ack_wait 1s, the function runs 5s: in-progress acks keep JetStream from redelivering it.
     await runtime(sleepy=fn("sleepy", "sleepy", timeout="20s", ack_wait="1s", concurrency=2))
@@ -166,6 +173,7 @@ async def test_long_invocation_is_delivered_once(runtime: RuntimeFactory, nc: NA
     result = await eventually(lambda: fetch_response(js, "long-1"), timeout=15)
     assert result.value() == {"slept": 5}
     assert [(p["attempt"], p["phase"]) for p in payloads(seen)] == [(1, "start"), (1, "end")]
-    info = await js.consumer_info("FN", "sleepy")
+    # Acked once the outcome is stored: a moment after it can be read.
+    info = await eventually(lambda: acked(js, "sleepy"), timeout=5, message="the invocation to be acked")
     assert info.config.ack_wait == 1.0
-    assert info.num_redelivered == 0 and info.num_ack_pending == 0
+    assert info.num_redelivered == 0

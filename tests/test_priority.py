@@ -155,8 +155,11 @@ async def test_client_and_raw_publishers_choose_the_level(nc: NATS, js: JetStrea
             assert "from 1 (least urgent) to 10 (most urgent)" in str(exc)
         else:
             raise AssertionError("level 11 was accepted")
-    info = await js.stream_info(INVOKE_STREAM)
-    assert info.state.messages == 0, "nothing left behind at any level"
+
+    async def nothing_left() -> bool:   # the last call is acked just after its answer went out
+        return (await js.stream_info(INVOKE_STREAM)).state.messages == 0
+
+    await eventually(nothing_left, timeout=5, message="nothing left behind at any level")
 
 
 async def test_ls_shows_what_waits_per_level(nc: NATS, js: JetStreamContext, runtime: Any,
