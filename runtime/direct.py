@@ -9,7 +9,9 @@ from the read loop: the function must not block and must not raise (what it rais
 
 It leans on two nats-py internals, checked: ``Subscription._pending_queue`` (which the read loop
 ``put_nowait``s into) and ``_pending_size``. Without them the subscription keeps its queue and
-task, and its callback calls the same function.
+task, and its callback calls the same function. The connections the runtime opens go one step
+further (:func:`hand_over_faster`): the message is built and handed over without nats-py's
+per-message checks, which do not apply to such a subscription.
 
 Reading a message's headers is the other cost on that path: nats-py splits the block into lines
 and checks each key character by character, about 4.5 µs for an invocation's four headers. The
@@ -50,6 +52,9 @@ class _HandOver(asyncio.Queue[Msg]):
 
     def put_nowait(self, item: Msg) -> None:
         self._sub._pending_size -= len(item.data)   # counted by the read loop as if queued
+        self.handle(item)
+
+    def handle(self, item: Msg) -> None:
         try:
             self._handler(item)
         except Exception:
@@ -78,6 +83,44 @@ async def subscribe(nc: NATS, subject: str, handler: Handler) -> Subscription:
         # A message read before the switch (the subjects used this way get none before their
         # first request goes out) would still be handled, by the subscription's task.
     return sub
+
+
+def hand_over_faster(nc: NATS) -> bool:
+    """Make ``nc`` build the messages of its handing-over subscriptions itself; False if it cannot.
+
+    For every message, nats-py's ``_process_msg`` awaits a header reader (a coroutine even when
+    there are no headers), builds the message through a method, and checks for JetStream flow
+    control, a request's future and the pending limits before it puts the message in the queue.
+    None of that applies to a subscription made by :func:`subscribe`: its messages are built
+    here, the same way, and handed over at once. Other subscriptions, and one with a message
+    limit, go through nats-py as before. Leans on ``Client._process_msg``, ``_subs``, ``stats``
+    and ``msg_class``, and on ``Subscription._received``, ``_max_msgs`` and ``_jsi``.
+    """
+    original: Callable[..., Awaitable[None]] | None = getattr(nc, "_process_msg", None)
+    if original is None or not inspect.iscoroutinefunction(original) or not isinstance(
+            getattr(nc, "_subs", None), dict) or not isinstance(getattr(nc, "stats", None), dict):
+        return False
+
+    async def process_msg(sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes | None) -> None:
+        sub: Any = nc._subs.get(sid)
+        queue = getattr(sub, "_pending_queue", None)
+        if queue.__class__ is not _HandOver or sub._max_msgs or sub._jsi:
+            await original(sid, subject, reply, data, headers)
+            return
+        stats = nc.stats
+        stats["in_msgs"] += 1
+        stats["in_bytes"] += len(data)
+        sub._received += 1
+        hdr = None
+        if headers:
+            hdr = parse_header_block(headers) if headers.startswith(_HEADER_LINE) else None
+            if hdr is None:   # a status line, a block that is not all ASCII: nats-py reads it
+                hdr = await nc._process_headers(headers)
+        queue.handle(nc.msg_class(subject=subject.decode(), reply=reply.decode(), data=data, headers=hdr or None,
+                                  _client=nc, _sid=sid))
+
+    nc._process_msg = process_msg  # type: ignore[method-assign]
+    return True
 
 
 # ------------------------------------------------------------------ headers
@@ -124,4 +167,4 @@ def read_headers_faster(nc: NATS) -> bool:
     return True
 
 
-__all__ = ["Handler", "handing_over", "parse_header_block", "read_headers_faster", "subscribe"]
+__all__ = ["Handler", "hand_over_faster", "handing_over", "parse_header_block", "read_headers_faster", "subscribe"]

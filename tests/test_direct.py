@@ -100,6 +100,48 @@ async def test_a_handler_may_publish_as_it_handles(nc: NATS) -> None:
     assert answers == [f"q{i}".encode()[::-1] for i in range(100)]
 
 
+async def test_a_runtime_connection_hands_over_the_messages_nats_py_would_build(nats_server: EmbeddedServer,
+                                                                             nc: NATS) -> None:
+    ours = await open_connection(nats_server.url)
+    try:
+        direct_got: list[Msg] = []
+        sub = await direct.subscribe(ours, "same.>", direct_got.append)
+        plain = await ours.subscribe("same.>")   # through nats-py's own path, on the same connection
+        limited = await ours.subscribe("same.>")
+        await limited.unsubscribe(limit=2)        # a message limit: nats-py's path too
+        await ours.flush()
+        before = ours.stats["in_msgs"]
+        sent = [("same.a", b"1", "", None), ("same.b", b"", "reply.here", {"Fn-Call-Id": "c-1", "K": "v"}),
+                ("same.c", b"3", "r", {"Name": "caf\u00e9"}), ("same.d", b"4", "", {})]
+        for subject, data, reply, headers in sent:
+            await nc.publish(subject, data, reply=reply, headers=headers)
+        nats_got = [await plain.next_msg(timeout=5) for _ in sent]
+        async with asyncio.timeout(5):
+            while len(direct_got) < len(sent):
+                await asyncio.sleep(0.01)
+        assert [(m.subject, m.reply, m.data, m.headers) for m in direct_got] == \
+            [(m.subject, m.reply, m.data, m.headers) for m in nats_got]
+        assert direct_got[1].headers == {"Fn-Call-Id": "c-1", "K": "v"} and direct_got[0].headers is None
+        assert ours.stats["in_msgs"] - before == 3 * len(sent) - 2   # the limited one stopped after 2
+        assert [await limited.next_msg(timeout=1) for _ in range(2)] and limited._id not in ours._subs
+        assert sub.pending_msgs == 0 and sub.pending_bytes == 0
+        # A message handed over answers like any other: it knows its connection.
+        answering: set[asyncio.Task[None]] = set()
+
+        def answer_upper(m: Msg) -> None:
+            task = asyncio.ensure_future(m.respond(m.data.upper()))
+            answering.add(task)
+            task.add_done_callback(answering.discard)
+
+        responder = await direct.subscribe(ours, "same.ask", answer_upper)
+        await ours.flush()
+        answer = await nc.request("same.ask", b"hi", timeout=5)
+        assert answer.data == b"HI"
+        await responder.unsubscribe()
+    finally:
+        await ours.close()
+
+
 # ------------------------------------------------------------------ headers, read as nats-py reads them
 
 TRICKY = [
