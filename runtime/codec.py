@@ -53,6 +53,8 @@ class InputDecoder:
 
 def encode(value: Any, encoding: str = "json") -> bytes:
     """Encode a handler's return value (or a client payload) for the wire."""
+    if value is None and encoding == "json":   # what most handlers that only do something return
+        return b"null"
     if isinstance(value, bytes | bytearray | memoryview):
         return bytes(value)
     if encoding == "msgpack":

@@ -59,7 +59,7 @@ def check(inv: Invocation, manifest: FunctionManifest, now: float | None = None)
     ``now`` is the wall clock in seconds (default: this host's); it is compared with the
     server's timestamp, so hosts whose clocks disagree expire calls early or late by that much.
     """
-    if inv.delivered > 1:
+    if inv.delivered > 1 or (manifest.ttl is None and H.TTL not in inv.headers):
         return None
     try:
         ttl = ttl_of(inv.headers, manifest)
