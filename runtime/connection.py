@@ -349,6 +349,7 @@ async def open_connection(url: str, options: ConnectOptions | None = None, *,
     nc = NATS()
     direct.read_headers_faster(nc)
     direct.hand_over_faster(nc)
+    direct.parse_messages_faster(nc)
     fastpub.pings_in_order(nc)
     watch = watch_permissions(nc)
     try:

@@ -123,6 +123,100 @@ def hand_over_faster(nc: NATS) -> bool:
     return True
 
 
+# ------------------------------------------------------------------ the read loop's parser
+
+_AWAITING_CONTROL_LINE, _AWAITING_MSG_PAYLOAD = 1, 2   # nats-py's parser states (nats.protocol.parser)
+
+
+def parse_messages_faster(nc: NATS) -> bool:
+    """Make ``nc``'s protocol parser read ``MSG`` and ``HMSG`` itself; False if it cannot.
+
+    nats-py's parser tries a regular expression on every control line and keeps a message's
+    arguments in a dict until its payload is read. Here a ``MSG``/``HMSG`` line is split on
+    whitespace and its message handed to ``_process_msg`` with the same arguments. Anything
+    else (``PING``, ``INFO``, ``-ERR``, a line that does not read as a message) goes to nats-py's
+    parser with the rest of the buffer, which also raises its errors. A message whose payload
+    is still on its way is left in the parser's own state, as nats-py leaves it.
+    Leans on ``Client._ps`` and the parser's ``buf``, ``state``, ``msg_arg``, ``needed`` and
+    ``header_needed``.
+    """
+    parser: Any = getattr(nc, "_ps", None)
+    original: Callable[..., Awaitable[None]] | None = getattr(parser, "parse", None)
+    if original is None or not inspect.iscoroutinefunction(original) or not all(
+            hasattr(parser, name) for name in ("buf", "state", "msg_arg", "needed", "header_needed")):
+        return False
+
+    async def parse(data: bytes = b"") -> None:
+        buf: bytearray = parser.buf
+        buf.extend(data)
+        process: Callable[..., Awaitable[None]] = nc._process_msg
+        if parser.state == _AWAITING_MSG_PAYLOAD:   # the rest of a message split between reads
+            if len(buf) < parser.needed + 2:
+                return
+            headers, payload = _take(buf, 0, parser.header_needed, parser.needed)
+            parser.header_needed = 0
+            parser.state = _AWAITING_CONTROL_LINE
+            arg = parser.msg_arg
+            await process(arg["sid"], arg["subject"], arg["reply"], payload, headers)
+            if parser.buf is not buf:
+                return
+        while buf.startswith(b"MSG ") or buf.startswith(b"HMSG "):
+            end = buf.find(b"\r\n")
+            if end < 0:
+                return   # the line is still on its way
+            line = _message_line(bytes(buf[:end]))
+            if line is None:
+                break   # not a message line after all: nats-py's parser says what it is
+            subject, sid, reply, header_needed, needed = line
+            start = end + 2
+            if len(buf) < start + needed + 2:   # the payload is still on its way: as nats-py leaves it
+                parser.msg_arg.update(subject=subject, sid=sid, reply=reply)
+                parser.needed, parser.header_needed = needed, header_needed
+                parser.state = _AWAITING_MSG_PAYLOAD
+                del buf[:start]
+                return
+            headers, payload = _take(buf, start, header_needed, needed)
+            await process(sid, subject, reply, payload, headers)
+            if parser.buf is not buf:
+                return   # reset meanwhile (a reconnect): what is left was the old connection's
+        if buf:
+            await original()
+
+    parser.parse = parse
+    return True
+
+
+def _take(buf: bytearray, start: int, header_needed: int, needed: int) -> tuple[bytes | None, bytes]:
+    """The headers (None without) and payload of the message at ``start``, taken out of ``buf``
+    with the line before them and the CRLF after them."""
+    if header_needed:
+        headers: bytes | None = bytes(buf[start:start + header_needed])
+        payload = bytes(buf[start + header_needed:start + needed])
+    else:
+        headers, payload = None, bytes(buf[start:start + needed])
+    del buf[:start + needed + 2]
+    return headers, payload
+
+
+def _message_line(line: bytes) -> tuple[bytes, int, bytes, int, int] | None:
+    """``MSG <subject> <sid> [reply] <size>`` or ``HMSG <subject> <sid> [reply] <header size>
+    <size>`` as (subject, sid, reply, header size, size); None if it does not read as one (sizes
+    are digits only, as nats-py's parser wants them)."""
+    args = line.split()
+    hmsg = args[0] == b"HMSG"
+    count = len(args) - hmsg   # as a MSG line counts them: with a reply subject, 5
+    if count not in (4, 5) or not (hmsg or args[0] == b"MSG"):
+        return None
+    size, header_size = args[-1], (args[-2] if hmsg else b"0")
+    if not (size.isdigit() and header_size.isdigit()):
+        return None
+    try:
+        sid = int(args[2])
+    except ValueError:
+        return None
+    return args[1], sid, (args[3] if count == 5 else b""), int(header_size), int(size)
+
+
 # ------------------------------------------------------------------ headers
 
 _HEADER_LINE = b"NATS/1.0\r\n"
@@ -167,4 +261,5 @@ def read_headers_faster(nc: NATS) -> bool:
     return True
 
 
-__all__ = ["Handler", "hand_over_faster", "handing_over", "parse_header_block", "read_headers_faster", "subscribe"]
+__all__ = ["Handler", "hand_over_faster", "handing_over", "parse_header_block", "parse_messages_faster",
+           "read_headers_faster", "subscribe"]

@@ -10,6 +10,7 @@ import nats.errors
 import pytest
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.protocol.parser import Parser
 
 from runtime import direct
 from runtime.connection import open_connection
@@ -140,6 +141,84 @@ async def test_a_runtime_connection_hands_over_the_messages_nats_py_would_build(
         await responder.unsubscribe()
     finally:
         await ours.close()
+
+
+# ------------------------------------------------------------------ the protocol, read as nats-py reads it
+
+class _Recorder:
+    """Stands in for a client: records what its parser hands it."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[object, ...]] = []
+        self._ps = Parser(self)
+
+    async def _process_msg(self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes | None) -> None:
+        self.seen.append(("msg", sid, bytes(subject), bytes(reply), data, headers))
+
+    async def _process_ping(self) -> None:
+        self.seen.append(("ping",))
+
+    async def _process_pong(self) -> None:
+        self.seen.append(("pong",))
+
+    async def _process_info(self, info: dict[str, object]) -> None:
+        self.seen.append(("info", info))
+
+    async def _process_err(self, err: str) -> None:
+        self.seen.append(("err", err))
+
+
+def _protocol(rng: random.Random, count: int) -> bytes:
+    out = bytearray()
+    for _ in range(count):
+        kind = rng.choice(["msg", "msg", "hmsg", "hmsg", "ping", "pong", "ok", "info", "err"])
+        payload = bytes(rng.choice(b"ab\r\n x") for _ in range(rng.randint(0, 40)))
+        subject = rng.choice([b"fn.invoke.a", b"_INBOX.x.1", b"q"])
+        reply = rng.choice([b"", b"$JS.ACK.FN.a.1.2.3.4.0", b"r"])
+        sid = rng.randint(1, 300)
+        if kind == "msg":
+            out += b"MSG %s %d %s%d\r\n%s\r\n" % (subject, sid, reply + b" " if reply else b"", len(payload), payload)
+        elif kind == "hmsg":
+            block = b"NATS/1.0\r\nK: %d\r\n\r\n" % rng.randint(0, 9)
+            out += b"HMSG %s %d %s%d %d\r\n%s%s\r\n" % (subject, sid, reply + b" " if reply else b"", len(block),
+                                                          len(block) + len(payload), block, payload)
+        else:
+            out += {"ping": b"PING\r\n", "pong": b"PONG\r\n", "ok": b"+OK\r\n", "info": b'INFO {"max_payload":9}\r\n',
+                    "err": b"-ERR 'Permissions Violation for Subscription to \"x\"'\r\n"}[kind]
+    return bytes(out)
+
+
+async def _read(data: bytes, cuts: list[int], fast: bool) -> tuple[list[tuple[object, ...]], str | None]:
+    client = _Recorder()
+    if fast:
+        assert direct.parse_messages_faster(client)  # type: ignore[arg-type]
+    error = None
+    try:
+        for start, end in zip([0, *cuts], [*cuts, len(data)], strict=True):
+            await client._ps.parse(data[start:end])
+    except nats.errors.ProtocolError as exc:
+        error = str(exc)
+    return client.seen, error
+
+
+async def test_the_protocol_is_read_exactly_as_nats_py_reads_it() -> None:
+    rng = random.Random(11)
+    messages = 0
+    for _ in range(300):
+        data = _protocol(rng, rng.randint(1, 30))
+        cuts = sorted(rng.sample(range(1, len(data)), min(len(data) - 1, rng.randint(0, 12))))
+        seen, error = await _read(data, cuts, fast=True)
+        assert (seen, error) == await _read(data, cuts, fast=False)
+        assert error is None
+        messages += sum(1 for item in seen if item[0] == "msg")
+    assert messages > 2000   # most of them cut somewhere: in a line, a header block or a payload
+    # Lines that only look like messages are refused as nats-py refuses them, after what came before.
+    for bad in (b"MSG a b 3\r\nxyz\r\n", b"MSG a 1 -3\r\n", b"HMSG a 1 r 5 x\r\n", b"MSG a\r\n",
+                b"MSG a 1 2 3 4 5\r\n", b"MSGX a 1 3\r\n", b"HMSG a 1 +2 4\r\n"):
+        data = b"PING\r\nMSG ok 1 2\r\nhi\r\n" + bad
+        seen, error = await _read(data, [7], fast=True)
+        assert (seen, error) == await _read(data, [7], fast=False), bad
+        assert error is not None and seen[:2] == [("ping",), ("msg", 1, b"ok", b"", b"hi", None)]
 
 
 # ------------------------------------------------------------------ headers, read as nats-py reads them
