@@ -171,7 +171,8 @@ class Executor:
                 # result), unless nobody holds the call's id: then the write just goes ahead of the ack.
                 await self.outbox.store_then_ack(response, inv.msg.reply, confirm=caller_holds_id(inv))
                 return
-        await self.pub.publish(inv.msg.reply, ACK)
+        if not self.pub.try_publish(inv.msg.reply, ACK):
+            await self.pub.publish(inv.msg.reply, ACK)
 
     async def _retry(self, inv: Invocation, manifest: FunctionManifest, decision: RetryAfter) -> None:
         self.logger.warning("attempt %d/%d of %s failed, retrying in %gs: %s", inv.delivered,

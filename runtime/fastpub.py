@@ -69,6 +69,11 @@ class Publisher:
         if not self._write(subject, payload, reply, headers, at_once):
             await self.nc.publish(subject, payload, reply=reply, headers=dict(headers) if headers else None)
 
+    def try_publish(self, subject: str, payload: bytes = b"") -> bool:
+        """Append a message without headers to the outgoing buffer, at once; False if it cannot be
+        (the connection is not up, the buffer is full): :meth:`publish` then must."""
+        return self._write(subject, payload, "", None)
+
     def publish_nowait(self, subject: str, payload: bytes = b"", reply: str = "",
                        headers: Mapping[str, str] | None = None) -> None:
         """Publish without waiting: appended to the buffer, or published by :meth:`publish` in a task

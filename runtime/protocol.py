@@ -120,8 +120,9 @@ def parse_ack(reply: str) -> AckSubject:
     if tokens[:2] != ["$JS", "ACK"] or (len(tokens) != 9 and len(tokens) < 11):
         raise ValueError(f"{reply[:80]!r} is not a JetStream ack subject")
     offset = 2 if len(tokens) == 9 else 4
-    return AckSubject(tokens[offset], tokens[offset + 1], int(tokens[offset + 2]), int(tokens[offset + 3]),
-                      int(tokens[offset + 6]))
+    # tuple.__new__ builds it without the Python-level __new__ a NamedTuple's constructor runs.
+    return tuple.__new__(AckSubject, (tokens[offset], tokens[offset + 1], int(tokens[offset + 2]),
+                                      int(tokens[offset + 3]), int(tokens[offset + 6])))
 
 
 def fallback_call_id(stream: str, seq: int) -> str:
