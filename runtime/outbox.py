@@ -239,7 +239,8 @@ class Outbox:
         if not confirm:
             await self.pub.publish(result_subject(response.call_id), response.body,
                                    headers=_written_once(response, "0"))
-            await self.pub.publish(ack_subject, ACK)
+            if not self.pub.try_publish(ack_subject, ACK):
+                await self.pub.publish(ack_subject, ACK)
             return
         inbox = self.inbox if self.inbox.started else await self._acks()
 
