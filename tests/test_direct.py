@@ -148,12 +148,15 @@ async def test_a_runtime_connection_hands_over_the_messages_nats_py_would_build(
 class _Recorder:
     """Stands in for a client: records what its parser hands it."""
 
-    def __init__(self) -> None:
+    def __init__(self, reset_on: bytes | None = None) -> None:
         self.seen: list[tuple[object, ...]] = []
         self._ps = Parser(self)
+        self.reset_on = reset_on   # a subject whose message resets the parser, as a reconnect does
 
     async def _process_msg(self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes | None) -> None:
         self.seen.append(("msg", sid, bytes(subject), bytes(reply), data, headers))
+        if bytes(subject) == self.reset_on:
+            self._ps.reset()
 
     async def _process_ping(self) -> None:
         self.seen.append(("ping",))
@@ -188,8 +191,9 @@ def _protocol(rng: random.Random, count: int) -> bytes:
     return bytes(out)
 
 
-async def _read(data: bytes, cuts: list[int], fast: bool) -> tuple[list[tuple[object, ...]], str | None]:
-    client = _Recorder()
+async def _read(data: bytes, cuts: list[int], fast: bool, reset_on: bytes | None = None
+                ) -> tuple[list[tuple[object, ...]], str | None]:
+    client = _Recorder(reset_on)
     if fast:
         assert direct.parse_messages_faster(client)  # type: ignore[arg-type]
     error = None
@@ -219,6 +223,12 @@ async def test_the_protocol_is_read_exactly_as_nats_py_reads_it() -> None:
         seen, error = await _read(data, [7], fast=True)
         assert (seen, error) == await _read(data, [7], fast=False), bad
         assert error is not None and seen[:2] == [("ping",), ("msg", 1, b"ok", b"", b"hi", None)]
+    # A reset while a message is handed on (a reconnect) drops what the old connection had left.
+    data = b"MSG a 1 1\r\nx\r\nMSG reset 1 1\r\ny\r\nMSG b 1 1\r\nz\r\n"
+    for cuts in ([], [20]):
+        seen, error = await _read(data, cuts, fast=True, reset_on=b"reset")
+        assert (seen, error) == await _read(data, cuts, fast=False, reset_on=b"reset")
+        assert [item[2] for item in seen] == [b"a", b"reset"] and error is None
 
 
 # ------------------------------------------------------------------ headers, read as nats-py reads them
