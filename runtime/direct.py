@@ -113,8 +113,8 @@ def hand_over_faster(nc: NATS) -> bool:
         sub._received += 1
         hdr = None
         if headers:
-            hdr = parse_header_block(headers) if headers.startswith(_HEADER_LINE) else None
-            if hdr is None:   # a status line, a block that is not all ASCII: nats-py reads it
+            hdr = _read_quickly(headers)
+            if hdr is None:
                 hdr = await nc._process_headers(headers)
         queue.handle(nc.msg_class(subject=subject.decode(), reply=reply.decode(), data=data, headers=hdr or None,
                                   _client=nc, _sid=sid))
@@ -242,6 +242,12 @@ def parse_header_block(block: bytes) -> dict[str, str] | None:
     return out
 
 
+def _read_quickly(block: bytes) -> dict[str, str] | None:
+    """``block``'s headers by :func:`parse_header_block`; None for a status line or a block that
+    is not all ASCII, which nats-py's own reader must read."""
+    return parse_header_block(block) if block.startswith(_HEADER_LINE) else None
+
+
 def read_headers_faster(nc: NATS) -> bool:
     """Make ``nc`` read message headers with :func:`parse_header_block`; False if it cannot."""
     original: Callable[[bytes | None], Awaitable[dict[str, str] | None]] | None = getattr(
@@ -252,8 +258,8 @@ def read_headers_faster(nc: NATS) -> bool:
     async def process_headers(headers: bytes | None) -> dict[str, str] | None:
         if not headers:
             return None
-        parsed = parse_header_block(headers) if headers.startswith(_HEADER_LINE) else None
-        if parsed is None:   # a status line, a block that is not all ASCII: nats-py reads it
+        parsed = _read_quickly(headers)
+        if parsed is None:
             return await original(headers)
         return parsed or None
 
