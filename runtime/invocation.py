@@ -28,14 +28,15 @@ class Invocation:
     def from_msg(cls, msg: Msg, function: str) -> Invocation:
         ack = parse_ack(msg.reply)
         hdrs = msg.headers
-        if not hdrs:   # a plain publish: its id is made of where it is stored
-            return cls(msg=msg, function=function, stream=ack.stream, stream_seq=ack.stream_seq,
-                       delivered=ack.delivered, headers={}, call_id=fallback_call_id(ack.stream, ack.stream_seq))
-        # Headers are untrusted: an id too long or odd to use becomes a digest (see wire.call_id_for).
-        call_id = (call_id_for(hdrs.get(H.CALL_ID) or hdrs.get(H.MSG_ID))
-                   or fallback_call_id(ack.stream, ack.stream_seq))
+        if hdrs:
+            # Headers are untrusted: an id too long or odd to use becomes a digest (see wire.call_id_for).
+            call_id = (call_id_for(hdrs.get(H.CALL_ID) or hdrs.get(H.MSG_ID))
+                       or fallback_call_id(ack.stream, ack.stream_seq))
+            trigger = hdrs.get(H.TRIGGER) or None
+        else:   # a plain publish: its id is made of where it is stored
+            hdrs, call_id, trigger = {}, fallback_call_id(ack.stream, ack.stream_seq), None
         return cls(msg=msg, function=function, stream=ack.stream, stream_seq=ack.stream_seq,
-                   delivered=ack.delivered, headers=hdrs, call_id=call_id, trigger=hdrs.get(H.TRIGGER) or None)
+                   delivered=ack.delivered, headers=hdrs, call_id=call_id, trigger=trigger)
 
     @classmethod
     def from_event(cls, msg: Msg, function: str, trigger: str) -> Invocation:
