@@ -149,12 +149,20 @@ class Client:
         self._inbox: ReplyInbox | None = None
         self._known: dict[str, float] = {}
         # Call ids: unique per client, then a counter (cheaper than a random id per call).
-        self._id_base = id_prefix + NUID().next().decode() + "-"
+        unique = id_prefix + NUID().next().decode()
+        self._id_base = unique + "-"
         self._ids = itertools.count(1)
+        # invoke's own ids: ``<unique>.<reply token>``, whose outcomes this client subscribes to
+        # (see start), so a stored outcome is its answer without a second message.
+        self._watch_base = unique + "."
+        self._watched: dict[str, asyncio.Future[Msg | None]] = {}   # call id -> its waiter
+        self._watching = False
+        self._watch_refused = False   # this client may not subscribe to its outcomes
         # What each waiting request published to, so a permission the server refused fails it at once.
         self._guarded: dict[asyncio.Future[Any], tuple[str, ...]] = {}
         self._inbox_refused: PermissionDenied | None = None   # this client may not receive replies
         self._stop_watching: Callable[[], None] | None = None
+        self._stop_claim: Callable[[], None] | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -174,19 +182,28 @@ class Client:
             self._stop_watching = watch.listen(self._on_denied)
         inbox = ReplyInbox(self._nc, name="client-deadlines")
         await inbox.start()
-        if watch is not None:
+        if watch is not None and self._may_watch():
+            # Outcomes are answers where the runtime stores them: no second message per call. Only
+            # on a connection that hears a refused subscription, which then changes nothing else.
+            watched = result_subject(self._watch_base[:-1])
+            self._stop_claim = watch.claim(watched + ".", self._on_watch_denied)
+            await inbox.also_on(watched)
             # The server reports a refused subscription after the fact, often after this round
             # trip; if later, the calls waiting then fail with it (see _on_denied).
             await self._nc.flush()
             if self._inbox_refused is not None:
                 await inbox.stop()
                 raise self._inbox_refused
+            self._watching = not self._watch_refused
         self._inbox = inbox
 
     async def stop(self) -> None:
         if self._stop_watching is not None:
             self._stop_watching()
             self._stop_watching = None
+        if self._stop_claim is not None:
+            self._stop_claim()
+            self._stop_claim = None
         inbox, self._inbox = self._inbox, None
         if inbox is not None:
             await inbox.stop()
@@ -256,18 +273,24 @@ class Client:
         nc = self.nc
         loop = asyncio.get_running_loop()
         subject = invoke_subject(function, priority)
-        call_id, body, hdrs = await self._prepare(function, payload, call_id, headers)
-        if ttl is not None:
-            hdrs[H.TTL] = ttl_header(ttl)
         deadline = loop.time() + timeout
         inbox = self._replies
-        reply_subject, reply = inbox.expect(deadline)
-        hdrs[H.REPLY_TO] = reply_subject
+        watched = call_id is None and self._watching
+        reply_subject, reply = inbox.expect(deadline, also=watched)
         progress_subject = None
-        if on_progress is not None:
-            progress_subject = inbox.listen(deadline, _progress_reader(call_id, on_progress))
-            hdrs[H.PROGRESS_TO] = progress_subject
         try:
+            if watched:   # its outcome comes on the result subject of the reply's token (see start)
+                call_id = self._watch_base + inbox.token(reply_subject)
+            call_id, body, hdrs = await self._prepare(function, payload, call_id, headers)
+            if ttl is not None:
+                hdrs[H.TTL] = ttl_header(ttl)
+            hdrs[H.REPLY_TO] = reply_subject
+            if watched:
+                hdrs[H.WATCHES_OUTCOME] = "1"
+                self._watched[call_id] = reply
+            if on_progress is not None:
+                progress_subject = inbox.listen(deadline, _progress_reader(call_id, on_progress))
+                hdrs[H.PROGRESS_TO] = progress_subject
             duplicate = await self._store(nc, subject, function, body, hdrs, call_id, deadline)
             if duplicate:
                 log.warning("call id %r was already used within the duplicate window: %s ran once, for the "
@@ -277,9 +300,21 @@ class Client:
                 response = await self.outcome(call_id, wait=deadline - loop.time())
             else:
                 msg = await reply
-                response = None if msg is None else Response(call_id, msg.data, msg.headers or {})
+                if msg is None and watched and self._watch_refused and loop.time() < deadline:
+                    # Refused after the call went out: its outcome is only stored, read it there.
+                    response = await self._read_when_stored(call_id, deadline)
+                elif msg is None:
+                    response = None
+                elif msg.subject[0] == "$":   # the write of the outcome, less its write-once condition
+                    hdrs = dict(msg.headers or {})
+                    hdrs.pop(H.EXPECTED_LAST_SUBJECT_SEQ, None)
+                    response = Response(call_id, msg.data, hdrs)
+                else:
+                    response = Response(call_id, msg.data, msg.headers or {})
         finally:
             inbox.forget(reply_subject)
+            if watched:
+                self._watched.pop(call_id, None)  # type: ignore[arg-type]
             if progress_subject is not None:
                 inbox.forget(progress_subject)
         if response is None:
@@ -404,6 +439,26 @@ class Client:
 
     # ------------------------------------------------------------------ internals
 
+    async def _read_when_stored(self, call_id: str, deadline: float) -> Response | None:
+        """The outcome of ``call_id`` once stored, read again and again until ``deadline`` (for a
+        client that may not subscribe to it); None if it is not stored by then."""
+        loop = asyncio.get_running_loop()
+        pause = 0.05
+        while True:
+            stored = await self._guard(fetch_response(self.js, call_id), result_subject(call_id))
+            if stored is not None or loop.time() + pause >= deadline:
+                return stored
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 1.0)
+
+    def _may_watch(self) -> bool:
+        """Whether this client's user is likely allowed to subscribe to its outcomes: any user on
+        the default inbox prefix, and a user with reply and id prefixes of its own, which its role
+        grants (``runtime roles``). A refusal is coped with all the same (see _on_watch_denied)."""
+        assert self._nc is not None
+        default_inbox = self._nc.new_inbox().count(".") == 1
+        return default_inbox or "." in self._watch_base[:-1]   # an id prefix ends with a dot
+
     def _new_id(self) -> str:
         return self._id_base + str(next(self._ids))
 
@@ -427,6 +482,15 @@ class Client:
                                               action=denied.action)
                 waiter.set_exception(denied)
                 waiter.exception()   # retrieved: the caller may have been cancelled meanwhile
+
+    def _on_watch_denied(self, denied: PermissionDenied) -> None:
+        """This client's user may not read its outcomes as they are stored: answers come to the
+        inbox from now on, and the calls already out read theirs from the store (see invoke_response)."""
+        self._watch_refused = True
+        self._watching = False
+        for waiter in self._watched.values():
+            if not waiter.done():
+                waiter.set_result(None)
 
     async def _guard(self, request: Awaitable[T], *subjects: str) -> T:
         """Await ``request``, failing with ``PermissionDenied`` as soon as the server refuses a

@@ -164,12 +164,14 @@ class Executor:
         store = should_store(manifest, inv)
         if reply_to or store:   # a call nobody waits on is acked without building its response
             response = response or Response.success(inv.call_id, body, codec.CONTENT_TYPES[manifest.encoding])
-            if reply_to:
+            watched = store and inv.watches_outcome   # the write itself answers the caller
+            if reply_to and not watched:
                 await self.outbox.answer(reply_to, response)
             if store:
                 # Acked only once the outcome is kept (a full store delays the ack, it never loses a
                 # result), unless nobody holds the call's id: then the write just goes ahead of the ack.
-                await self.outbox.store_then_ack(response, inv.msg.reply, confirm=caller_holds_id(inv))
+                await self.outbox.store_then_ack(response, inv.msg.reply, confirm=caller_holds_id(inv),
+                                                 at_once=watched)
                 return
         if not self.pub.try_publish(inv.msg.reply, ACK):
             await self.pub.publish(inv.msg.reply, ACK)
@@ -223,7 +225,7 @@ class Executor:
             f"dead letter of call {inv.call_id}",
             lambda: write_dead_letter(self.js, manifest.name, inv.msg.data, dead, max_payload=max_payload))
         await self.outbox.deliver(Response.failure(inv.call_id, error), inv.reply_to,
-                                  should_store(manifest, inv) or bool(inv.reply_to))
+                                  should_store(manifest, inv) or bool(inv.reply_to), watched=inv.watches_outcome)
         if H.ENDPOINT in inv.headers:
             self.outbox.endpoint_failed(manifest.name, error)
         await self.pub.publish(inv.msg.reply, term(reason))

@@ -7,6 +7,9 @@ MSG_ID = "Nats-Msg-Id"
 EXPECTED_LAST_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
 REPLY_TO = "Fn-Reply-To"
 CALL_ID = "Fn-Call-Id"
+# On a call: its caller subscribes to the call's subject in fn_results. When the outcome is
+# stored, the stored message is the answer, and nothing more goes to Fn-Reply-To.
+WATCHES_OUTCOME = "Fn-Watches-Outcome"
 FUNCTION = "Fn-Function"
 SCHEDULE = "Fn-Schedule"
 SCHEDULED_AT = "Fn-Scheduled-At"

@@ -22,6 +22,7 @@ from nats.aio.subscription import Subscription
 
 from . import direct
 from .loop import cancel_and_wait, finish_within, spawn
+from .protocol import is_tombstone
 
 log = logging.getLogger("runtime.inbox")
 
@@ -46,6 +47,9 @@ class ReplyInbox:
         # Subjects that take many messages (progress updates) until forgotten or their deadline.
         self._listeners: dict[str, tuple[Callable[[Msg], None], float]] = {}
         self._sub: Subscription | None = None
+        self._also: Subscription | None = None   # a second prefix for the same tokens (see also_on)
+        self._also_cut = 0
+        self._also_tokens: set[str] = set()      # the requests it may settle
         self._watchdog: asyncio.Task[None] | None = None
         self._callbacks: set[asyncio.Task[None]] = set()   # callbacks that had to wait
 
@@ -65,6 +69,17 @@ class ReplyInbox:
         self._sub = await direct.subscribe(self.nc, inbox + ".*", self._on_msg)
         self._watchdog = asyncio.create_task(self._expire(), name=self.name)
 
+    async def also_on(self, prefix: str) -> None:
+        """Settle requests made with ``expect(..., also=True)`` by messages on ``<prefix>.<token>``
+        as well: the same token there answers the request of ``<inbox>.<token>``, whichever comes
+        first. Markers of a deleted or purged KV entry on it are no answer."""
+        self._also_cut = len(prefix) + 1
+        self._also = await direct.subscribe(self.nc, prefix + ".*", self._on_also)
+
+    def token(self, subject: str) -> str:
+        """The token of a reply subject made here."""
+        return subject[self._cut:]
+
     async def stop(self, *, drain: bool = False) -> None:
         """Stop matching; waiters still pending are cancelled.
 
@@ -80,16 +95,25 @@ class ReplyInbox:
         await finish_within(self._callbacks, 1.0)   # short: they publish an answer
         pending, self._pending = self._pending, {}
         self._listeners.clear()
+        self._also_tokens.clear()
         for target, _ in pending.values():
             if isinstance(target, asyncio.Future):
                 target.cancel()
-        if sub is not None and not self.nc.is_closed:
-            await sub.unsubscribe()
+        also, self._also = self._also, None
+        for subscription in (sub, also):
+            if subscription is not None and not self.nc.is_closed:
+                await subscription.unsubscribe()
 
-    def expect(self, deadline: float) -> tuple[str, Waiter]:
-        """A reply subject, and the future its reply (or None at ``deadline``) is set on."""
+    def expect(self, deadline: float, *, also: bool = False) -> tuple[str, Waiter]:
+        """A reply subject, and the future its reply (or None at ``deadline``) is set on.
+
+        ``also``: a message on the same token under the :meth:`also_on` prefix answers it too.
+        """
         waiter: Waiter = asyncio.get_running_loop().create_future()
-        return self._add(waiter, deadline), waiter
+        subject = self._add(waiter, deadline)
+        if also:
+            self._also_tokens.add(subject[self._cut:])
+        return subject, waiter
 
     def on_reply(self, deadline: float, callback: OnReply) -> str:
         """A reply subject whose reply (or None at ``deadline``) is passed to ``callback``."""
@@ -107,6 +131,7 @@ class ReplyInbox:
         token = subject[self._cut:]
         self._pending.pop(token, None)
         self._listeners.pop(token, None)
+        self._also_tokens.discard(token)
 
     def _add(self, target: Waiter | OnReply, deadline: float) -> str:
         token = str(next(self._tokens))
@@ -123,6 +148,14 @@ class ReplyInbox:
             listener = self._listeners.get(token)
             if listener is not None:
                 listener[0](msg)
+
+    def _on_also(self, msg: Msg) -> None:
+        token = msg.subject[self._also_cut:]
+        if token in self._also_tokens and not is_tombstone(msg.headers):
+            self._also_tokens.discard(token)
+            entry = self._pending.pop(token, None)
+            if entry is not None:
+                self._settle(entry[0], msg)
 
     async def _expire(self) -> None:
         # One watchdog for every request: cheaper than a timer per request on the hot path.

@@ -71,6 +71,11 @@ class Invocation:
         return self.headers.get(H.REPLY_TO) or None
 
     @property
+    def watches_outcome(self) -> bool:
+        """Its caller reads the stored outcome as it is written (see ``headers.WATCHES_OUTCOME``)."""
+        return self.headers.get(H.WATCHES_OUTCOME) == "1"
+
+    @property
     def content_type(self) -> str | None:
         return self.headers.get(H.CONTENT_TYPE)
 

@@ -343,7 +343,8 @@ class DeadLetterMover:
         store = self.store_results(advisory.function, call) or bool(reply_to)
         if reply_to or store:
             # One attempt at storing: a refusal naks the advisory, which comes back in a moment.
-            await self.outbox.deliver(Response.failure(call_id, failure), reply_to, store, patient=False)
+            await self.outbox.deliver(Response.failure(call_id, failure), reply_to, store, patient=False,
+                                      watched=hdrs.get(H.WATCHES_OUTCOME) == "1")
             await self.nc.flush()
         if event:
             # Other functions may still want the event: it stays, and goes once they have it (or its age).

@@ -195,9 +195,15 @@ class Outbox:
                             extra=call_fields(call_id=response.call_id))
             return False
 
-    async def deliver(self, response: Response, reply_to: str | None, store: bool, *, patient: bool = True) -> None:
-        """Answer the caller at once, then keep the outcome (``patient``: waiting until JetStream has it)."""
-        await self.answer(reply_to, response)
+    async def deliver(self, response: Response, reply_to: str | None, store: bool, *, patient: bool = True,
+                      watched: bool = False) -> None:
+        """Answer the caller at once, then keep the outcome (``patient``: waiting until JetStream has it).
+
+        ``watched``: the caller subscribes to the outcome's subject in ``fn_results``
+        (``headers.WATCHES_OUTCOME``), so the write of a stored outcome is its answer.
+        """
+        if not (store and watched):
+            await self.answer(reply_to, response)
         if store:
             await self.store(response, patient=patient)
 
@@ -224,7 +230,8 @@ class Outbox:
         if problem is not None:
             raise problem
 
-    async def store_then_ack(self, response: Response, ack_subject: str, *, confirm: bool = True) -> None:
+    async def store_then_ack(self, response: Response, ack_subject: str, *, confirm: bool = True,
+                             at_once: bool = False) -> None:
         """Store ``response`` and only then ack the invocation message on ``ack_subject``.
 
         The hot path waits for nothing: the acknowledgement of the store triggers the ack. A
@@ -235,6 +242,9 @@ class Outbox:
         write goes out without asking JetStream to acknowledge it, followed by the ack: the server
         takes them in that order, so the outcome is stored before the message is gone unless the
         store refuses it, and then nobody was waiting for it.
+
+        ``at_once``: the write goes on the wire now (see ``Publisher.publish``): it is the answer
+        of a caller that watches the outcome's subject.
         """
         if not confirm:
             await self.pub.publish(result_subject(response.call_id), response.body,
@@ -253,7 +263,7 @@ class Outbox:
         reply = inbox.on_reply(asyncio.get_running_loop().time() + ACK_TIMEOUT, stored)
         try:
             await self.pub.publish(result_subject(response.call_id), response.body, reply=reply,
-                                   headers=_written_once(response, "0"))
+                                   headers=_written_once(response, "0"), at_once=at_once)
         except Exception:
             inbox.forget(reply)
             self._slow(response, ack_subject)

@@ -80,6 +80,7 @@ class PermissionWatch:
 
     def __init__(self) -> None:
         self._listeners: list[DeniedCallback] = []
+        self._claims: dict[str, DeniedCallback] = {}   # lower-case subject prefix -> who copes with it
 
     def listen(self, callback: DeniedCallback) -> Callable[[], None]:
         """Call ``callback`` with every ``PermissionDenied``; returns what stops it."""
@@ -90,7 +91,23 @@ class PermissionWatch:
                 self._listeners.remove(callback)
         return stop
 
+    def claim(self, prefix: str, callback: DeniedCallback) -> Callable[[], None]:
+        """Refusals of subjects under ``prefix`` go to ``callback`` alone: its owner copes with them
+        (an optional subscription), so they end nothing else. Returns what gives the claim up."""
+        key = prefix.lower()
+        self._claims[key] = callback
+
+        def release() -> None:
+            if self._claims.get(key) is callback:
+                del self._claims[key]
+        return release
+
     def notify(self, denied: PermissionDenied) -> None:
+        subject = denied.subject.lower()
+        for prefix, owner in list(self._claims.items()):
+            if subject.startswith(prefix):
+                owner(denied)
+                return
         for callback in list(self._listeners):
             callback(denied)
 

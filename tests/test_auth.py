@@ -7,7 +7,9 @@ subprocesses with the nats CLI's flags and environment variables, the Client in 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -15,11 +17,12 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import nats
 import pytest
 
 from runtime.client import Client
 from runtime.errors import AuthError, PermissionDenied
-from runtime.exitcodes import RET_AUTH, RET_PERMISSION
+from runtime.exitcodes import RET_AUTH, RET_OK, RET_PERMISSION
 
 from .authservers import (
     Certificates,
@@ -33,7 +36,7 @@ from .authservers import (
     start_operator_server,
     start_password_server,
 )
-from .conftest import ROOT, RuntimeProcess
+from .conftest import ROOT, RuntimeProcess, collect, eventually
 
 
 @dataclass(frozen=True)
@@ -303,3 +306,53 @@ async def test_a_refused_publish_fails_the_call_at_once(tmp_path: Path, serve: l
             assert await fn.invoke("hello", {"name": "Carol"}) == {"greeting": "Hello, Carol!"}
         for secret in (bob.password, carol.password, server.password):
             assert secret not in proc.output() + result.stderr
+
+
+SLEEPY = """\
+name: sleepy
+handler: tests.handlers.core:sleepy
+"""
+
+
+async def test_a_caller_that_may_not_watch_its_outcomes_is_answered_on_its_inbox(
+        tmp_path: Path, serve: list[RuntimeProcess]) -> None:
+    """``Client.invoke`` reads a stored outcome as it is written (``Fn-Watches-Outcome``) where its
+    user may subscribe to it; elsewhere the runtime answers on the inbox, refused late or early."""
+    dana = User("dana", permissions=permissions(publish=[">"], subscribe=["_INBOX.>"]))
+    erin = User("erin")   # allowed everything, until the server's configuration changes
+    async with start_password_server(tmp_path, extra_users=[dana, erin]) as server:
+        manifests = tmp_path / "manifests"
+        manifests.mkdir()
+        (manifests / "hello.yaml").write_text((ROOT / "manifests" / "hello.yaml").read_text())
+        (manifests / "sleepy.yaml").write_text(SLEEPY)
+        env = {"NATS_URL": "", "NATS_USER": "alice", "NATS_PASSWORD": server.password}
+        proc = RuntimeProcess(server.url, manifests, tmp_path / "runtime.log", [], env)
+        serve.append(proc)
+        await proc.wait_ready()
+
+        async with Client(server.url, user="dana", password=dana.password) as fn:
+            for n in range(3):
+                assert await fn.invoke("hello", {"name": f"Dana{n}"}, timeout=10) == {"greeting": f"Hello, Dana{n}!"}
+        as_dana = Access(server.url, ("--user", "dana"), (("NATS_PASSWORD", dana.password),))
+        result = await cli(as_dana, "invoke", "hello", '{"name": "Dana"}')
+        assert result.returncode == RET_OK, result.stderr
+        assert "Hello, Dana!" in result.stdout
+
+        # Refused while a call is out (the server reloads its permissions): that call reads its
+        # outcome from the store, and the next ones are answered on the inbox.
+        watcher = await nats.connect(server.url, user="alice", password=server.password)
+        started, _ = await collect(watcher, "test.events.sleepy")
+        try:
+            async with Client(server.url, user="erin", password=erin.password) as fn:
+                assert await fn.invoke("hello", {"name": "Erin"}) == {"greeting": "Hello, Erin!"}
+                call = asyncio.ensure_future(fn.invoke("sleepy", {"seconds": 1.5}, timeout=15))
+                await eventually(lambda: started, message="the slow call running")
+                limited = User("erin", erin.password, permissions(publish=[">"], subscribe=["_INBOX.>"]))
+                users = [u.conf() for u in {**server.users, "erin": limited}.values()]
+                server.config.write_text(f"authorization: {{ users: {json.dumps(users)} }}\n")
+                os.kill(server.pid, signal.SIGHUP)
+                assert await asyncio.wait_for(call, 15) == {"slept": 1.5}
+                assert await fn.invoke("hello", {"name": "again"}) == {"greeting": "Hello, again!"}
+        finally:
+            await watcher.close()
+        assert "Traceback" not in proc.output()

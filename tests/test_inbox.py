@@ -50,3 +50,24 @@ async def test_callbacks_get_the_reply_or_none_and_forgotten_subjects_nothing(nc
     assert not waiter.done()
     await inbox.stop()
     assert not inbox.started
+
+
+async def test_a_second_prefix_answers_only_the_requests_made_for_it(nc: NATS) -> None:
+    inbox = ReplyInbox(nc, tick=0.01)
+    await inbox.start()
+    await inbox.also_on("outcomes.c1")
+    loop = asyncio.get_running_loop()
+    watched, watched_reply = inbox.expect(loop.time() + 5, also=True)
+    plain, plain_reply = inbox.expect(loop.time() + 0.3)
+    gone, gone_reply = inbox.expect(loop.time() + 5, also=True)
+    marker, marker_reply = inbox.expect(loop.time() + 0.3, also=True)
+    await nc.publish(f"outcomes.c1.{inbox.token(plain)}", b"not for a plain request")
+    await nc.publish(f"outcomes.c1.{inbox.token(marker)}", b"", headers={"KV-Operation": "DEL"})
+    inbox.forget(gone)
+    await nc.publish(f"outcomes.c1.{inbox.token(gone)}", b"forgotten")
+    await nc.publish(f"outcomes.c1.{inbox.token(watched)}", b"stored")
+    await nc.publish(watched, b"the inbox, later")   # whichever comes first
+    got = await asyncio.wait_for(asyncio.gather(watched_reply, plain_reply, marker_reply), 2)
+    assert [None if m is None else m.data for m in got] == [b"stored", None, None]
+    assert not gone_reply.done()
+    await inbox.stop()
