@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -87,11 +88,17 @@ def spread(values: list[float]) -> dict[str, float]:
     return {"median": ordered[len(ordered) // 2], "min": ordered[0], "max": ordered[-1]}
 
 
-def start_runtime(url: str, manifests: Path, log_path: Path,
-                  env_extra: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+Wrap = Callable[[list[str]], list[str]]
+"""What runs a worker's command line instead of itself (``bench.instructions``: under callgrind)."""
+
+
+def start_runtime(url: str, manifests: Path, log_path: Path, env_extra: dict[str, str] | None = None,
+                  wrap: Wrap | None = None) -> subprocess.Popen[bytes]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env_extra or {})}
     argv = [sys.executable, "-m", "runtime", "serve", "--server", url, "--manifests", str(manifests),
             "--log-level", "WARNING"]
+    if wrap is not None:
+        argv = wrap(argv)
     with open(log_path, "wb") as out:
         proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
     profile_dir = os.environ.get("BENCH_PROFILE")

@@ -10,6 +10,10 @@ invocation costs, start-up and shut-down left out.
   runtime_default: ``runtime serve`` with a no-op async function (pydantic input), default manifest;
   runtime_always: the same with ``store_results: always``;
   runtime_default_ids: the default manifest, every invocation with its own ``Nats-Msg-Id``.
+With ``--rpc``, the round trips of ``bench.rpc`` instead, 100 calls outstanding, each on a fresh
+server (the worker process counted):
+  rpc_raw, rpc_raw_kept: its raw request-reply worker, and the one keeping ``invoke``'s promises;
+  rpc_invoke: ``runtime serve`` called with ``Client.invoke``, default manifest.
 Only the worker process is counted, not nats-server. Instructions are not time: the ratios say how
 much more work the runtime does per invocation, not how much slower it drains (it overlaps its
 work with the server's, which ``fetch(100)`` does not). Each pair of runs is repeated ``--reps``
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import shutil
@@ -32,6 +37,7 @@ from pathlib import Path
 
 import nats
 
+from bench import rpc
 from bench.common import ROOT, log, prefill, private_server, spread
 from bench.throughput import manifest, raw_setup
 from runtime.loop import run
@@ -39,6 +45,7 @@ from runtime.manifest import FunctionManifest
 from runtime.streams import ensure_consumer, provision_base
 
 CONTENDERS = ("raw_pull_cb", "raw_fetch100", "runtime_default", "runtime_always", "runtime_default_ids")
+RPC_CONTENDERS = ("rpc_raw", "rpc_raw_kept", "rpc_invoke")
 DEADLINE = 900.0   # seconds one instrumented run may take (start-up under callgrind is slow)
 
 
@@ -51,7 +58,7 @@ def instructions(out_file: Path) -> int:
 
 
 def under_callgrind(argv: list[str], out_file: Path) -> list[str]:
-    return ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out_file}", *argv]
+    return ["valgrind", "-q", "--tool=callgrind", f"--callgrind-out-file={out_file}", *argv]
 
 
 async def raw_count(url: str, impl: str, n: int, out_file: Path) -> int:
@@ -92,6 +99,28 @@ async def runtime_count(url: str, store: str | None, ids: bool, n: int, workdir:
     return instructions(out_file)
 
 
+async def rpc_count(name: str, n: int, workdir: Path, out_file: Path) -> int:
+    """Instructions of ``name``'s worker process answering ``n`` calls (and its warm-up), 100 outstanding."""
+    server = private_server()   # fresh: the raw loops number their calls from 0 again
+    await server.start()
+    try:
+        wrap = functools.partial(under_callgrind, out_file=out_file)
+        loop: rpc.RawLoop | rpc.RuntimeLoop
+        if name == "rpc_invoke":
+            loop = rpc.RuntimeLoop(server.url, workdir, 256, True, wrap=wrap, ready_within=DEADLINE)
+            call, _ = await loop.start()
+        else:
+            loop = rpc.RawLoop(server.url, kept=name == "rpc_raw_kept", wrap=wrap)
+            call = await loop.start()
+        try:
+            await rpc.throughput(call, n, 100)
+        finally:
+            await loop.stop()   # the worker ends: callgrind writes its counts
+    finally:
+        await server.stop()
+    return instructions(out_file)
+
+
 async def drained(js: nats.js.JetStreamContext, last: int) -> bool:
     info = await js.consumer_info("FN", "noop")
     return info.ack_floor.stream_seq >= last and not info.num_ack_pending and not info.num_pending
@@ -112,7 +141,9 @@ async def per_invocation(name: str, url: str, small: int, large: int, workdir: P
     counts = []
     for n in (small, large):
         out_file = workdir / f"{name}-{n}.callgrind"
-        if name.startswith("raw_"):
+        if name.startswith("rpc_"):
+            counts.append(await rpc_count(name, n, workdir, out_file))
+        elif name.startswith("raw_"):
             counts.append(await raw_count(url, "cb" if name == "raw_pull_cb" else "fetch", n, out_file))
         else:
             mode = name.removeprefix("runtime_")
@@ -125,16 +156,25 @@ async def per_invocation(name: str, url: str, small: int, large: int, workdir: P
 async def main_bench(args: argparse.Namespace) -> dict[str, object]:
     server = private_server()
     await server.start()
-    results: dict[str, list[float]] = {name: [] for name in CONTENDERS}
+    contenders = RPC_CONTENDERS if args.rpc else CONTENDERS
+    results: dict[str, list[float]] = {name: [] for name in contenders}
     try:
         with tempfile.TemporaryDirectory(prefix="bench-instructions-") as tmp:
             for rep in range(args.reps):
-                for name in CONTENDERS:
+                for name in contenders:
                     results[name].append(await per_invocation(name, server.url, args.small, args.large, Path(tmp)))
                 log(f"rep {rep}: " + ", ".join(f"{k}={v[-1]:.0f}" for k, v in results.items()))
     finally:
         await server.stop()
     med = {k: spread(v)["median"] for k, v in results.items()}
+    if args.rpc:
+        return {
+            "bench": "instructions", "workload": "rpc", "payload_bytes": 64, "outstanding": 100,
+            "small": args.small, "large": args.large, "reps": args.reps,
+            "instructions_per_call": {k: {s: round(x) for s, x in spread(v).items()} for k, v in results.items()},
+            "ratio_invoke_vs_raw": round(med["rpc_invoke"] / med["rpc_raw"], 2),
+            "ratio_invoke_vs_raw_kept": round(med["rpc_invoke"] / med["rpc_raw_kept"], 2),
+        }
     return {
         "bench": "instructions", "payload_bytes": 64, "small": args.small, "large": args.large, "reps": args.reps,
         "instructions_per_invocation": {k: {s: round(x) for s, x in spread(v).items()} for k, v in results.items()},
@@ -149,6 +189,7 @@ def main() -> None:
     ap.add_argument("--small", type=int, default=2000, help="invocations in the smaller drain")
     ap.add_argument("--large", type=int, default=8000, help="invocations in the larger drain")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--rpc", action="store_true", help="count bench.rpc's round trips instead of drains")
     args = ap.parse_args()
     if shutil.which("valgrind") is None:
         print("bench.instructions needs valgrind (Debian: apt-get install valgrind)", file=sys.stderr)

@@ -44,7 +44,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StorageType, StreamConfig
 
-from bench.common import PAYLOAD, ROOT, CpuMeter, log, percentile, private_server, spread, start_runtime
+from bench.common import PAYLOAD, ROOT, CpuMeter, Wrap, log, percentile, private_server, spread, start_runtime
 from runtime import Client
 from runtime.loop import run
 
@@ -123,9 +123,10 @@ async def raw_worker(url: str, kept: bool, batch: int = 100) -> None:
 class RawLoop:
     """A raw contender: its stream, its worker process and its calling connection."""
 
-    def __init__(self, url: str, kept: bool = False) -> None:
+    def __init__(self, url: str, kept: bool = False, wrap: Wrap | None = None) -> None:
         self.url = url
         self.kept = kept
+        self.wrap = wrap
         self.nc: NATS | None = None
         self.proc: subprocess.Popen[str] | None = None
 
@@ -141,8 +142,9 @@ class RawLoop:
             await js.add_stream(StreamConfig(name=KEPT_RESULTS, subjects=["$KV.rawkept.>"], storage=StorageType.FILE,
                                              max_msgs_per_subject=1, max_age=24 * 3600, allow_direct=True))
         role = "kept-worker" if self.kept else "raw-worker"
-        self.proc = subprocess.Popen([sys.executable, "-m", "bench.rpc", "--role", role, "--url", self.url],
-                                     cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        argv = [sys.executable, "-m", "bench.rpc", "--role", role, "--url", self.url]
+        self.proc = subprocess.Popen(self.wrap(argv) if self.wrap else argv, cwd=ROOT, stdout=subprocess.PIPE,
+                                     text=True)
         assert self.proc.stdout is not None
         assert (await asyncio.to_thread(self.proc.stdout.readline)).strip() == "READY"
         inbox = nc.new_inbox()
@@ -176,7 +178,7 @@ class RawLoop:
             finally:
                 await self.nc.close()
         if self.proc is not None:
-            await asyncio.to_thread(self.proc.wait, 10)
+            await asyncio.to_thread(self.proc.wait, 10 if self.wrap is None else 300)
 
 
 # ------------------------------------------------------------------ the runtime
@@ -192,11 +194,14 @@ timeout: 30s
 class RuntimeLoop:
     """The runtime contender: ``runtime serve`` in its own process, called through ``Client``."""
 
-    def __init__(self, url: str, workdir: Path, concurrency: int, store: bool) -> None:
+    def __init__(self, url: str, workdir: Path, concurrency: int, store: bool, wrap: Wrap | None = None,
+                 ready_within: float = 30.0) -> None:
         self.url = url
         self.workdir = workdir
         self.concurrency = concurrency
         self.store = store
+        self.wrap = wrap
+        self.ready_within = ready_within
         self.client = Client(url)
         self.proc: subprocess.Popen[bytes] | None = None
         self.plain: NATS | None = None
@@ -207,10 +212,10 @@ class RuntimeLoop:
         (manifests / "noop.yaml").write_text(MANIFEST.format(concurrency=self.concurrency)
                                              + ("" if self.store else "store_results: never\n"))
         logfile = self.workdir / "runtime.log"
-        self.proc = start_runtime(self.url, manifests, logfile)
+        self.proc = start_runtime(self.url, manifests, logfile, wrap=self.wrap)
         await self.client.start()
         fn = self.client
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + self.ready_within
         while True:  # until the runtime serves
             try:
                 await fn.invoke("noop", PAYLOAD, timeout=1)
@@ -236,7 +241,7 @@ class RuntimeLoop:
             await self.plain.close()
         if self.proc is not None:
             self.proc.terminate()
-            await asyncio.to_thread(self.proc.wait, 30)
+            await asyncio.to_thread(self.proc.wait, 30 if self.wrap is None else 300)
 
 
 # ------------------------------------------------------------------ measuring
