@@ -56,6 +56,12 @@ log = logging.getLogger("runtime.mover")
 
 MOVER_CONSUMER = "dlq-mover"
 SWEEP_INTERVAL = 30.0
+# A runtime that dies leaves its pull request for advisories behind, and the server may hand the
+# next advisory to it: FETCH_WAIT bounds how long such a request lives, ACK_WAIT how long that
+# advisory then waits before another mover gets it (a caller waits as long to hear its call failed).
+# A batch being moved keeps its advisories held meanwhile (in-progress acks).
+FETCH_WAIT = 2.0
+ACK_WAIT = 5.0
 _TIMESTAMP = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?Z$")
 
 
@@ -124,7 +130,7 @@ class DeadLetterMover:
                  store_results: Callable[[str, Call], bool] = lambda _, call: should_store(None, call),
                  attempts: Callable[[str], int | None] = lambda _: None,
                  user_streams: Callable[[], Iterable[str]] = lambda: (),
-                 batch: int = 128, ack_wait: float = 30.0, sweep_interval: float = SWEEP_INTERVAL,
+                 batch: int = 128, ack_wait: float = ACK_WAIT, sweep_interval: float = SWEEP_INTERVAL,
                  sweep_limit: int = SWEEP_LIMIT, outbox: Outbox | None = None) -> None:
         self.nc = nc
         self.js = js
@@ -184,7 +190,7 @@ class DeadLetterMover:
     async def _run(self) -> None:
         while self._running:
             try:
-                msgs = await self._sub.fetch(self.batch, timeout=5)
+                msgs = await self._sub.fetch(self.batch, timeout=FETCH_WAIT)
             except NatsTimeout:
                 continue
             except Exception as exc:  # disconnected or the stream is being recreated: try again soon
@@ -192,10 +198,21 @@ class DeadLetterMover:
                 await asyncio.sleep(1)
                 continue
             self._busy = True
+            holder = asyncio.get_running_loop().create_task(self._keep_held(msgs))
             try:
                 await asyncio.gather(*(self._settle(m) for m in msgs))
             finally:
+                holder.cancel()
                 self._busy = False
+
+    async def _keep_held(self, msgs: list[Msg]) -> None:
+        """In-progress acks for ``msgs`` while they are moved (a full store can make that slow)."""
+        while True:
+            await asyncio.sleep(self.ack_wait / 3)
+            for msg in msgs:
+                if not msg.is_acked:
+                    with contextlib.suppress(Exception):
+                        await msg.in_progress()
 
     async def _settle(self, msg: Msg) -> None:
         advisory = Advisory.parse(msg.data)

@@ -8,7 +8,12 @@ the answer comes to the inbox as before.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,13 +23,14 @@ from runtime import Client, FunctionError, NoResult
 from runtime import headers as H
 from runtime.results import result_subject
 
-from .conftest import RuntimeFactory, collect, eventually
+from .conftest import RuntimeFactory, RuntimeProcess, collect, eventually
 from .test_client import fn
 
 
 def answers_for(received: list[Any], call_id: str) -> list[Any]:
-    """The messages among ``received`` that answer ``call_id`` (the PubAcks on an inbox carry no call id)."""
-    return [m for m in received if (m.headers or {}).get(H.CALL_ID) == call_id]
+    """The messages among ``received`` that answer ``call_id``: PubAcks on an inbox carry no call id,
+    and what JetStream reads back from the store (a runtime's direct gets) carries its sequence."""
+    return [m for m in received if (m.headers or {}).get(H.CALL_ID) == call_id and "Nats-Sequence" not in m.headers]
 
 
 async def test_a_stored_outcome_is_the_answer_itself(runtime: RuntimeFactory, nats_server: Any, nc: NATS) -> None:
@@ -85,3 +91,31 @@ async def test_any_client_may_watch_the_outcome_instead_of_its_inbox(runtime: Ru
         await eventually(lambda c=call_id: answers_for(on_inbox, c), message=f"the answer to {call_id}")
     await nc.flush()
     assert answers_for(on_inbox, "order-42") == []
+
+
+async def test_a_waiting_caller_hears_of_a_lost_worker_from_the_stored_outcome(
+        runtime_process: Callable[..., RuntimeProcess], manifest_dir: Callable[..., Path], nats_server: Any,
+        nc: NATS) -> None:
+    """The dead-letter mover of another runtime stores the failure, and that write answers the
+    caller, within seconds although the killed runtime left a request for advisories behind."""
+    manifests = manifest_dir(hang="name: hang\nhandler: tests.handlers.deadletters:hang\ntimeout: 60s\n"
+                                  "ack_wait: 1s\nretry: {max_deliver: 1}\n")
+    started, _ = await collect(nc, "test.events.hang")
+    on_inboxes, _ = await collect(nc, "_INBOX.>")
+    first = runtime_process(manifests)
+    await first.wait_ready()
+    async with Client(nats_server.url) as client:
+        call = asyncio.ensure_future(client.invoke("hang", {"job": 1}, timeout=60))
+        await eventually(lambda: started, message="the attempt running")
+        first.signal(signal.SIGKILL)
+        await first.wait_exit(10)
+        killed = time.monotonic()
+        await runtime_process(manifests).wait_ready()
+        with pytest.raises(FunctionError) as lost:
+            await asyncio.wait_for(call, 60)
+        # The advisory may go to the dead runtime's request: then 2 s for it to end, 5 s of ack
+        # wait, a second for the ack wait of the attempt; the rest is slack for a busy machine.
+        assert time.monotonic() - killed < 20
+    assert lost.value.message.startswith("worker lost")
+    await nc.flush()
+    assert answers_for(on_inboxes, lost.value.call_id) == []
