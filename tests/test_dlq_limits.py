@@ -34,7 +34,7 @@ from runtime.deadletter import (
     write_dead_letter,
 )
 from runtime.dlq import DeadLetterScan, Listing, get_dead_letter, list_dead_letters, purge
-from runtime.mover import DeadLetterMover
+from runtime.mover import ACK_WAIT, MOVER_CONSUMER, DeadLetterMover
 from runtime.server import EmbeddedServer
 from runtime.streams import (
     ADVISORY_SUBJECTS,
@@ -359,3 +359,17 @@ async def test_periodic_sweep_moves_what_ran_out_later_and_never_what_is_in_flig
         await working.ack()
         await eventually(lambda: _count_is(js, INVOKE_STREAM, 0), message="FN empty")
         assert await stream_count(js, DLQ_STREAM) == 1
+
+
+async def test_a_mover_consumer_an_older_runtime_made_is_updated_in_place(nc: NATS, js: JetStreamContext) -> None:
+    """Runtimes before kept advisories held 30 s; starting a mover now shortens that, without an error."""
+    await provision_base(js)
+    async with DeadLetterMover(nc, js, ack_wait=30.0):
+        pass
+    assert (await js.consumer_info(EVENTS_STREAM, MOVER_CONSUMER)).config.ack_wait == 30.0
+    async with DeadLetterMover(nc, js):
+        assert (await js.consumer_info(EVENTS_STREAM, MOVER_CONSUMER)).config.ack_wait == ACK_WAIT
+        seq = await strand(nc, js, "upgraded")
+        await eventually(lambda: _count_is(js, DLQ_STREAM, 1), message="the dead letter")
+        [letter] = (await list_dead_letters(nc, js)).letters
+        assert (letter.function, letter.original_seq) == ("upgraded", seq)
