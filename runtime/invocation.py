@@ -8,6 +8,7 @@ from nats.aio.msg import Msg
 
 from . import headers as H
 from .protocol import fallback_call_id, parse_ack
+from .results import watches_outcome
 from .streams import INVOKE_STREAM
 from .wire import call_id_for
 
@@ -73,7 +74,7 @@ class Invocation:
     @property
     def watches_outcome(self) -> bool:
         """Its caller reads the stored outcome as it is written (see ``headers.WATCHES_OUTCOME``)."""
-        return self.headers.get(H.WATCHES_OUTCOME) == "1"
+        return watches_outcome(self.headers)
 
     @property
     def content_type(self) -> str | None:

@@ -46,7 +46,7 @@ from .logs import call_fields
 from .outbox import Outbox
 from .priority import function_of_consumer
 from .protocol import ADVISORY_MAX_DELIVERIES, ADVISORY_TERMINATED, NO_MESSAGE_FOUND, fallback_call_id
-from .results import Call, Response, should_store
+from .results import Call, Response, should_store, watches_outcome
 from .streams import DLQ_STREAM, EVENTS_STREAM, INVOKE_STREAM, capture_advisories, trigger_advisories
 from .sweep import SWEEP_LIMIT, sweep_exhausted
 from .triggers import parse_consumer
@@ -361,7 +361,7 @@ class DeadLetterMover:
         if reply_to or store:
             # One attempt at storing: a refusal naks the advisory, which comes back in a moment.
             await self.outbox.deliver(Response.failure(call_id, failure), reply_to, store, patient=False,
-                                      watched=hdrs.get(H.WATCHES_OUTCOME) == "1")
+                                      watched=watches_outcome(hdrs))
             await self.nc.flush()
         if event:
             # Other functions may still want the event: it stays, and goes once they have it (or its age).

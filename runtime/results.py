@@ -48,6 +48,12 @@ def caller_holds_id(call: Call) -> bool:
     return bool(headers and (headers.get(H.CALL_ID) or headers.get(H.MSG_ID) or headers.get(H.REPLY_TO)))
 
 
+def watches_outcome(headers: Mapping[str, str] | None) -> bool:
+    """Whether a call's caller reads its stored outcome as it is written (``Fn-Watches-Outcome: 1``):
+    the write of a stored outcome is then its answer. Any other value means no."""
+    return headers is not None and headers.get(H.WATCHES_OUTCOME) == "1"
+
+
 def should_store(manifest: FunctionManifest | None, call: Call) -> bool:
     """Whether ``call``'s outcome is kept in ``fn_results`` (``manifest``: the function's, if known).
 
