@@ -5,11 +5,12 @@ in a separate process, on a file-storage work-queue stream with 64-byte JSON pay
   raw:     the client subscribes to its inbox, ``js.publish``es with a reply-to header and awaits
            the matching future; the worker keeps MSG.NEXT pull requests (batch 100) topped up on a
            callback subscription, publishes the reply and acks each message;
-  raw_kept: the same loop doing what ``invoke`` promises on top: each call carries its id as
-           ``Nats-Msg-Id`` (the stream drops a duplicate), and the worker writes the outcome once
-           under the call id (``Nats-Expected-Last-Subject-Sequence: 0``) to a KV-style stream
+  raw_kept: the same loop doing what ``invoke`` promises, the way it does it: each call carries
+           its id as ``Nats-Msg-Id`` (the stream drops a duplicate); the worker writes the outcome
+           once under the call id (``Nats-Expected-Last-Subject-Sequence: 0``) to a KV-style stream
            (one message per subject, 24 h max age) and acks the call only once that write is
-           acknowledged;
+           acknowledged; the write is the answer: the caller subscribes to the outcomes' subjects,
+           and the worker sends no reply of its own;
   invoke:  ``runtime serve --server URL`` with a no-op function (pydantic input), default manifest,
            called with ``Client.invoke`` (each outcome stored by call id before the call is acked);
   gateway: the same runtime called with a plain nats-py request to ``fn.call.noop`` (for reference).
@@ -87,13 +88,13 @@ async def raw_worker(url: str, kept: bool, batch: int = 100) -> None:
         if m.reply:
             outstanding -= 1
             hdrs = m.headers or {}
-            await nc.publish(hdrs[RAW_REPLY], b"null", headers={RAW_ID: hdrs[RAW_ID]})
-            if kept:   # acked once the outcome is stored (see on_stored)
+            if kept:   # the write answers the caller; acked once the outcome is stored (see on_stored)
                 token = str(next(tokens))
                 storing[token] = m.reply
                 await nc.publish(f"$KV.rawkept.{hdrs[RAW_ID]}", b"null", reply=f"{stores}.{token}",
                                  headers={RAW_ID: hdrs[RAW_ID], "Nats-Expected-Last-Subject-Sequence": "0"})
             else:
+                await nc.publish(hdrs[RAW_REPLY], b"null", headers={RAW_ID: hdrs[RAW_ID]})
                 await nc.publish(m.reply, b"+ACK")
         else:  # a pull request ended (expired); it says how many it did not deliver
             left = (m.headers or {}).get("Nats-Pending-Messages")
@@ -157,15 +158,15 @@ class RawLoop:
             if future is not None:
                 future.set_result(m)
 
-        await nc.subscribe(inbox, cb=on_reply, pending_msgs_limit=-1, pending_bytes_limit=-1)
+        # raw_kept's answer is the write of the outcome, under the call's id.
+        await nc.subscribe("$KV.rawkept.>" if self.kept else inbox, cb=on_reply, pending_msgs_limit=-1,
+                           pending_bytes_limit=-1)
 
         async def call() -> Msg:
             cid = f"c{next(ids)}"
             future: asyncio.Future[Msg] = loop.create_future()
             waiting[cid] = future
-            headers = {RAW_REPLY: inbox, RAW_ID: cid}
-            if self.kept:
-                headers["Nats-Msg-Id"] = cid
+            headers = {RAW_ID: cid, "Nats-Msg-Id": cid} if self.kept else {RAW_REPLY: inbox, RAW_ID: cid}
             await js.publish(subject, PAYLOAD, headers=headers)
             return await asyncio.wait_for(future, 10)
 
