@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import shutil
@@ -11,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from types import TracebackType
 
@@ -102,9 +104,16 @@ class EmbeddedServer:
         self.stop_sync()
         raise ServerError(f"nats-server did not accept connections within {self.startup_timeout:.0f}s")
 
-    def stop_sync(self, timeout: float = 10.0) -> None:
+    def stop_sync(self, timeout: float = 10.0, *, discard: bool = False) -> None:
+        """Stop the server: on SIGTERM it saves the state of every stream and consumer first (about
+        10 ms per consumer), killed after ``timeout``. ``discard``: kill it at once, for a store
+        that is thrown away right after (a test's)."""
         proc, self.proc = self.proc, None
         if proc is None or proc.poll() is not None:
+            return
+        if discard:
+            proc.kill()
+            proc.wait()
             return
         proc.send_signal(signal.SIGTERM)
         try:
@@ -116,8 +125,18 @@ class EmbeddedServer:
     async def start(self) -> None:
         await asyncio.to_thread(self.start_sync)
 
-    async def stop(self) -> None:
-        await asyncio.to_thread(self.stop_sync)
+    async def stop(self, *, discard: bool = False) -> None:
+        await asyncio.to_thread(self.stop_sync, discard=discard)
+
+    @contextlib.asynccontextmanager
+    async def discarded(self) -> AsyncIterator[EmbeddedServer]:
+        """Started for the length of the block, then killed (``stop(discard=True)``): for a
+        throwaway store, such as a test's."""
+        await self.start()
+        try:
+            yield self
+        finally:
+            await self.stop(discard=True)
 
     async def __aenter__(self) -> EmbeddedServer:
         await self.start()

@@ -337,8 +337,7 @@ async def serve(manifests: str | Path | Iterable[str | Path] = "manifests",
             config = Settings.model_validate(values)
         except ValidationError as exc:
             raise ConfigError(f"invalid settings: {format_problems(validation_problems(exc))}") from None
-        server = EmbeddedServer(Path(tmp) / "nats", port=free_port())
-        async with server:
+        async with EmbeddedServer(Path(tmp) / "nats", port=free_port()).discarded() as server:
             runtime = Runtime(config, server.url)
             async with runtime:
                 client = ServedClient(server.url, runtime)

@@ -218,7 +218,7 @@ async def _serve(directory: Path, kind: str, conf: str, certs: Certificates | No
     workdir = Path(tempfile.mkdtemp(prefix=f"{kind}-", dir=directory))
     config = workdir / "nats.conf"
     _write_secret(config, conf + _tls_conf(certs, verify_clients))
-    async with EmbeddedServer(workdir / "nats", port=free_port(), config=config) as server:
+    async with EmbeddedServer(workdir / "nats", port=free_port(), config=config).discarded() as server:
         scheme = "tls" if certs is not None else "nats"
         yield workdir, server, f"{scheme}://{server.host}:{server.port}"
 

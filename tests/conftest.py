@@ -44,15 +44,14 @@ async def configured_server(tmp_path: Path, conf: str) -> AsyncIterator[Embedded
     """A fresh nats-server like ``nats_server``, started with the configuration text ``conf``."""
     path = tmp_path / "nats.conf"
     path.write_text(conf)
-    async with EmbeddedServer(tmp_path / "nats", port=free_port(), config=path) as server:
+    async with EmbeddedServer(tmp_path / "nats", port=free_port(), config=path).discarded() as server:
         yield server
 
 
 @pytest.fixture
 async def nats_server(tmp_path: Path) -> AsyncIterator[EmbeddedServer]:
     """A fresh nats-server with JetStream on a free loopback port and a temporary store."""
-    server = EmbeddedServer(tmp_path / "nats", port=free_port())
-    async with server:
+    async with EmbeddedServer(tmp_path / "nats", port=free_port()).discarded() as server:
         yield server
 
 

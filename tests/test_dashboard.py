@@ -212,6 +212,9 @@ async def test_dashboard_shows_the_fleet_and_replays_a_dead_letter(
             await page.wait_for(f"{rows('functions')}.fixable[9] === '0'", message="fixable: no dead letters")
     finally:
         (scratch / "release").touch()
+        # Stopped here, while ``release`` is there: the scratch directory goes before the fixture
+        # would stop the runtime, and a held call started meanwhile would wait out its timeout.
+        await asyncio.to_thread(proc.stop)
 
 
 async def test_dashboard_renders_fifty_functions_within_a_second(

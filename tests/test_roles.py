@@ -106,7 +106,7 @@ def deploy(base: Path) -> Iterator[Deployment]:
         yield Deployment(layout, conf, server, runtime, manifests)
     finally:
         runtime.stop()
-        server.stop_sync()
+        server.stop_sync(discard=True)
 
 
 def one_line(result: subprocess.CompletedProcess[str]) -> str:

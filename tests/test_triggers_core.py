@@ -234,7 +234,7 @@ async def test_a_runtime_user_that_may_not_change_fn_events_still_binds_a_trigge
                     '"$JS.API.STREAM.UPDATE.FN_EVENTS"] },\n'
                     '      subscribe: { allow: [">"] } } }\n'
                     '] }\n')
-    async with EmbeddedServer(tmp_path / "nats", port=free_port(), config=conf) as server:
+    async with EmbeddedServer(tmp_path / "nats", port=free_port(), config=conf).discarded() as server:
         admin = await nats.connect(server.url, user="admin", password="admin-pw")
         runner = await nats.connect(server.url, user="runner", password="runner-pw", error_cb=_ignore)
         try:
