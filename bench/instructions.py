@@ -156,7 +156,7 @@ async def per_invocation(name: str, url: str, small: int, large: int, workdir: P
 async def main_bench(args: argparse.Namespace) -> dict[str, object]:
     server = private_server()
     await server.start()
-    contenders = RPC_CONTENDERS if args.rpc else CONTENDERS
+    contenders = tuple(args.only.split(",")) if args.only else RPC_CONTENDERS if args.rpc else CONTENDERS
     results: dict[str, list[float]] = {name: [] for name in contenders}
     try:
         with tempfile.TemporaryDirectory(prefix="bench-instructions-") as tmp:
@@ -167,6 +167,10 @@ async def main_bench(args: argparse.Namespace) -> dict[str, object]:
     finally:
         await server.stop()
     med = {k: spread(v)["median"] for k, v in results.items()}
+    if args.only:
+        return {"bench": "instructions", "payload_bytes": 64, "small": args.small, "large": args.large,
+                "reps": args.reps, "instructions_per_call": {k: {s: round(x) for s, x in spread(v).items()}
+                                                             for k, v in results.items()}}
     if args.rpc:
         return {
             "bench": "instructions", "workload": "rpc", "payload_bytes": 64, "outstanding": 100,
@@ -190,7 +194,12 @@ def main() -> None:
     ap.add_argument("--large", type=int, default=8000, help="invocations in the larger drain")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--rpc", action="store_true", help="count bench.rpc's round trips instead of drains")
+    ap.add_argument("--only", default="", help="count these contenders alone (comma-separated), no ratios: "
+                    + ", ".join(CONTENDERS + RPC_CONTENDERS))
     args = ap.parse_args()
+    unknown = set(filter(None, args.only.split(","))) - set(CONTENDERS + RPC_CONTENDERS)
+    if unknown:
+        ap.error(f"unknown contenders: {', '.join(sorted(unknown))}")
     if shutil.which("valgrind") is None:
         print("bench.instructions needs valgrind (Debian: apt-get install valgrind)", file=sys.stderr)
         sys.exit(2)
