@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import socket
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from nats.js import JetStreamContext
 from nats.js.api import RetentionPolicy, StorageType
 
 from runtime.manifest import FunctionManifest
-from runtime.server import free_port
+from runtime.server import EmbeddedServer, free_port
 from runtime.streams import (
     INVOKE_STREAM,
     SLOTS_STREAM,
@@ -132,3 +133,25 @@ def test_invalid_option_is_one_clear_line(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert result.stderr.strip() == ("runtime: error: invalid settings: grace: 'soon' is not a duration; "
                                      "use e.g. 250ms, 30s, 5m or 1h")
+
+
+async def test_a_stopped_server_keeps_its_store_and_a_discarded_one_is_killed_at_once(tmp_path: Path) -> None:
+    server = EmbeddedServer(tmp_path / "nats", port=free_port())
+    await server.start()
+    nc = await nats.connect(server.url)
+    js = nc.jetstream()
+    await js.add_stream(name="KEPT", subjects=["kept"])
+    await js.publish("kept", b"one")
+    await nc.close()
+    proc = server.proc
+    assert proc is not None
+    await server.stop()   # SIGTERM: the server saves its state and exits by itself
+    assert proc.returncode == 0 and server.proc is None
+
+    async with server.discarded():
+        nc = await nats.connect(server.url)
+        assert (await nc.jetstream().get_last_msg("KEPT", "kept")).data == b"one"
+        await nc.close()
+        proc = server.proc
+        assert proc is not None
+    assert proc.returncode == -signal.SIGKILL and server.proc is None
