@@ -47,11 +47,26 @@ class RegistryFollower:
     async def start(self) -> None:
         _, js = self.state.connection
         registry = await Registry.open(js, self.replicas)
+        expected = await registry.stored_keys()
         self._watcher = await registry.kv.watchall()
-        while True:  # the current state first, up to the end-of-initial-values marker
-            entry = await self._watcher.updates(timeout=10)
-            if entry is None:
+        # The current state first. nats-py's end-of-initial-values marker can come ahead of the
+        # values (it reads the consumer's pending count, which may be 0 before they arrive): the
+        # start waits for every key stored before the watch began, as well.
+        seen: set[str] = set()
+        marked = False
+        while not (marked and expected <= seen):
+            try:
+                entry = await self._watcher.updates(timeout=10)
+            except TimeoutError:
+                if not marked:
+                    raise
+                log.warning("the registry did not deliver %s within 10 s; following it from here",
+                            ", ".join(sorted(expected - seen)))
                 break
+            if entry is None:
+                marked = True
+                continue
+            seen.add(entry.key)
             await self._handle(entry)
         self._publish_schedules()
         self._task = asyncio.create_task(self._follow(), name="registry-follower")

@@ -34,7 +34,7 @@ from .manifest import (
     TriggerManifest,
     with_triggers,
 )
-from .protocol import entry_value
+from .protocol import entry_value, kv_stream, kv_subject
 from .revisions import HISTORY, NotDeployed, RegistryError, Revision
 from .streams import (
     MANIFESTS_BUCKET,
@@ -106,6 +106,13 @@ class Registry:
         for config in (invoke_stream_config(), slots_stream_config()):
             await ensure_stream(js, replace(config, num_replicas=replicas), update=False)
         return cls(js, await js.key_value(MANIFESTS_BUCKET), replicas)
+
+    async def stored_keys(self) -> set[str]:
+        """Every key the bucket holds a message for at this moment, a deleted one's marker included:
+        the keys a watcher started after this delivers first."""
+        prefix = kv_subject(MANIFESTS_BUCKET, "")
+        info = await self.js.stream_info(kv_stream(MANIFESTS_BUCKET), subjects_filter=prefix + ">")
+        return {subject[len(prefix):] for subject in info.state.subjects or {}}
 
     async def _head(self, key: str) -> _Head:
         try:
