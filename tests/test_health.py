@@ -65,7 +65,7 @@ async def test_readyz_is_503_until_the_server_it_waits_for_is_up(runtime_process
     status, body = await get(f"http://{http}/readyz")
     assert status == 503 and body["ready"] is False
     assert "not connected to NATS" in body["reason"]
-    async with EmbeddedServer(tmp_path / "later", port=nats_port):
+    async with EmbeddedServer(tmp_path / "later", port=nats_port).discarded():
         await eventually(lambda: status_is(f"http://{http}/readyz", 200), timeout=20, message="ready")
         await proc.wait_ready()
 
