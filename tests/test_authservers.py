@@ -107,7 +107,10 @@ async def test_password_server_applies_each_users_permissions(tmp_path: Path) ->
         async with connected(server.connect_options()) as (alice, _), \
                 connected(server.connect_options("caller")) as (nc, errors):
             received = await alice.subscribe("fn.invoke.>")
-            await alice.flush()
+            # nats-py's flush() can send its PING ahead of the SUB still buffered, so alice waits
+            # for a message of her own: from then on the server has her subscription.
+            await alice.publish("fn.invoke.alice", b"ready")
+            assert (await received.next_msg(timeout=2)).data == b"ready"
             await nc.publish("fn.invoke.payroll", b"denied")
             await nc.publish("fn.invoke.hello", b"allowed")
             await nc.flush()
