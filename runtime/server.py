@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import random
 import shutil
 import signal
 import socket
@@ -47,7 +48,27 @@ def port_is_free(host: str, port: int) -> bool:
     return True
 
 
+def _ephemeral_ports() -> tuple[int, int]:
+    """The range the kernel takes the local ports of outgoing connections from."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on, for a server started next: outside the range of outgoing
+    connections' ports where there is room, so that no connection made before the server binds
+    it (a node dialling its peers, a client) can be given it meanwhile."""
+    low, high = _ephemeral_ports()
+    outside = [(10000, low - 1), (high + 1, 65535)]
+    choices = [(a, b) for a, b in outside if b - a >= 1000]
+    for _ in range(50 if choices else 0):
+        a, b = random.choice(choices)
+        port = random.randint(a, b)
+        if port_is_free(host, port):
+            return port
     with socket.socket() as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
