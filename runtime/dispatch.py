@@ -14,6 +14,11 @@ on that level's doorbell (``FN`` republishes the headers of every stored invocat
 gets invocations one by one is asked with a short wait (``LINGER``), so they stream into the open
 request; a busy level is never listened to, so steady traffic costs no doorbell messages.
 
+A level other than the default one gets its consumer when an invocation first waits there. A
+request to a level with no consumer is answered "no responders"; the runtime then looks at how
+many invocations the stream holds at that level instead of asking (when it rings, and every 5 s),
+and makes the consumer once one waits.
+
 Slots go back with a nak (so JetStream redelivers them at once) once they have been idle for
 ``IDLE_HOLD`` seconds, and, while other runtimes are waiting for one, after ``TURN`` seconds of
 use, so that every runtime gets its share.
@@ -39,7 +44,7 @@ from .consumer import PullFeed, follow_reconnects, unfollow_reconnects
 from .loop import cancel_and_wait, spawn
 from .manifest import FunctionManifest
 from .protocol import IN_PROGRESS, NAK, AckSubject, parse_ack, pull_subject
-from .streams import INVOKE_STREAM, SLOT_ACK_WAIT, SLOTS_STREAM
+from .streams import INVOKE_STREAM, SLOT_ACK_WAIT, SLOTS_STREAM, ensure_level_consumer
 
 log = logging.getLogger("runtime.dispatch")
 
@@ -55,6 +60,7 @@ LINGER = 0.05           # how long a request to a level that just ran dry waits 
 RING_SETTLE = 0.02       # a level found empty this soon after its bell, or after its bell was
                          # listened to, is looked at once more, this much later (see _ended)
 REDELIVERY_SLACK = 0.02  # a handed-back invocation's bell rings this long after it is due again
+NO_RESPONDERS = "503"    # the status of a request to a consumer that does not exist
 
 
 @dataclass(slots=True)
@@ -77,6 +83,7 @@ class _Fetch:
     sent: float               # when it went out
     got: int = 0
     drained: bool = False    # the consumer has no more messages (it said so, or reported 0 pending)
+    absent: bool = False     # there is no such consumer
     done: bool = False
 
 
@@ -85,6 +92,7 @@ class PriorityFeed:
 
     def __init__(self, nc: NATS, manifest: FunctionManifest, sink: Sink) -> None:
         self.nc = nc
+        self.manifest = manifest
         self.function = manifest.name
         self.default = manifest.priority
         self.concurrency = manifest.concurrency
@@ -103,6 +111,8 @@ class PriorityFeed:
         self._listening_since = dict.fromkeys(priority.LEVELS, 0.0)   # when its bells were last subscribed to
         self._shallow = dict.fromkeys(priority.LEVELS, False)   # its last request found it empty
         self._seen = dict.fromkeys(priority.LEVELS, float("-inf"))   # when an invocation last came from it
+        self._absent: set[int] = set()     # levels whose consumer was missing when last asked
+        self._finding: set[int] = set()    # absent levels being looked at (see _find)
         # consumer -> its outstanding request. One at a time per consumer: its messages carry no
         # trace of the request they answer, so they are counted against the only one there is.
         self._requests: dict[str, _Fetch] = {}
@@ -158,10 +168,12 @@ class PriorityFeed:
     def update(self, manifest: FunctionManifest) -> None:
         """New settings: slot count, default level (its consumers were recreated by the deploy)."""
         moved = manifest.priority != self.default
+        self.manifest = manifest
         self.default = manifest.priority
         self.concurrency = manifest.concurrency
         self.poll_every = min(manifest.effective_ack_wait, POLL_EVERY)
         if moved:
+            self._absent.clear()   # the levels' consumers changed names: asked anew
             for level in priority.LEVELS:
                 self._wake(level)
         self._demand()
@@ -293,8 +305,11 @@ class PriorityFeed:
                 return
             if priority.consumer_name(self.function, level, self.default) in self._requests:
                 return   # asked already: its answer asks again (never a lower level meanwhile)
-            if level in self._arming:
-                return   # asked once its doorbells are listened to (see _listen)
+            if level in self._arming or level in self._finding:
+                return   # asked once its doorbells are listened to (see _listen), or once looked at
+            if level in self._absent:
+                self._find()
+                return
             # While other levels are in use, at most a quarter of the slots per request: an urgent
             # invocation that arrives just after a request waits for that batch to start, not for
             # every slot's worth. A function used at one level takes all its free slots at once.
@@ -343,6 +358,7 @@ class PriorityFeed:
             fetch = self._by_tag.get(msg.subject)
             if fetch is not None:
                 fetch.drained = True
+                fetch.absent = msg.headers is not None and msg.headers.get("Status") == NO_RESPONDERS
                 self._ended(fetch)
             return
         try:
@@ -375,6 +391,8 @@ class PriorityFeed:
     def _ended(self, fetch: _Fetch) -> None:
         self._finish(fetch)
         level = fetch.level
+        if fetch.absent:
+            self._absent.add(level)   # from now on looked at, not asked, until an invocation waits
         self._shallow[level] = fetch.drained
         # Nothing came, and no bell rang since the request went out: the level is empty.
         if fetch.drained and not fetch.got and self._rings[level] == fetch.rings:
@@ -400,11 +418,73 @@ class PriorityFeed:
 
     def _look(self, levels: list[int]) -> None:
         """Ask ``levels`` again, still listening to their bells: one found empty again stays
-        armed, without subscribing anew (and is not rechecked: see _ended)."""
+        armed, without subscribing anew (and is not rechecked: see _ended). Levels with no
+        consumer are looked at aside, holding no other level back: nothing says work waits there."""
+        absent = [lv for lv in levels if lv in self._absent]
         for level in levels:
-            self.maybe[level] = True
+            if level not in absent:
+                self.maybe[level] = True
+        self._find(absent)
         self._demand()
         self._kick()
+
+    def _find(self, aside: list[int] | None = None) -> None:
+        """Look at absent levels (one request for them all): those that may have work (a bell rang
+        for them; the most urgent of them holds the less urgent levels back until it is settled),
+        or ``aside``, found empty before."""
+        if aside is None:
+            levels = [lv for lv in self._absent if self.maybe[lv] and lv not in self._finding]
+        else:
+            levels = [lv for lv in aside if not self.maybe[lv] and lv not in self._finding]
+        if levels and self._running:
+            self._finding.update(levels)
+            spawn(self._tasks, self._look_at_absent(levels, {lv: self._rings[lv] for lv in levels}))
+
+    async def _look_at_absent(self, levels: list[int], rings: dict[int, int]) -> None:
+        # How many invocations FN holds per subject of the function; a level with any gets its
+        # consumer (made the same way by every runtime, so runtimes racing to make it agree).
+        # Asked of the stream's leader, which knows of every stored invocation whose bell rang.
+        try:
+            waiting = {self.default} & set(levels)   # its consumer was deleted by hand: always wanted
+            others = [lv for lv in levels if lv != self.default]
+            if others:
+                prefix = f"{priority.invoke_subject(self.function)}."
+                state = (await self.nc.jetstream().stream_info(INVOKE_STREAM, subjects_filter=f"{prefix}*")).state
+                counts = state.subjects or {}
+                waiting.update(lv for lv in others if counts.get(f"{prefix}{lv}"))
+            made = await asyncio.gather(*(self._make(lv) for lv in sorted(waiting)))
+        except Exception as exc:   # no leader (an election) or disconnected: the periodic look tries again
+            log.warning("cannot look at the queued invocations of %s: %s", self.function, exc)
+            failed, waiting, made = True, set(), []
+        else:
+            failed = False
+        finally:
+            self._finding.difference_update(levels)
+        for level, ok in zip(sorted(waiting), made, strict=True):
+            if ok:
+                self._absent.discard(level)
+                self.maybe[level] = True
+        for level in levels:
+            if level not in self._absent:
+                continue
+            if level not in self._bells:
+                if self.maybe[level] and not failed and level not in waiting:
+                    self._arm(level)   # listen, then look once more: nothing is missed in between
+                    continue
+                self._arm(level)
+            if self._rings[level] == rings[level] or failed:
+                self.maybe[level] = False   # empty (or its consumer could not be made: see _make)
+        self._demand()
+        self._kick()
+
+    async def _make(self, level: int) -> bool:
+        try:
+            await ensure_level_consumer(self.nc.jetstream(), self.manifest, level)
+        except Exception as exc:
+            log.warning("cannot create the consumer of %s for priority %d: %s", self.function, level, exc)
+            return False
+        log.info("created the consumer of %s for priority %d: an invocation waits there", self.function, level)
+        return True
 
     def _run(self, msg: Msg, slot: Slot) -> None:
         self.busy[msg.reply] = slot

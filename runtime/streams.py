@@ -277,23 +277,38 @@ def _filters(config: ConsumerConfig) -> list[str]:
 
 
 async def ensure_consumer(js: JetStreamContext, manifest: FunctionManifest) -> None:
-    """Create the function's consumers (one per priority level) and slots, or update them in place."""
-    wanted = [consumer_config(manifest, level) for level in priority.LEVELS]
-    # A WorkQueue stream refuses consumers whose filters overlap: when the default level
-    # moves, the consumers whose subjects change are removed before the new ones exist.
-    filters = {c.durable_name: sorted(_filters(c)) for c in wanted}
+    """Create the function's consumer for its default level and its slots; bring the consumers of
+    its other levels that exist in line with ``manifest``.
+
+    The other levels get a consumer only once an invocation waits there (``ensure_level_consumer``,
+    from the runtime's dispatch): on a cluster each consumer is a replicated group of its own, and
+    most functions are called at one level.
+    """
+    default = priority.consumer_name(manifest.name, manifest.priority, manifest.priority)
+    configs = {c.durable_name: c for c in (consumer_config(manifest, level) for level in priority.LEVELS)}
+    wanted = [configs[default]]
     for name in priority.consumer_names(manifest.name):
         try:
             info = await js.consumer_info(INVOKE_STREAM, name)
         except NotFoundError:
             continue
-        if sorted(_filters(info.config)) != filters.get(name):
+        config = configs.get(name)   # None: the level it fed is now the default one's
+        if config is None or sorted(_filters(info.config)) != sorted(_filters(config)):
+            # A WorkQueue stream refuses consumers whose filters overlap: when the default level
+            # moves, the consumers whose subjects change are removed before the new ones exist.
             await js.delete_consumer(INVOKE_STREAM, name)
             log.info("removed consumer %s: the subjects of %s's levels changed", name, manifest.name)
+        elif name != default:
+            wanted.append(config)
     # At once: on a cluster with a node down, a new replicated consumer can take several seconds to
-    # elect its leader (one of its peers cannot vote), and a function has one per priority level.
+    # elect its leader (one of its peers cannot vote).
     await asyncio.gather(*(js.add_consumer(INVOKE_STREAM, config, timeout=CONSUMER_CREATE_TIMEOUT)
                            for config in wanted), ensure_slots(js, manifest))
+
+
+async def ensure_level_consumer(js: JetStreamContext, manifest: FunctionManifest, level: int) -> None:
+    """Create (or update) the consumer of one priority level of the function."""
+    await js.add_consumer(INVOKE_STREAM, consumer_config(manifest, level), timeout=CONSUMER_CREATE_TIMEOUT)
 
 
 CONSUMER_CREATE_TIMEOUT = 20.0   # seconds; see ensure_consumer

@@ -445,6 +445,12 @@ async def test_node_down_runtime_reconnects_dead_letters_and_deploys_keep_workin
         answer = await eventually(lambda: answers(client, "extra", {"n": 7, "token": "t"}), timeout=15,
                                   message="the deployed function to answer")
         assert answer == {"token": "t", "square": 49}
+        # A level no call used before gets its consumer now, replicated on the two nodes left.
+        assert "work_L9" not in {c.name for c in await js.consumers_info(INVOKE_STREAM)}
+        assert (await retried(lambda: client.invoke("work", {"value": 3}, priority=9, timeout=20)))["value"] == 3
+        urgent = await js.consumer_info(INVOKE_STREAM, "work_L9")
+        assert urgent.cluster is not None and urgent.cluster.leader in NAMES and urgent.cluster.leader != home.name
+        assert len(urgent.cluster.replicas or []) == 2, "three replicas, as FN has"
         assert not rt.lost.is_set()
 
 

@@ -15,7 +15,7 @@ from nats.js import JetStreamContext
 
 from runtime.client import Client
 from runtime.manifest import FunctionManifest
-from runtime.streams import INVOKE_STREAM, ensure_consumer, provision_base
+from runtime.streams import INVOKE_STREAM, ensure_consumer, invoke_consumers, provision_base
 from runtime.testing import call
 
 from .conftest import collect, eventually
@@ -234,9 +234,10 @@ async def test_calls_after_the_queue_ran_dry_start_at_once(nc: NATS, js: JetStre
     assert slowest < 1.0, f"a call took {slowest:.2f}s: it waited for the periodic look, not its doorbell"
 
 
-async def test_an_idle_function_is_looked_at_with_one_request_per_level(
+async def test_an_idle_function_is_looked_at_with_one_request_per_consumer(
         nc: NATS, js: JetStreamContext, runtime: Any) -> None:
-    """The periodic look (here every ack_wait, 0.5 s) asks each level once: a level found empty
+    """The periodic look (here every ack_wait, 0.5 s) asks the default level's consumer once and
+    reads, in one request, what waits at the levels that have no consumer: a level found empty
     again stays listened to, so it is neither subscribed to anew nor asked a second time."""
     await provision(js, 1)
     await runtime(ranked=RANKED.format(concurrency=1) + "    ack_wait: 0.5s\n")
@@ -244,7 +245,7 @@ async def test_an_idle_function_is_looked_at_with_one_request_per_level(
         assert await fn.invoke("ranked", {"i": 1}, timeout=5) == {"i": 1}
     await asyncio.sleep(1.0)   # the call's own requests are over
     loop = asyncio.get_running_loop()
-    looks: list[list[str]] = []   # the consumers asked, per look (requests less than 0.2 s apart)
+    looks: list[list[str]] = []   # the consumers asked and streams read, per look (less than 0.2 s apart)
     last = 0.0
 
     async def on_request(msg: Any) -> None:
@@ -253,10 +254,35 @@ async def test_an_idle_function_is_looked_at_with_one_request_per_level(
         if now - last > 0.2:
             looks.append([])
         last = now
-        looks[-1].append(msg.subject.rsplit(".", 1)[1])
+        looks[-1].append(msg.subject.rsplit(".", 1)[1] if "MSG.NEXT" in msg.subject else msg.subject)
 
     await nc.subscribe(f"$JS.API.CONSUMER.MSG.NEXT.{INVOKE_STREAM}.>", cb=on_request)
+    await nc.subscribe(f"$JS.API.STREAM.INFO.{INVOKE_STREAM}", cb=on_request)
     await asyncio.sleep(3.0)
     assert len(looks) >= 3, f"a look every 0.5-0.75 s: {looks}"
     for asked in looks[:-1]:   # the last may still be going on
-        assert len(set(asked)) == len(asked) == 10, f"each level once: {asked}"
+        assert sorted(asked) == [f"$JS.API.STREAM.INFO.{INVOKE_STREAM}", "ranked"], asked
+    names = {c.name for c in await invoke_consumers(js)}
+    assert names == {"ranked"}, "no call waited at another level: it has no consumer"
+
+
+async def test_a_level_gets_its_consumer_when_a_call_first_waits_there(nc: NATS, js: JetStreamContext,
+                                                                       runtime: Any) -> None:
+    """Deployed, a function has one consumer, its default level's: another level gets its own when a
+    call first waits there, and again if it was deleted by hand while calls wait."""
+    async def consumers() -> set[str]:
+        return {c.name for c in await invoke_consumers(js)}
+
+    await provision(js, 1)
+    events, _ = await collect(nc, "prio.>")
+    await runtime(ranked=RANKED.format(concurrency=1))
+    seen = Starts(events)
+    assert await consumers() == {"ranked"}
+    await publish_levels(js, 9, 3)
+    await eventually(lambda: seen.ends == 3, timeout=10, message="the level-9 calls ran")
+    assert await consumers() == {"ranked", "ranked_L9"}
+    await js.delete_consumer(INVOKE_STREAM, "ranked_L9")
+    await publish_levels(js, 9, 3, first=10)
+    await eventually(lambda: seen.ends == 6, timeout=10, message="the level-9 calls after the deletion ran")
+    assert seen.starts == [9] * 6
+    assert await consumers() == {"ranked", "ranked_L9"}

@@ -20,7 +20,9 @@ from runtime.streams import (
     INVOKE_STREAM,
     SLOTS_STREAM,
     ensure_consumer,
+    ensure_level_consumer,
     ensure_stream,
+    invoke_consumers,
     invoke_stream_config,
     provision_base,
 )
@@ -103,8 +105,13 @@ async def test_provisioning_is_idempotent_and_updates_in_place(js: JetStreamCont
     await ensure_consumer(js, changed)
     info = await js.consumer_info(INVOKE_STREAM, "f")
     assert (info.config.max_ack_pending, info.config.max_deliver, info.config.ack_wait) == (7, 9, 4.0)
-    # The default level (5) takes the plain subject too; each other level has a consumer of its own.
+    # The default level (5) takes the plain subject too. Another level gets a consumer of its own
+    # once a call waits there (the runtime makes it); from then on deploys keep it in line.
     assert info.config.filter_subjects == ["fn.invoke.f", "fn.invoke.f.5"]
+    assert {c.name for c in await invoke_consumers(js)} == {"f"}
+    await ensure_level_consumer(js, manifest, 10)
+    assert (await js.consumer_info(INVOKE_STREAM, "f_L10")).config.max_deliver == 3
+    await ensure_consumer(js, changed)
     urgent = await js.consumer_info(INVOKE_STREAM, "f_L10")
     assert (urgent.config.filter_subject, urgent.config.max_deliver) == ("fn.invoke.f.10", 9)
     slots = await js.stream_info(SLOTS_STREAM, subjects_filter="fn.slot.f")
@@ -112,7 +119,7 @@ async def test_provisioning_is_idempotent_and_updates_in_place(js: JetStreamCont
     # A new default level moves the plain subject to that level's consumer.
     await ensure_consumer(js, changed.model_copy(update={"priority": 8, "concurrency": 3}))
     assert (await js.consumer_info(INVOKE_STREAM, "f")).config.filter_subjects == ["fn.invoke.f", "fn.invoke.f.8"]
-    assert (await js.consumer_info(INVOKE_STREAM, "f_L5")).config.filter_subject == "fn.invoke.f.5"
+    assert {c.name for c in await invoke_consumers(js)} == {"f", "f_L10"}, "level 5 gets one when a call waits"
     slots = await js.stream_info(SLOTS_STREAM, subjects_filter="fn.slot.f")
     assert slots.state.subjects == {"fn.slot.f": 3}
     # A stream whose settings drifted is brought back in line.
