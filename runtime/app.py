@@ -13,7 +13,7 @@ from nats.aio.client import Client as NATS
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js import JetStreamContext
 
-from . import consumer, triggers
+from . import triggers
 from .blocking import LoopMonitor
 from .connection import ConnectOptions, open_connection, redact_url
 from .errors import ConnectionLost, LoadError, PermissionDenied
@@ -91,9 +91,9 @@ async def connect(url: str, name: str = "runtime", on_closed: Callable[[], None]
             log.warning("disconnected from %s; reconnecting", server())
 
     async def on_reconnect() -> None:
+        # Then every feed asks again (open_connection): a restarted server forgot the pull
+        # requests it held.
         log.info("reconnected to %s", server())
-        # A restarted server forgot the pull requests it held: every feed asks again now.
-        consumer.reconnected(nc)
 
     nc: NATS = await open_connection(
         url, options, name=name, max_reconnect_attempts=-1, reconnect_time_wait=1,

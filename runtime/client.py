@@ -32,6 +32,7 @@ from nats.nuid import NUID
 from . import codec
 from . import headers as H
 from .connection import ConnectOptions, open_connection, permission_watch
+from .consumer import follow_reconnects, unfollow_reconnects
 from .delay import Pending, delayed_subject, due_time, schedule_headers
 from .delay import cancel as cancel_delayed
 from .errors import (
@@ -47,7 +48,8 @@ from .errors import (
 )
 from .expiry import ttl_header
 from .fastpub import Publisher
-from .inbox import ReplyInbox
+from .inbox import ReplyInbox, Waiter
+from .loop import spawn
 from .manifest import NAME_PATTERN
 from .priority import invoke_subject
 from .protocol import DEFAULT_URL, is_tombstone
@@ -58,6 +60,7 @@ from .streams import INVOKE_PREFIX, INVOKE_STREAM, MANIFESTS_BUCKET
 log = logging.getLogger("runtime.client")
 
 KNOWN_TTL = 10.0  # a function found deployed is trusted this long before it is looked up again
+READ_AGAIN_AT_ONCE = 64   # outcomes read at once after a reconnect
 _NAME = re.compile(NAME_PATTERN)
 _ID_PREFIX = re.compile(r"^([A-Za-z0-9_\-]+\.)+$|^[A-Za-z0-9_\-]+$")
 T = TypeVar("T")
@@ -163,6 +166,9 @@ class Client:
         self._inbox_refused: PermissionDenied | None = None   # this client may not receive replies
         self._stop_watching: Callable[[], None] | None = None
         self._stop_claim: Callable[[], None] | None = None
+        # call id -> the waiter of each call waiting for its outcome, read again after a reconnect
+        self._waiting: dict[str, Waiter] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -174,7 +180,8 @@ class Client:
             self._nc = await open_connection(self._server, self.options, name="runtime-client",
                                              skip_subject_validation=True)
         else:
-            self._nc = self._server
+            self._nc = self._server   # told of reconnects if open_connection made it (see renew)
+        follow_reconnects(self._nc, self)
         self._js = self._nc.jetstream()
         self._pub = Publisher(self._nc)
         watch = permission_watch(self._nc)
@@ -198,6 +205,10 @@ class Client:
         self._inbox = inbox
 
     async def stop(self) -> None:
+        if self._nc is not None:
+            unfollow_reconnects(self._nc, self)
+        for task in list(self._tasks):
+            task.cancel()
         if self._stop_watching is not None:
             self._stop_watching()
             self._stop_watching = None
@@ -288,6 +299,7 @@ class Client:
             if watched:
                 hdrs[H.WATCHES_OUTCOME] = "1"
                 self._watched[call_id] = reply
+            self._waiting[call_id] = reply
             if on_progress is not None:
                 progress_subject = inbox.listen(deadline, _progress_reader(call_id, on_progress))
                 hdrs[H.PROGRESS_TO] = progress_subject
@@ -313,8 +325,7 @@ class Client:
                     response = Response(call_id, msg.data, msg.headers or {})
         finally:
             inbox.forget(reply_subject)
-            if watched:
-                self._watched.pop(call_id, None)  # type: ignore[arg-type]
+            self._unwait(call_id, reply)
             if progress_subject is not None:
                 inbox.forget(progress_subject)
         if response is None:
@@ -436,6 +447,37 @@ class Client:
         finally:
             if not self.nc.is_closed:
                 await sub.unsubscribe()
+
+    def _unwait(self, call_id: str | None, waiter: Waiter) -> None:
+        for waiting in (self._waiting, self._watched):
+            if call_id is not None and waiting.get(call_id) is waiter:
+                del waiting[call_id]
+
+    def renew(self) -> None:
+        """Back on the server after the link broke: an outcome stored meanwhile reached this client
+        neither as its write nor as a reply. Read the outcome of every call still waiting."""
+        waiting = [(call_id, waiter) for call_id, waiter in self._waiting.items() if not waiter.done()]
+        if waiting and self._nc is not None and not self._nc.is_closed:
+            spawn(self._tasks, self._read_again(waiting))
+
+    async def _read_again(self, waiting: list[tuple[str, Waiter]]) -> None:
+        nc = self.nc
+        at_once = asyncio.Semaphore(READ_AGAIN_AT_ONCE)
+
+        async def read(call_id: str, waiter: Waiter) -> None:
+            async with at_once:
+                if waiter.done():
+                    return
+                try:
+                    stored = await fetch_response(self.js, call_id)
+                except Exception as exc:   # still waits for the write or the reply, up to its timeout
+                    log.debug("could not read the outcome of %s after a reconnect: %s", call_id, exc)
+                    return
+                if stored is not None and not waiter.done():
+                    # As the write of the outcome would have come (see invoke_response).
+                    waiter.set_result(Msg(nc, subject=result_subject(call_id), data=stored.body,
+                                          headers=stored.headers))
+        await asyncio.gather(*(read(call_id, waiter) for call_id, waiter in waiting))
 
     # ------------------------------------------------------------------ internals
 

@@ -31,7 +31,7 @@ from nats.aio.client import Client as NATS
 from nats.errors import AuthorizationError
 from pydantic import BaseModel, ConfigDict, SecretStr, ValidationError, field_validator
 
-from . import direct, fastpub
+from . import consumer, direct, fastpub
 from .errors import AuthError, ConfigError, format_problems, validation_problems
 from .permissions import permission_denied, watch_permissions
 from .permissions import permission_watch as permission_watch
@@ -330,6 +330,13 @@ async def open_connection(url: str, options: ConnectOptions | None = None, *,
     options.check()
     refused: list[AuthError] = []
     connecting = True
+    on_reconnected = kwargs.pop("reconnected_cb", None)
+
+    async def on_reconnect() -> None:
+        if on_reconnected is not None:
+            await on_reconnected()
+        # What follows the connection (pull feeds, callers waiting for outcomes) catches up now.
+        consumer.reconnected(nc)
 
     async def on_error(exc: Exception) -> None:
         if connecting:
@@ -353,7 +360,8 @@ async def open_connection(url: str, options: ConnectOptions | None = None, *,
     fastpub.pings_in_order(nc)
     watch = watch_permissions(nc)
     try:
-        await nc.connect(server_list(url), error_cb=on_error, **options.nats_kwargs(url), **kwargs)
+        await nc.connect(server_list(url), error_cb=on_error, reconnected_cb=on_reconnect,
+                         **options.nats_kwargs(url), **kwargs)
     except Exception as exc:
         await _close_quietly(nc)
         found = refused[0] if refused else refusal(exc, url, options)

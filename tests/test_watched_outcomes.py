@@ -24,6 +24,7 @@ from runtime import headers as H
 from runtime.results import result_subject
 
 from .conftest import RuntimeFactory, RuntimeProcess, collect, eventually
+from .relay import Relay
 from .test_client import fn
 
 
@@ -119,3 +120,35 @@ async def test_a_waiting_caller_hears_of_a_lost_worker_from_the_stored_outcome(
     assert lost.value.message.startswith("worker lost")
     await nc.flush()
     assert answers_for(on_inboxes, lost.value.call_id) == []
+
+
+@pytest.mark.parametrize("how", ["invoke", "own call id", "stream"])
+async def test_a_caller_whose_link_broke_while_its_call_ran_is_answered_once_back(
+        runtime: RuntimeFactory, nats_server: Any, nc: NATS, how: str) -> None:
+    """The outcome was stored while the caller's connection was down, so neither its write nor a
+    reply reached the caller: back on the server, the caller reads it, long before its timeout."""
+    await runtime(sleepy=fn("sleepy", "core:sleepy"))
+    events, _ = await collect(nc, "test.events.sleepy")
+    async with Relay(nats_server.port) as relay, Client(relay.url) as client:
+        assert await client.invoke("sleepy", {"seconds": 0}, timeout=5) == {"slept": 0}
+
+        async def call() -> Any:
+            payload = {"seconds": 0.3}
+            if how == "stream":
+                return [event async for event in client.stream("sleepy", payload, timeout=30)][-1].value
+            return await client.invoke("sleepy", payload, timeout=30,
+                                       call_id="link-1" if how == "own call id" else None)
+
+        began = time.monotonic()
+        waiting = asyncio.ensure_future(call())
+        await eventually(lambda: [e for e in events if json.loads(e.data)["phase"] == "start"][1:],
+                         message="the call running")
+        relay.cut(refuse=True)
+        await eventually(lambda: [e for e in events if json.loads(e.data)["phase"] == "end"][1:],
+                         message="the call ending while the caller is away")
+        await asyncio.sleep(0.3)   # the outcome is stored, and nobody hears of it
+        assert not waiting.done()
+        relay.accept()
+        assert await asyncio.wait_for(waiting, 15) == {"slept": 0.3}
+        assert time.monotonic() - began < 15
+        assert relay.connections == 2, "the caller reconnected once"
