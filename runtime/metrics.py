@@ -9,6 +9,7 @@ for every deployed function, whether this runtime serves it or not.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
@@ -28,10 +29,11 @@ from .dashboard import dashboard_routes
 from .errors import ConfigError
 from .http import HttpServer, Route, probe_routes
 from .loop import cancel_and_wait
-from .priority import function_of_consumer
+from .priority import function_of_consumer, split_subject
 from .state import RuntimeState
 from .stats import OUTCOMES, Histogram
-from .streams import DLQ_PREFIX, DLQ_STREAM, invoke_consumers
+from .streams import DLQ_PREFIX, DLQ_STREAM, INVOKE_PREFIX, INVOKE_STREAM, invoke_consumers
+from .sweep import filter_subjects
 
 log = logging.getLogger("runtime.metrics")
 
@@ -54,10 +56,19 @@ class QueueNumbers:
         pending: dict[str, int] = {}
         ack_pending: dict[str, int] = {}
         # One listing for every consumer of FN (paged), not a request per function and level.
+        taken: set[str] = set()
         for info in await invoke_consumers(js):
             function = function_of_consumer(info.name)
             pending[function] = pending.get(function, 0) + (info.num_pending or 0)
             ack_pending[function] = ack_pending.get(function, 0) + (info.num_ack_pending or 0)
+            taken.update(filter_subjects(info.config))
+        # Calls at a level that has no consumer yet (no runtime serving the function has made it).
+        stored = (await js.stream_info(INVOKE_STREAM, subjects_filter=f"{INVOKE_PREFIX}>")).state.subjects or {}
+        for subject, count in stored.items():
+            if subject not in taken:
+                with contextlib.suppress(ValueError):
+                    function = split_subject(subject)[0]
+                    pending[function] = pending.get(function, 0) + count
         subjects = (await js.stream_info(DLQ_STREAM, subjects_filter=f"{DLQ_PREFIX}>")).state.subjects or {}
         self.pending, self.ack_pending = pending, ack_pending
         self.dead_letters = {subject.removeprefix(DLQ_PREFIX): count for subject, count in subjects.items()}

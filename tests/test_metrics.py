@@ -104,11 +104,13 @@ async def test_queue_depth_of_a_function_nobody_pulls(runtime_process: Callable[
                                       schedules={}, sources={"Function:idle": "test"}))
     for start in range(0, 250, 50):
         await asyncio.gather(*(js.publish("fn.invoke.idle", b"{}") for _ in range(start, start + 50)))
+    # At a level that has no consumer: no runtime serving it made one.
+    await asyncio.gather(*(js.publish("fn.invoke.idle.9", b"{}") for _ in range(30)))
 
     async def depth() -> bool:
-        return value(await scrape(http), "fn_queue_depth", function="idle") == 250
+        return value(await scrape(http), "fn_queue_depth", function="idle") == 280
 
-    await eventually(depth, timeout=10, interval=0.2, message="fn_queue_depth of idle at 250")
+    await eventually(depth, timeout=10, interval=0.2, message="fn_queue_depth of idle at 280")
     samples = await scrape(http)
     assert value(samples, "fn_ack_pending", function="idle") == 0
     assert value(samples, "fn_queue_depth", function="planned") == 0
