@@ -178,6 +178,8 @@ def test_a_caller_invoking_another_function_is_denied_in_one_line(deployment: De
 async def test_a_caller_invokes_from_python_and_is_denied_the_rest(deployment: Deployment) -> None:
     async with deployment.client("alice") as fn:
         assert await fn.invoke("hello", {"name": "Grace"}) == {"greeting": "Hello, Grace!"}
+        # At a level no call used before: the runtime, as its role allows, makes that level's consumer.
+        assert await fn.invoke("hello", {"name": "Ada"}, priority=9, timeout=10) == {"greeting": "Hello, Ada!"}
         call = await fn.submit("hello", {"name": "later"})
         assert call.id.startswith("alice.")
         assert await fn.result(call.id, wait=10) == {"greeting": "Hello, later!"}
