@@ -120,10 +120,14 @@ class FunctionView:
     p99: float | None
     dead_letters: int | None     # stored in FN_DLQ
     outcomes: dict[str, int] = field(default_factory=dict)   # attempts by outcome since each runtime started
+    paused: bool = False         # runtime queue pause: no runtime starts its calls
 
     @property
     def status(self) -> str:
-        """One word: ``serving``, ``failing`` (somewhere, served nowhere), ``no runtime``, ``undeployed``."""
+        """One word: ``paused``, ``serving``, ``failing`` (somewhere, served nowhere), ``no runtime``,
+        ``undeployed``."""
+        if self.paused:
+            return "paused"
         if self.runtimes:
             return "serving"
         if self.failing:
@@ -134,7 +138,8 @@ class FunctionView:
         return {"function": self.name, "status": self.status, "deployed": self.deployed, "runtimes": self.runtimes,
                 "failing": self.failing, "queued": self.queued, "in_flight": self.in_flight,
                 "ack_pending": self.ack_pending, "completed_1m": self.completed_1m, "failed_1m": self.failed_1m,
-                "p50": self.p50, "p99": self.p99, "dead_letters": self.dead_letters, "outcomes": self.outcomes}
+                "p50": self.p50, "p99": self.p99, "dead_letters": self.dead_letters, "outcomes": self.outcomes,
+                "paused": self.paused}
 
 
 @dataclass(frozen=True)
@@ -190,7 +195,7 @@ def _function(name: str, deployed: bool, queue: QueueState | None, ack_pending: 
         completed_1m=_total(_int(r.get("completed_1m")) for r in reports),
         failed_1m=_total(_int(r.get("failed_1m")) for r in reports),
         p50=p50, p99=p99, dead_letters=None if dead_letters is None else dead_letters.get(name, 0),
-        outcomes=outcomes)
+        outcomes=outcomes, paused=queue is not None and queue.paused_until is not None)
 
 
 def assemble(snapshots: Iterable[Mapping[str, Any]], queues: Iterable[QueueState],

@@ -22,13 +22,18 @@ from nats.js.api import ConsumerInfo, RawStreamMsg
 from nats.js.errors import APIError, BucketNotFoundError, NotFoundError
 
 from .manifest import FunctionManifest
-from .protocol import purge_subject
+from .priority import function_of_consumer
+from .protocol import QUEUED_PREFIX, purge_subject
 from .registry import Registry
+from .revisions import NotDeployed
 from .streams import INVOKE_PREFIX, INVOKE_STREAM, MANIFESTS_BUCKET, invoke_consumers
 from .wire import subject_problem
 
-__all__ = ["QueueState", "QueuedMessage", "check_name", "function_subjects", "peek", "purge", "queue_state",
-           "queue_states"]
+__all__ = ["Paused", "QueueState", "QueuedMessage", "check_name", "function_subjects", "pause", "peek", "purge",
+           "queue_state", "queue_states", "resume"]
+
+# What ``pause`` sets when it is given no end: the server has no pause without one.
+UNTIL_RESUMED = datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC)
 
 # What a direct get adds to the stored headers: where the message is, not what was published.
 _STORED_AS = frozenset({"Nats-Stream", "Nats-Subject", "Nats-Sequence", "Nats-Time-Stamp"})
@@ -106,6 +111,7 @@ class QueueState:
     oldest: QueuedMessage | None = None   # the oldest queued message (headers and body left out)
     # Per subject, the sequence from which its messages are queued (those below were delivered).
     queued_from: dict[str, int] = field(default_factory=dict, repr=False)
+    paused_until: datetime | None = None   # paused (see pause); UNTIL_RESUMED when given no end
 
     @property
     def total(self) -> int:
@@ -117,7 +123,23 @@ class QueueState:
                 "in_flight": self.in_flight, "subjects": self.subjects,
                 "oldest_seq": oldest.seq if oldest else None,
                 "oldest_published_at": oldest.time.isoformat() if oldest and oldest.time else None,
-                "oldest_age": oldest.age(now) if oldest else None}
+                "oldest_age": oldest.age(now) if oldest else None,
+                "paused": self.paused_until is not None,
+                "paused_until": _until_json(self.paused_until)}
+
+
+def _until_json(until: datetime | None) -> str | None:
+    return None if until is None or until >= UNTIL_RESUMED else until.isoformat()
+
+
+def paused_until(consumer: ConsumerInfo) -> datetime | None:
+    """Until when ``consumer`` is paused; None if it is not."""
+    stamp = consumer.config.pause_until
+    if not consumer.paused or not stamp:
+        return None
+    # The server writes nanoseconds; Python reads up to microseconds.
+    whole, dot, fraction = stamp.removesuffix("Z").partition(".")
+    return datetime.fromisoformat(whole + (dot + fraction[:6] if dot else "")).replace(tzinfo=UTC)
 
 
 # ------------------------------------------------------------------ reading
@@ -173,7 +195,9 @@ def _state(name: str, deployed: bool, subjects: dict[str, int], up_to: int,
     queued = min(total, untaken + sum(c.num_pending or 0 for c in feeding))
     # A pull consumer delivers in stream order: what it took is at or below its delivered sequence.
     starts = {s: (c.delivered.stream_seq if c is not None and c.delivered else 0) + 1 for s, c in taken_by.items()}
-    return QueueState(name, deployed, queued, total - queued, subjects, up_to, queued_from=starts)
+    own = next((c for c in consumers if c.name == name), None)   # its default level's: paused with the rest
+    return QueueState(name, deployed, queued, total - queued, subjects, up_to, queued_from=starts,
+                      paused_until=paused_until(own) if own is not None else None)
 
 
 async def _with_oldest(js: JetStreamContext, state: QueueState) -> QueueState:
@@ -247,6 +271,59 @@ async def purge(nc: NATS, name: str, up_to: int | None = None) -> int:
             APIError.from_error(data["error"])  # raises it as nats-py would: the CLI says it in plain words
         purged += int(data.get("purged", 0))
     return purged
+
+
+# ------------------------------------------------------------------ pausing
+
+
+@dataclass(frozen=True)
+class Paused:
+    """What ``pause`` or ``resume`` did: the function's consumers, and until when they are paused."""
+
+    function: str
+    consumers: list[str]
+    until: datetime | None   # None: running (resume); UNTIL_RESUMED: paused with no end
+
+    def to_json(self) -> dict[str, Any]:
+        return {"function": self.function, "paused": self.until is not None,
+                "paused_until": _until_json(self.until), "consumers": self.consumers}
+
+
+async def _consumers_of(js: JetStreamContext, name: str) -> list[str]:
+    names = [c.name for c in await invoke_consumers(js) if function_of_consumer(c.name) == name]
+    if not names:
+        raise NotDeployed(f"function {name!r} has no consumer in {INVOKE_STREAM}: it is not deployed")
+    return sorted(names)
+
+
+async def pause(js: JetStreamContext, name: str, until: datetime | None = None) -> Paused:
+    """Stop every runtime starting ``name``'s calls until ``until`` (None: until :func:`resume`).
+
+    Each of its consumers in ``FN`` is paused on the server, which then hands out nothing: calls
+    keep queueing (within ``max_queued``), those running finish, retries wait. The server resumes
+    them at ``until`` by itself. A priority level whose consumer is made meanwhile is made paused,
+    and a deploy keeps the pause. Raises ``NotDeployed`` if the function has no consumer.
+    """
+    consumers = await _consumers_of(js, check_name(name))
+    end = until or UNTIL_RESUMED
+    stamp = end.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    for consumer in consumers:
+        await js.pause_consumer(INVOKE_STREAM, consumer, stamp)
+    return Paused(name, consumers, end)
+
+
+async def resume(nc: NATS, js: JetStreamContext, name: str) -> Paused:
+    """Let the runtimes start ``name``'s calls again, at once: the calls stored during the pause rang
+    for runtimes that could not take them, so each level with calls waiting rings once more."""
+    consumers = await _consumers_of(js, check_name(name))
+    for consumer in consumers:
+        await js.resume_consumer(INVOKE_STREAM, consumer)
+    counts, _ = await _subject_counts(js, function_subjects(name))
+    for subject, count in counts.items():
+        if count:
+            await nc.publish(QUEUED_PREFIX + subject.removeprefix(INVOKE_PREFIX), b"")
+    await nc.flush()
+    return Paused(name, consumers, None)
 
 
 def now() -> datetime:

@@ -83,7 +83,7 @@ def direct_get(stream: str, subject: str | None = None) -> list[str]:
 
 def consumer_api(stream: str, *verbs: str, consumer: str = "*") -> list[str]:
     """Consumer requests on ``stream``. Verbs: ``CREATE`` (ephemeral, nameless and named forms),
-    ``DURABLE.CREATE``, ``INFO``, ``DELETE``, ``MSG.NEXT`` (pull), ``LIST``, ``NAMES``."""
+    ``DURABLE.CREATE``, ``INFO``, ``DELETE``, ``MSG.NEXT`` (pull), ``LIST``, ``NAMES``, ``PAUSE``."""
     subjects: list[str] = []
     for verb in verbs:
         if verb in ("LIST", "NAMES"):
@@ -188,7 +188,8 @@ def deployer_permissions(user: str = "deployer") -> Permissions:
     # A deployed function's consumers and slots exist before any runtime serves it.
     publish += stream_api(INVOKE_STREAM, "INFO", "MSG.GET", "PURGE")
     publish += direct_get(INVOKE_STREAM)
-    publish += consumer_api(INVOKE_STREAM, "DURABLE.CREATE", "INFO", "DELETE", "LIST", "NAMES")
+    publish += consumer_api(INVOKE_STREAM, "DURABLE.CREATE", "INFO", "DELETE", "LIST", "NAMES", "PAUSE")
+    publish += [f"{QUEUED_PREFIX}>"]   # runtime queue resume rings for the calls that waited
     publish += stream_api(SLOTS_STREAM, "INFO", "MSG.GET", "MSG.DELETE")
     publish += consumer_api(SLOTS_STREAM, "DURABLE.CREATE", "INFO")
     publish += [f"{SLOT_PREFIX}>"]

@@ -287,11 +287,14 @@ async def ensure_consumer(js: JetStreamContext, manifest: FunctionManifest) -> N
     default = priority.consumer_name(manifest.name, manifest.priority, manifest.priority)
     configs = {c.durable_name: c for c in (consumer_config(manifest, level) for level in priority.LEVELS)}
     wanted = [configs[default]]
+    pause_until = None
     for name in priority.consumer_names(manifest.name):
         try:
             info = await js.consumer_info(INVOKE_STREAM, name)
         except NotFoundError:
             continue
+        if info.paused:   # an update keeps a pause; a consumer made again gets it too (queue.pause)
+            pause_until = info.config.pause_until
         config = configs.get(name)   # None: the level it fed is now the default one's
         if config is None or sorted(_filters(info.config)) != sorted(_filters(config)):
             # A WorkQueue stream refuses consumers whose filters overlap: when the default level
@@ -300,6 +303,8 @@ async def ensure_consumer(js: JetStreamContext, manifest: FunctionManifest) -> N
             log.info("removed consumer %s: the subjects of %s's levels changed", name, manifest.name)
         elif name != default:
             wanted.append(config)
+    for config in wanted:
+        config.pause_until = pause_until
     # At once: on a cluster with a node down, a new replicated consumer can take several seconds to
     # elect its leader (one of its peers cannot vote).
     await asyncio.gather(*(js.add_consumer(INVOKE_STREAM, config, timeout=CONSUMER_CREATE_TIMEOUT)
@@ -307,8 +312,14 @@ async def ensure_consumer(js: JetStreamContext, manifest: FunctionManifest) -> N
 
 
 async def ensure_level_consumer(js: JetStreamContext, manifest: FunctionManifest, level: int) -> None:
-    """Create (or update) the consumer of one priority level of the function."""
-    await js.add_consumer(INVOKE_STREAM, consumer_config(manifest, level), timeout=CONSUMER_CREATE_TIMEOUT)
+    """Create (or update) the consumer of one priority level of the function; paused like its
+    default level's consumer, if that one is (see queue.pause)."""
+    config = consumer_config(manifest, level)
+    with contextlib.suppress(NotFoundError):
+        default = await js.consumer_info(INVOKE_STREAM, manifest.name)
+        if default.paused:
+            config.pause_until = default.config.pause_until
+    await js.add_consumer(INVOKE_STREAM, config, timeout=CONSUMER_CREATE_TIMEOUT)
 
 
 CONSUMER_CREATE_TIMEOUT = 20.0   # seconds; see ensure_consumer

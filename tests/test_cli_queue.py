@@ -86,11 +86,12 @@ async def test_queue_ls_counts_queued_and_in_flight_work_of_every_function(
     seqs = await queued_work(js, manifest_dir)
 
     table = ok(await cli(nats_server, "queue", "ls")).splitlines()
-    assert table[0].split() == ["FUNCTION", "DEPLOYED", "QUEUED", "IN", "FLIGHT", "OLDEST"]
+    assert table[0].split() == ["FUNCTION", "DEPLOYED", "QUEUED", "IN", "FLIGHT", "OLDEST", "PAUSED"]
     rows = {line.split()[0]: line.split()[1:] for line in table[1:]}
     assert rows["ghost"][:3] == ["no", "2", "0"], "an undeployed function's work is shown"
     assert rows["ping"][:3] == ["yes", "4", "1"]
     assert rows["ghost"][3].endswith("s") and len(rows) == 2
+    assert rows["ghost"][4] == rows["ping"][4] == "-"
 
     listed = {r["function"]: r for r in json.loads(ok(await cli(nats_server, "queue", "ls", "--json")))}
     ghost, ping = listed["ghost"], listed["ping"]
@@ -109,7 +110,8 @@ async def test_queue_ls_counts_queued_and_in_flight_work_of_every_function(
     assert [r["function"] for r in one] == ["ghost"] and one[0]["queued"] == 2
     nothing = json.loads(ok(await cli(nats_server, "queue", "ls", "never-deployed", "--json")))
     assert nothing == [{"function": "never-deployed", "deployed": False, "queued": 0, "in_flight": 0,
-                        "subjects": {}, "oldest_seq": None, "oldest_published_at": None, "oldest_age": None}]
+                        "subjects": {}, "oldest_seq": None, "oldest_published_at": None, "oldest_age": None,
+                        "paused": False, "paused_until": None}]
 
 
 async def test_queue_ls_peek_shows_the_next_queued_invocations(

@@ -234,7 +234,8 @@ def test_the_deployer_deploys_and_lists_dead_letters(deployment: Deployment, tmp
     assert "greet" in functions.stdout and "payroll" in functions.stdout
     history = deployment.cli("deployer", "history", "hello")
     assert history.returncode == RET_OK, history.stderr
-    for command in (["schedules"], ["queue", "ls"], ["dlq", "purge", "--all", "--yes"]):
+    for command in (["schedules"], ["queue", "ls"], ["dlq", "purge", "--all", "--yes"], ["queue", "pause", "greet"],
+                    ["queue", "resume", "greet"]):
         result = deployment.cli("deployer", *command)
         assert result.returncode == RET_OK, (command, result.stderr)
 

@@ -23,7 +23,8 @@ from ..priority import check_level
 from . import common
 
 
-def _duration(value: str) -> float:
+def duration_arg(value: str) -> float:
+    """An argparse type: a duration (``90s``, ``5m``, a bare number of seconds)."""
     try:
         return parse_duration(float(value))  # a bare number is seconds
     except ValueError:
@@ -44,7 +45,8 @@ def _ttl(value: str) -> float:
                                          f"at least 1ms") from None
 
 
-def _moment(value: str) -> datetime:
+def moment_arg(value: str) -> datetime:
+    """An argparse type: a time (RFC 3339; no offset: local time)."""
     try:
         return parse_moment(value)
     except ValueError as exc:
@@ -65,7 +67,7 @@ def register(sub: Any) -> None:
                    help="the input as JSON text, or - to read it from stdin (default: null)")
     p.add_argument("--async", dest="submit", action="store_true",
                    help="store the call and print its call id without waiting")
-    p.add_argument("--timeout", "-t", type=_duration, default=30.0, metavar="DURATION",
+    p.add_argument("--timeout", "-t", type=duration_arg, default=30.0, metavar="DURATION",
                    help="how long to wait for the outcome, e.g. 500ms, 30s, 2m (default 30s)")
     p.add_argument("--call-id", metavar="ID", help="the call id (default: a new unique id)")
     p.add_argument("--follow", "-f", action="store_true",
@@ -75,9 +77,9 @@ def register(sub: Any) -> None:
     p.add_argument("--priority", "-p", type=_level, metavar="LEVEL",
                    help="queue at this level, 1 (least urgent) to 10 (most urgent); default: the function's own")
     later = p.add_mutually_exclusive_group()
-    later.add_argument("--delay", type=_duration, metavar="DURATION",
+    later.add_argument("--delay", type=duration_arg, metavar="DURATION",
                        help="queue it this long from now, e.g. 90s, 5m, 2h (with --async; see 'runtime cancel')")
-    later.add_argument("--at", type=_moment, metavar="TIME",
+    later.add_argument("--at", type=moment_arg, metavar="TIME",
                        help="queue it at this time, e.g. 2026-12-01T08:00:00Z (with --async; no offset: local time)")
     p.add_argument("--ttl", type=_ttl, metavar="DURATION",
                    help="never run it if it is still queued this long after it was stored, e.g. 30s, 5m "
@@ -88,7 +90,7 @@ def register(sub: Any) -> None:
 
     p = sub.add_parser("result", help="print the stored outcome of a call")
     p.add_argument("call_id", metavar="CALL_ID", help="the call id 'runtime invoke' printed or was given")
-    p.add_argument("--wait", "-w", type=_duration, default=0.0, metavar="DURATION",
+    p.add_argument("--wait", "-w", type=duration_arg, default=0.0, metavar="DURATION",
                    help="wait this long for the outcome if it is not stored yet (default: do not wait)")
     common.add_server_option(p)
     common.add_json_option(p)

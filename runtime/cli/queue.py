@@ -1,16 +1,26 @@
-"""``runtime queue ls | purge``: the invocations waiting in ``FN``, deployed functions or not."""
+"""``runtime queue ls | purge | pause | resume``: the invocations waiting in ``FN``, deployed functions
+or not, and whether runtimes may start them."""
 
 from __future__ import annotations
 
 import argparse
 import shutil
-from datetime import datetime
+from collections.abc import Callable, Coroutine
+from datetime import datetime, timedelta
 from typing import Any
 
 from .. import queue
-from ..exitcodes import RET_OK, RET_USAGE
+from ..exitcodes import RET_NOT_FOUND, RET_OK, RET_USAGE
 from ..loop import run
+from ..revisions import NotDeployed
 from . import common
+from .invoke import duration_arg, moment_arg
+
+PAUSE_HELP = """\
+Pauses FUNCTION's consumers in FN on the server: no runtime starts its calls until you resume it
+(or until --for/--until, when the server resumes them by itself). Calls keep queueing; those
+running finish; retries wait. The pause outlives runtimes and deploys, and a priority level used
+for the first time meanwhile is paused too."""
 
 PURGE_HELP = """\
 Deletes FUNCTION's invocations from FN (fn.invoke.FUNCTION and fn.invoke.FUNCTION.*), deployed or
@@ -55,6 +65,24 @@ def register(sub: Any) -> None:
     common.add_json_option(p)
     p.set_defaults(func=cmd_purge)
 
+    p = qsub.add_parser("pause", help="stop runtimes starting a function's calls; they keep queueing",
+                        description=PAUSE_HELP)
+    p.add_argument("function", type=_name, metavar="FUNCTION", help="the function to pause")
+    until = p.add_mutually_exclusive_group()
+    until.add_argument("--for", dest="duration", type=duration_arg, metavar="DURATION",
+                       help="resume by itself this long from now, e.g. 90s, 10m, 2h")
+    until.add_argument("--until", type=moment_arg, metavar="TIME",
+                       help="resume by itself at this time, e.g. 2026-12-01T08:00:00Z (no offset: local time)")
+    common.add_server_option(p)
+    common.add_json_option(p)
+    p.set_defaults(func=cmd_pause)
+
+    p = qsub.add_parser("resume", help="let runtimes start a paused function's calls again, at once")
+    p.add_argument("function", type=_name, metavar="FUNCTION", help="the function to resume")
+    common.add_server_option(p)
+    common.add_json_option(p)
+    p.set_defaults(func=cmd_resume)
+
 
 def age(seconds: float | None) -> str:
     """``42s``, ``3m05s``, ``2h10m``, ``3d04h``: an age at a glance."""
@@ -68,6 +96,12 @@ def age(seconds: float | None) -> str:
     if s < 86400:
         return f"{s // 3600}h{s % 3600 // 60:02d}m"
     return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def paused(until: datetime | None) -> str:
+    if until is None:
+        return "-"
+    return "until resumed" if until >= queue.UNTIL_RESUMED else f"until {until.strftime('%Y-%m-%dT%H:%M:%SZ')}"
 
 
 def clip(text: str, width: int) -> str:
@@ -99,9 +133,9 @@ def cmd_ls(args: argparse.Namespace) -> int:
     if not states:
         print("no queued invocations and no deployed functions")
         return RET_OK
-    common.print_table(["function", "deployed", "queued", "in flight", "oldest"],
+    common.print_table(["function", "deployed", "queued", "in flight", "oldest", "paused"],
                        [[s.function, "yes" if s.deployed else "no", s.queued, s.in_flight,
-                         age(s.oldest.age(now)) if s.oldest else "-"] for s in states])
+                         age(s.oldest.age(now)) if s.oldest else "-", paused(s.paused_until)] for s in states])
     if args.peek:
         _print_peek(peeked, now)
     return RET_OK
@@ -145,4 +179,39 @@ def cmd_purge(args: argparse.Namespace) -> int:
         print(f"no queued invocations of {args.function}")
     else:
         print(f"{purged} invocation(s) of {args.function} purged")
+    return RET_OK
+
+
+def cmd_pause(args: argparse.Namespace) -> int:
+    until = args.until
+    if args.duration is not None:
+        until = queue.now() + timedelta(seconds=args.duration)
+
+    async def main() -> queue.Paused:
+        async with common.connection(args) as (_, js):
+            return await queue.pause(js, args.function, until)
+
+    return _report(args, main, "paused")
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    async def main() -> queue.Paused:
+        async with common.connection(args) as (nc, js):
+            return await queue.resume(nc, js, args.function)
+
+    return _report(args, main, "resumed")
+
+
+def _report(args: argparse.Namespace, action: Callable[[], Coroutine[Any, Any, queue.Paused]], done: str) -> int:
+    try:
+        result = run(action())
+    except NotDeployed as exc:
+        common.error(str(exc))
+        return RET_NOT_FOUND
+    if args.json:
+        common.print_json(result.to_json())
+    elif result.until is None:
+        print(f"{done} {result.function}: runtimes start its calls again")
+    else:
+        print(f"{done} {result.function} {paused(result.until)}: its calls queue, none starts")
     return RET_OK
