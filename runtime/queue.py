@@ -304,12 +304,16 @@ async def pause(js: JetStreamContext, name: str, until: datetime | None = None) 
     them at ``until`` by itself. A priority level whose consumer is made meanwhile is made paused,
     and a deploy keeps the pause. Raises ``NotDeployed`` if the function has no consumer.
     """
-    consumers = await _consumers_of(js, check_name(name))
     end = until or UNTIL_RESUMED
     stamp = end.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    for consumer in consumers:
-        await js.pause_consumer(INVOKE_STREAM, consumer, stamp)
-    return Paused(name, consumers, end)
+    consumers: list[str] = []
+    # Listed again afterwards: a level's consumer made by a runtime meanwhile, as its default
+    # level's was paused, may have been made before and not seen the pause.
+    while new := [c for c in await _consumers_of(js, check_name(name)) if c not in consumers]:
+        for consumer in new:
+            await js.pause_consumer(INVOKE_STREAM, consumer, stamp)
+        consumers += new
+    return Paused(name, sorted(consumers), end)
 
 
 async def resume(nc: NATS, js: JetStreamContext, name: str) -> Paused:
