@@ -305,7 +305,7 @@ async def pause(js: JetStreamContext, name: str, until: datetime | None = None) 
     and a deploy keeps the pause. Raises ``NotDeployed`` if the function has no consumer.
     """
     end = until or UNTIL_RESUMED
-    stamp = end.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    stamp = end.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     consumers: list[str] = []
     # Listed again afterwards: a level's consumer made by a runtime meanwhile, as its default
     # level's was paused, may have been made before and not seen the pause.
