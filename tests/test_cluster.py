@@ -432,7 +432,9 @@ async def test_node_down_runtime_reconnects_dead_letters_and_deploys_keep_workin
 
         failing = await retried(lambda: client.submit("fails", {"n": 1}))
         js = client.js
-        letters = await eventually(lambda: dead_letters(client.nc), timeout=15, message="the dead letter")
+        # Within seconds here; the mover's consumer on FN_EVENTS may still be electing its leader on a
+        # loaded machine (once, with other tests running beside the suite: over 15 s).
+        letters = await eventually(lambda: dead_letters(client.nc), timeout=30, message="the dead letter")
         assert [d.call_id for d in letters] == [failing.id]
         assert (await js.stream_info(DLQ_STREAM)).config.num_replicas == 3
 
