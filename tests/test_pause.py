@@ -47,6 +47,8 @@ async def test_a_paused_function_queues_its_calls_and_runs_them_when_resumed(
         fleet = json.loads(ok(await cli(nats_server, "status", "--json")))
         [view] = [f for f in fleet["functions"] if f["function"] == "greet"]
         assert (view["status"], view["paused"], view["queued"]) == ("paused", True, 5)
+        [listed] = [r for r in json.loads(ok(await cli(nats_server, "ls", "--json"))) if r["name"] == "greet"]
+        assert listed["status"] == "paused"
         table = ok(await cli(nats_server, "queue", "ls"))
         assert table.splitlines()[0].split()[-1] == "PAUSED" and table.splitlines()[1].endswith("until resumed")
         resumed = time.monotonic()

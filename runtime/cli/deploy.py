@@ -257,7 +257,9 @@ async def _listing(args: argparse.Namespace) -> list[dict[str, Any]]:
                            levels=per_level(state.subjects if state else {}, m.name, m.priority),
                            delayed=await delayed_count(js, m.name), max_queued=limit if limit > 0 else None,
                            runtimes=len(serving),
-                           status=_function_status(failing, refused, serving), failing=failing, refused=refused,
+                           status="paused" if state and state.paused_until else _function_status(failing, refused,
+                                                                                                 serving),
+                           failing=failing, refused=refused,
                            triggers=[_trigger_json(t) for (f, _), t in by_trigger.items() if f == m.name])
             elif isinstance(m, TriggerManifest):
                 where = f" (stream {m.stream})" if m.stream else ""
