@@ -32,8 +32,7 @@ from .loop import cancel_and_wait
 from .priority import function_of_consumer, split_subject
 from .state import RuntimeState
 from .stats import OUTCOMES, Histogram
-from .streams import DLQ_PREFIX, DLQ_STREAM, INVOKE_PREFIX, INVOKE_STREAM, invoke_consumers
-from .sweep import filter_subjects
+from .streams import DLQ_PREFIX, DLQ_STREAM, INVOKE_PREFIX, INVOKE_STREAM, filter_subjects, invoke_consumers
 
 log = logging.getLogger("runtime.metrics")
 

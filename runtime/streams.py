@@ -272,7 +272,8 @@ def slot_consumer_config(manifest: FunctionManifest) -> ConsumerConfig:
     )
 
 
-def _filters(config: ConsumerConfig) -> list[str]:
+def filter_subjects(config: ConsumerConfig) -> list[str]:
+    """The subjects a consumer takes (a default level of ``FN`` takes two); [] when it takes all."""
     return [config.filter_subject] if config.filter_subject else list(config.filter_subjects or [])
 
 
@@ -296,7 +297,7 @@ async def ensure_consumer(js: JetStreamContext, manifest: FunctionManifest) -> N
         if info.paused:   # an update keeps a pause; a consumer made again gets it too (queue.pause)
             pause_until = info.config.pause_until
         config = configs.get(name)   # None: the level it fed is now the default one's
-        if config is None or sorted(_filters(info.config)) != sorted(_filters(config)):
+        if config is None or sorted(filter_subjects(info.config)) != sorted(filter_subjects(config)):
             # A WorkQueue stream refuses consumers whose filters overlap: when the default level
             # moves, the consumers whose subjects change are removed before the new ones exist.
             await js.delete_consumer(INVOKE_STREAM, name)

@@ -11,20 +11,15 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 
 from nats.js import JetStreamContext
-from nats.js.api import ConsumerConfig, ConsumerInfo, RawStreamMsg
+from nats.js.api import ConsumerInfo, RawStreamMsg
 from nats.js.errors import NotFoundError
 
-from .streams import INVOKE_STREAM, invoke_consumers
+from .streams import INVOKE_STREAM, filter_subjects, invoke_consumers
 
 SWEEP_LIMIT = 256    # messages a sweep handles; one that reaches it is followed by another at once
 
 # Moves one exhausted message, given the consumer it ran out of deliveries on.
 MoveExhausted = Callable[[ConsumerInfo, RawStreamMsg], Awaitable[object]]
-
-
-def filter_subjects(config: ConsumerConfig) -> list[str]:
-    """The subjects a consumer takes (a default level of ``FN`` takes two); [] when it takes all."""
-    return [config.filter_subject] if config.filter_subject else list(config.filter_subjects or [])
 
 
 def exhausted_up_to(info: ConsumerInfo) -> int:

@@ -36,10 +36,9 @@ from nats.js.errors import APIError, NotFoundError
 
 from .errors import ConfigError
 from .manifest import OWN_STREAM, FunctionManifest, TriggerSpec
-from .streams import OVERLAPS_OTHER_STREAM, all_consumers, capture_advisories, ensure_stream
+from .streams import OVERLAPS_OTHER_STREAM, all_consumers, capture_advisories, ensure_stream, filter_subjects
 from .streams import TRIGGERS_STREAM as TRIGGERS_STREAM
 from .subjects import conflicts, covers, minimal_cover, overlaps
-from .sweep import filter_subjects
 
 log = logging.getLogger("runtime.triggers")
 
