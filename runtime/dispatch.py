@@ -468,10 +468,9 @@ class PriorityFeed:
             if level not in self._absent:
                 continue
             if level not in self._bells:
-                if self.maybe[level] and not failed and level not in waiting:
-                    self._arm(level)   # listen, then look once more: nothing is missed in between
-                    continue
                 self._arm(level)
+                if self.maybe[level] and not failed and level not in waiting:
+                    continue   # looked at once more once listened to: nothing is missed in between
             if self._rings[level] == rings[level] or failed:
                 self.maybe[level] = False   # empty (or its consumer could not be made: see _make)
         self._demand()
